@@ -1,0 +1,99 @@
+"""The `kesi` command. Thin: parses arguments, loads the config, calls one function per subcommand.
+
+User mistakes surface as `KesiError` and are printed as a single `error: ...` line with exit code 2
+(usage) or 1 (runtime); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kesi_dist.errors import KesiError
+
+__all__ = ["main"]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set prune.iterations=3 (repeatable)",
+    )
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from kesi_dist.config import load_config
+    from kesi_dist.plan import plan_schedule, print_plan
+
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_schedule(cfg)
+    if args.json:
+        import json
+
+        print(json.dumps(plan))
+    else:
+        print_plan(plan)
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from kesi_dist.data.prepare import prepare_dataset
+
+    extra = {}
+    if args.source == "synthetic":
+        extra = dict(
+            num_train=args.num_train, num_val=args.num_val, num_classes=args.num_classes,
+            difficulty=args.difficulty,
+        )
+    meta = prepare_dataset(
+        args.source, root=args.root, out=args.out, resolution=args.resolution, seed=args.seed, **extra
+    )
+    print(f"prepared {meta['train_size']} train / {meta['val_size']} val images, "
+          f"{meta['num_classes']} classes, {meta['resolution']}px -> {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kesi", description="Distributed iterative pruning with ensemble distillation (KESI) on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="preview widths, params and MACs of every pruning iteration")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("prepare", help="convert a dataset into FFCV .beton files + meta.json")
+    p.add_argument("--source", required=True,
+                   choices=["cifar10", "cifar100", "tiny-imagenet", "imagefolder", "digits", "synthetic"])
+    p.add_argument("--root", help="source folder as torchvision takes it (not needed for digits/synthetic)")
+    p.add_argument("--out", required=True, help="output folder for train.beton, val.beton, meta.json")
+    p.add_argument("--resolution", type=int, default=None, help="stored image side (default: the source's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=2000, help="synthetic: training images")
+    p.add_argument("--num-val", type=int, default=500, help="synthetic: validation images")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic: classes")
+    p.add_argument("--difficulty", type=float, default=0.5, help="synthetic: 0 easy .. 1 hard")
+    p.set_defaults(func=_cmd_data_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KesiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
