@@ -268,7 +268,7 @@ def _format_error(origin: str, err: ValidationError) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
     if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; `kesi config --schema` lists every key)"
+        msg = "unknown key (check the spelling; `kesi config` prints every key with its default)"
     elif first["type"] == "literal_error":
         msg = f"{msg}, got {first.get('input')!r}"
     elif "input" in first and first["type"] not in ("value_error", "missing") and not isinstance(first["input"], dict):

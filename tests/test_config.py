@@ -1,0 +1,103 @@
+"""Config schema: defaults, overrides, paper configs, and one-line errors for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kesi_dist.config import Config, config_to_yaml, load_config
+from kesi_dist.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert cfg.prune.method == "pfec"
+    assert cfg.retrain.schedule == "onecycle" and cfg.retrain.lr == 0.1
+    assert cfg.fixed_lr.enabled and cfg.fixed_lr.lr == 0.001
+    assert cfg.distill.temperature == 5.0 and cfg.distill.optimizer == "adam"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    # The saved resolved config round-trips to the same object.
+    assert Config.model_validate(yaml.safe_load(config_to_yaml(cfg))) == cfg
+
+
+def test_paper_configs_carry_the_papers_schedules():
+    r56 = load_config(ROOT / "configs/cifar10_resnet56_pfec.yaml")
+    assert r56.prune.stage_ratios == [0.1, 0.2, 0.3]
+    assert r56.prune.skip == ["layer1.7", "layer2.0", "layer3.0", "layer3.8"]
+    assert (r56.baseline.epochs, r56.baseline.milestones) == (300, [150, 225])
+    assert (r56.retrain.epochs, r56.retrain.lr, r56.retrain.div_factor, r56.retrain.pct_start,
+            r56.retrain.final_div_factor) == (40, 0.1, 10, 0.1, 100)
+    mwp = load_config(ROOT / "configs/cifar10_vgg16_mwp.yaml")
+    assert mwp.prune.targets == [0.20, 0.40, 0.60, 0.80, 0.95]
+    wrn = load_config(ROOT / "configs/cifar10_wrn16_8_pfec.yaml")
+    assert (wrn.baseline.weight_decay, wrn.baseline.gamma) == (5e-4, 0.2)
+
+
+def test_overrides_apply_and_are_validated():
+    cfg = load_config(ROOT / "configs/cifar10_resnet56_pfec.yaml",
+                      ["prune.iterations=3", "data.source=cifar100", "tune.space.lr=[0.2, 0.1]"])
+    assert cfg.prune.iterations == 3 and cfg.data.source == "cifar100"
+    assert cfg.tune.space["lr"] == [0.2, 0.1]
+    with pytest.raises(UsageError, match=r"prune\.iterations"):
+        load_config(None, ["prune.iterations=zero"])
+
+
+BAD = [
+    # (yaml text or None, overrides, expected fragments of the one-line message)
+    ("prune:\n  stage_ratios: [0.1, 1.5]\n", [], ["prune.stage_ratios", "must be in [0, 1), got 1.5"]),
+    ("prune:\n  ratio: 0.5\n", [], ["prune.ratio", "unknown key"]),
+    ("model:\n  arch: resnet57\n", [], ["model.arch", "unknown model 'resnet57'", "resnet56"]),
+    ("prune:\n  method: lottery\n", [], ["prune.method", "'pfec' or 'mwp'", "got 'lottery'"]),
+    ("data:\n  batch_size: many\n", [], ["data.batch_size", "integer", "got 'many'"]),
+    ("model: [1, 2\n", [], ["malformed YAML", "line"]),
+    ("- just\n- a list\n", [], ["expected a mapping"]),
+    ("data:\n  source: cifar10\n", [], ["data.root is required"]),
+    ("prune:\n  method: mwp\n  iterations: 3\n  targets: [0.2]\n", [], ["prune.targets has 1 values"]),
+    ("prune:\n  targets: [0.5, 0.2]\n", [], ["prune.targets", "non-decreasing"]),
+    ("tune:\n  space:\n    momentum: [0.9]\n", [], ["tune.space", "unknown search key 'momentum'"]),
+    ("", ["prune.iterations"], ["--set 'prune.iterations'", "dotted.key=value"]),
+    ("", ["prune.nope=1"], ["prune.nope", "unknown key"]),
+    ("", ["seed.x=1"], ["seed", "not a section"]),
+]
+
+
+@pytest.mark.parametrize("text,overrides,fragments", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_config_is_a_one_line_error_naming_the_culprit(tmp_path, text, overrides, fragments):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    args = [sys.executable, "-m", "kesi_dist.cli", "config", str(path)]
+    for o in overrides:
+        args += ["--set", o]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no traceback
+    assert lines[0].startswith(f"error: {path}") or lines[0].startswith("error: --set"), lines[0]
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+def test_missing_config_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "config", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such config file"
+
+
+def test_yaml_is_read_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    marker = tmp_path / "pwned"
+    path.write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UsageError, match="malformed YAML"):
+        load_config(path)
+    assert not marker.exists()
