@@ -1,0 +1,120 @@
+"""The run manifest: stage status and the snapshot registry, one JSON file written atomically.
+
+`<run>/manifest.json` is the single source of truth for `--resume`: a stage is complete only once its
+outputs are on disk *and* the manifest says so (outputs are written first, the manifest last), and a
+snapshot is registered once under a unique name, so a re-run can neither lose nor duplicate one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kesi_dist.errors import RunError
+
+__all__ = ["Manifest", "atomic_write_text", "now"]
+
+FORMAT = "kesi_dist/manifest/v1"
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Manifest:
+    """Stage status + snapshot registry of one run directory.
+
+    Stages: name -> {"status": "running"|"complete"|"failed", "start", "end", ...info}.
+    Snapshots: name -> registry entry (arch, widths, params, macs, val_acc, parent, iteration, branch,
+    hparams, checkpoint, node_id, start, end, ...). Insertion order is kept.
+    """
+
+    def __init__(self, path: str | Path, data: dict[str, Any]):
+        self.path = Path(path)
+        self.data = data
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, config_fingerprint: str) -> "Manifest":
+        m = cls(path, {
+            "format": FORMAT, "config_fingerprint": config_fingerprint, "status": "running",
+            "created": now(), "stages": {}, "snapshots": {}, "events": [],
+        })
+        m.save()
+        return m
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RunError(f"{path}: no manifest; is this a kesi_dist run directory?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{path}: corrupt manifest ({e}); restore it or start a new run") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise RunError(f"{path}: not a kesi_dist manifest (format {data.get('format')!r})"
+                           if isinstance(data, dict) else f"{path}: not a kesi_dist manifest")
+        return cls(path, data)
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+    # -- stages ---------------------------------------------------------------------------------
+    @property
+    def stages(self) -> dict[str, dict]:
+        return self.data["stages"]
+
+    @property
+    def snapshots(self) -> dict[str, dict]:
+        return self.data["snapshots"]
+
+    def is_complete(self, stage: str) -> bool:
+        return self.stages.get(stage, {}).get("status") == "complete"
+
+    def start_stage(self, stage: str, **info: Any) -> None:
+        entry = self.stages.get(stage, {})
+        attempts = entry.get("attempts", 0) + 1
+        self.stages[stage] = {**entry, "status": "running", "start": now(), "attempts": attempts, **info}
+        self.log(f"start {stage}", attempt=attempts)
+
+    def finish_stage(self, stage: str, **info: Any) -> None:
+        entry = self.stages.setdefault(stage, {"start": now()})
+        entry.update(status="complete", end=now(), **info)
+        self.log(f"complete {stage}")
+
+    def fail_stage(self, stage: str, error: str) -> None:
+        entry = self.stages.setdefault(stage, {"start": now()})
+        entry.update(status="failed", end=now(), error=error)
+        self.log(f"failed {stage}", error=error)
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def add_snapshot(self, name: str, entry: dict[str, Any]) -> None:
+        """Register a snapshot; registering the same name again replaces it (never duplicates)."""
+        self.snapshots[name] = {"name": name, **entry}
+        self.log(f"snapshot {name}")
+
+    def log(self, event: str, **info: Any) -> None:
+        """Append an event and persist the manifest (every event is durable)."""
+        self.data["events"].append({"t": now(), "event": event, **info})
+        self.save()
