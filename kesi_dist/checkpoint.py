@@ -1,0 +1,125 @@
+"""Model checkpoints that rebuild anywhere from what they store.
+
+A checkpoint is a plain `torch.save` of
+    {"format": "kesi_dist/v1", "arch", "widths", "num_classes", "state_dict", "masks", "metrics", **extra}
+Loading uses `torch.load(weights_only=True)`, so a file can only contain tensors and plain
+containers: a pickle that would run code is refused, never executed. The pruning history is not
+needed: `(arch, widths, num_classes)` rebuilds the exact architecture.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kesi_dist.errors import KesiError, RunError
+from kesi_dist.models import build_model
+from kesi_dist.pruning.mwp import apply_masks
+
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+
+FORMAT = "kesi_dist/v1"
+_CORE = ("format", "arch", "widths", "num_classes", "state_dict", "masks", "metrics")
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module, masks: dict | None = None, metrics: dict | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write `model` (a zoo model) and its masks/metrics to `path` atomically.
+
+    `extra` entries are stored at the top level; they must be tensors or plain Python values
+    (str, int, float, bool, None, list, dict) so that the file loads with `weights_only=True`.
+    """
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_CORE))
+    if clash:
+        raise ValueError(f"extra keys {clash} would overwrite the checkpoint's own fields")
+    ckpt: dict[str, Any] = {
+        "format": FORMAT,
+        "arch": model.arch,
+        "widths": list(model.widths),
+        "num_classes": int(model.num_classes),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "masks": None if masks is None else {k: v.detach().cpu() for k, v in masks.items()},
+        "metrics": dict(metrics or {}),
+        **extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and validate a checkpoint written by `save_checkpoint` (safe: `weights_only=True`).
+
+    Raises:
+        RunError: the file is missing, truncated or corrupt, holds a pickle that would import or
+            call anything beyond tensors and plain containers, is not a kesi_dist/v1 checkpoint,
+            or its state_dict does not fit `(arch, widths, num_classes)`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+        raise RunError(f"{path}: refused to load: not plain tensors/containers ({reason[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise RunError(f"{path}: not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise RunError(f"{path}: not a kesi_dist checkpoint (expected format {FORMAT!r}, got {got!r})")
+    missing = [k for k in _CORE if k not in ckpt]
+    if missing:
+        raise RunError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["widths"])
+    except KesiError as e:
+        raise RunError(f"{path}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, dict):
+        raise RunError(f"{path}: state_dict is a {type(sd).__name__}, expected a dict of tensors")
+    got = {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
+        raise RunError(f"{path}: state_dict does not match {ckpt['arch']} with the stored widths (first: {diff[0]})")
+    masks = ckpt["masks"]
+    if masks is not None:
+        bad = [k for k, m in masks.items() if k not in expected or tuple(m.shape) != expected[k]]
+        if bad:
+            raise RunError(f"{path}: mask {bad[0]!r} does not match a parameter of the model")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[nn.Module, dict | None]:
+    """Rebuild the model of a loaded checkpoint, load its weights and re-apply its masks.
+
+    Returns:
+        (model in eval mode, masks or None).
+    """
+    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["widths"])
+    model.load_state_dict(ckpt["state_dict"])
+    masks = ckpt.get("masks")
+    if masks:
+        apply_masks(model, masks)
+    return model.eval(), masks

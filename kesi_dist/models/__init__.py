@@ -1,0 +1,95 @@
+"""The pruneable model zoo: every network is rebuilt exactly from `(arch, widths, num_classes)`.
+
+    model = build_model("resnet56")                      # unpruned, CIFAR-10
+    small = build_model("resnet56", 10, model.widths)    # same architecture from its widths
+
+Each model exposes `.arch`, `.widths`, `.num_classes` and `.units()` (the prunable units by name).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kesi_dist.errors import UsageError
+from kesi_dist.models.base import MODELS, PrunableNet, Unit, register
+from kesi_dist.models.preresnet import PreResNet
+from kesi_dist.models.resnet import CifarResNet, ImageNetResNet
+from kesi_dist.models.vgg import VGG, VGG16_CFG
+from kesi_dist.models.wrn import WideResNet
+
+__all__ = ["MODELS", "PrunableNet", "Unit", "build_model", "default_widths", "model_units"]
+
+
+@register
+def resnet20(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return CifarResNet("resnet20", 20, num_classes, widths)
+
+
+@register
+def resnet32(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return CifarResNet("resnet32", 32, num_classes, widths)
+
+
+@register
+def resnet56(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return CifarResNet("resnet56", 56, num_classes, widths)
+
+
+@register
+def resnet110(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return CifarResNet("resnet110", 110, num_classes, widths)
+
+
+@register
+def preresnet164(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return PreResNet("preresnet164", 164, num_classes, widths)
+
+
+@register
+def wrn16_8(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return WideResNet("wrn16_8", 16, 8, num_classes, widths)
+
+
+@register
+def vgg16(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return VGG("vgg16", VGG16_CFG, num_classes, widths)
+
+
+@register
+def resnet18(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return ImageNetResNet("resnet18", [2, 2, 2, 2], num_classes, widths)
+
+
+@register
+def resnet34(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
+    return ImageNetResNet("resnet34", [3, 4, 6, 3], num_classes, widths)
+
+
+def build_model(arch: str, num_classes: int = 10, widths: list | None = None) -> nn.Module:
+    """Build `arch` with `num_classes` outputs; `widths=None` gives the unpruned network.
+
+    Raises:
+        UsageError: unknown `arch`, or `widths` of the wrong length / with non-positive entries.
+    """
+    if arch not in MODELS:
+        raise UsageError(f"unknown model {arch!r}; choose one of {', '.join(sorted(MODELS))}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise UsageError(f"{arch}: num_classes must be a positive int, got {num_classes!r}")
+    return MODELS[arch](num_classes=num_classes, widths=widths)
+
+
+def _skeleton(arch: str, widths: list | None = None) -> PrunableNet:
+    # On the meta device no memory is allocated and no init runs: structure only, ~milliseconds.
+    with torch.device("meta"):
+        return build_model(arch, 10, widths)
+
+
+def default_widths(arch: str) -> list:
+    """The unpruned widths of `arch` (one int per prunable unit, JSON-serializable)."""
+    return list(_skeleton(arch).widths)
+
+
+def model_units(arch: str, widths: list | None = None) -> list[Unit]:
+    """The prunable units of `arch` (names, stages, layers), without allocating weights."""
+    return _skeleton(arch, widths).units()

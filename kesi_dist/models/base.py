@@ -1,0 +1,85 @@
+"""What every zoo model shares: the registry, prunable units and the widths contract.
+
+A model is fully described by `(arch, widths, num_classes)`. `widths` holds one int per prunable
+unit (in `units()` order): the number of filters of the conv that unit prunes. Block outputs of
+residual nets are not units, so they keep their original width whatever the pruning history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from kesi_dist.errors import UsageError
+
+__all__ = ["MODELS", "PrunableNet", "Unit", "register", "init_weights", "check_widths"]
+
+MODELS: dict[str, Callable[..., "PrunableNet"]] = {}
+
+
+def register(fn: Callable[..., "PrunableNet"]) -> Callable[..., "PrunableNet"]:
+    """Add a builder `fn(num_classes=10, widths=None)` to `MODELS` under its function name."""
+    MODELS[fn.__name__] = fn
+    return fn
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One prunable group of filters and the layers that must be cut with it.
+
+    Attributes:
+        name: user-facing name, matched by `skip` / `layer_ratios` ("layer1.7", "conv1_1").
+        stage: 0-based stage index (ResNet layer1 -> 0; VGG: block between max-pools).
+        conv: module path of the conv whose output filters are pruned.
+        norms: BatchNorm modules over those channels (sliced along their only dim).
+        consumers: conv/linear modules that read those channels (input dim 1 sliced).
+    """
+
+    name: str
+    stage: int
+    conv: str
+    norms: tuple[str, ...]
+    consumers: tuple[str, ...]
+
+
+class PrunableNet(nn.Module):
+    """Base class: sets `.arch`, `.widths`, `.num_classes`; subclasses implement `units()`."""
+
+    def __init__(self, arch: str, widths: list[int], num_classes: int):
+        super().__init__()
+        self.arch = arch
+        self.widths = [int(w) for w in widths]
+        self.num_classes = int(num_classes)
+
+    def units(self) -> list[Unit]:
+        raise NotImplementedError
+
+
+def check_widths(arch: str, widths: list | None, default: list[int]) -> list[int]:
+    """Return `widths` (or `default`) after checking it has one positive int per unit."""
+    if widths is None:
+        return list(default)
+    ok = isinstance(widths, (list, tuple)) and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths
+    )
+    if not ok or len(widths) != len(default):
+        raise UsageError(
+            f"{arch}: widths must be a list of {len(default)} positive ints (one per prunable unit), "
+            f"got {widths!r}"[:300]
+        )
+    return [int(w) for w in widths]
+
+
+def init_weights(model: nn.Module) -> None:
+    """He init for convs (fan-out, as torchvision's ResNet), BN to identity, small normal for linears."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,121 @@
+"""Post-activation ResNets with basic blocks: CIFAR (He et al. 2016, option-A shortcut) and ImageNet-style.
+
+Each block's inner width (conv1's filters) is one prunable unit named like the block ("layer2.0");
+the block's output width is fixed per stage so the residual additions always line up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kesi_dist.models.base import PrunableNet, Unit, check_widths, init_weights
+
+__all__ = ["BasicBlock", "CifarResNet", "ImageNetResNet"]
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: subsample by `stride` and zero-pad the new channels; no parameters."""
+
+    def __init__(self, stride: int, extra_channels: int):
+        super().__init__()
+        self.stride = stride
+        self.extra_channels = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut), ReLU. `mid` is the prunable inner width.
+
+    `shortcut` is "A" (zero padding, CIFAR) or "B" (1x1 conv + BN, ImageNet) when the shape changes.
+    """
+
+    def __init__(self, in_planes: int, mid: int, out_planes: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, mid, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, out_planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != out_planes:
+            if shortcut == "A":
+                self.shortcut = ZeroPadShortcut(stride, out_planes - in_planes)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def make_stages(
+    model: nn.Module, in_planes: int, stage_planes: list[int], blocks: int | list[int], mids: list[int],
+    shortcut: str, first_stride: int,
+) -> list[Unit]:
+    """Attach `layer1..layerN` of basic blocks to `model`; return their units in order."""
+    counts = [blocks] * len(stage_planes) if isinstance(blocks, int) else blocks
+    units, i = [], 0
+    for s, (planes, n) in enumerate(zip(stage_planes, counts)):
+        layer = []
+        for b in range(n):
+            stride = (first_stride if s == 0 else 2) if b == 0 else 1
+            layer.append(BasicBlock(in_planes, mids[i], planes, stride, shortcut))
+            name = f"layer{s + 1}.{b}"
+            units.append(Unit(name, s, f"{name}.conv1", (f"{name}.bn1",), (f"{name}.conv2",)))
+            in_planes, i = planes, i + 1
+        model.add_module(f"layer{s + 1}", nn.Sequential(*layer))
+    return units
+
+
+class CifarResNet(PrunableNet):
+    """ResNet-(6n+2) for 32x32 inputs: 3x3 stem, three stages of n blocks (16/32/64), avg-pool, fc."""
+
+    def __init__(self, arch: str, depth: int, num_classes: int = 10, widths: list | None = None):
+        assert (depth - 2) % 6 == 0, "CIFAR ResNet depth is 6n+2"
+        n = (depth - 2) // 6
+        planes = [16, 32, 64]
+        widths = check_widths(arch, widths, [p for p in planes for _ in range(n)])
+        super().__init__(arch, widths, num_classes)
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self._units = make_stages(self, 16, planes, n, widths, shortcut="A", first_stride=1)
+        self.fc = nn.Linear(64, num_classes)
+        init_weights(self)
+
+    def units(self) -> list[Unit]:
+        return list(self._units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ImageNetResNet(PrunableNet):
+    """torchvision-style ResNet-18/34: 7x7/2 stem + max-pool, four stages (64..512), adaptive pool, fc."""
+
+    def __init__(self, arch: str, blocks: list[int], num_classes: int = 1000, widths: list | None = None):
+        planes = [64, 128, 256, 512]
+        widths = check_widths(arch, widths, [p for p, n in zip(planes, blocks) for _ in range(n)])
+        super().__init__(arch, widths, num_classes)
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self._units = make_stages(self, 64, planes, blocks, widths, shortcut="B", first_stride=1)
+        self.fc = nn.Linear(512, num_classes)
+        init_weights(self)
+
+    def units(self) -> list[Unit]:
+        return list(self._units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -1,0 +1,113 @@
+"""`kesi plan`: apply the configured pruning schedule to random weights and report what it does.
+
+No data and no training: widths, parameters, nonzero parameters and MACs per iteration depend only
+on the architecture and the schedule (PFEC ranks random filters, but the kept *counts* are fixed;
+MWP's global threshold prunes an exact fraction of conv weights whatever their values).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kesi_dist.config import Config
+from kesi_dist.models import build_model, model_units
+from kesi_dist.pruning import count_macs, count_nonzero_params, count_params, prune
+
+__all__ = ["plan_schedule", "print_plan", "default_num_classes"]
+
+_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200, "digits": 10}
+
+
+def default_num_classes(cfg: Config) -> int:
+    """`model.num_classes` if set, else what the data source has (10 when it cannot be known up front)."""
+    if cfg.model.num_classes:
+        return cfg.model.num_classes
+    if cfg.data.source == "synthetic":
+        return cfg.data.synthetic.num_classes
+    return _CLASSES.get(cfg.data.source, 10)
+
+
+def _randomize(model: nn.Module, seed: int) -> None:
+    # Like a trained network, no parameter is exactly zero (fresh BN biases are), so iteration 0 has
+    # nonzero_params == params and MWP's counts are the pruned weights only.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.9 + 0.1)
+
+
+def _row(index: int, model: nn.Module, res: int) -> dict:
+    return {
+        "index": index,
+        "params": count_params(model),
+        "nonzero_params": count_nonzero_params(model),
+        "macs": count_macs(model, (3, res, res)),
+        "widths": list(model.widths),
+    }
+
+
+def plan_schedule(cfg: Config) -> dict:
+    """Build `cfg.model.arch`, prune it `cfg.prune.iterations` times, count every iteration.
+
+    Returns:
+        {"model": arch, "method": "pfec"|"mwp", "iterations": [{"index", "params",
+        "nonzero_params", "macs", "widths"}, ...]}, index 0 being the unpruned model; MACs at
+        `cfg.data.resolution`.
+    """
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.arch, default_num_classes(cfg))
+    _randomize(model, cfg.seed)
+    p, res = cfg.prune, cfg.data.resolution
+    rows = [_row(0, model, res)]
+    masks = None
+    for it in range(1, p.iterations + 1):
+        model, masks = prune(
+            model, masks, method=p.method, iteration=it, stage_ratios=p.stage_ratios, skip=p.skip,
+            layer_ratios=p.layer_ratios, targets=p.targets,
+        )
+        rows.append(_row(it, model, res))
+    return {"model": cfg.model.arch, "method": p.method, "iterations": rows}
+
+
+def _widths_summary(arch: str, widths: list[int]) -> str:
+    """Per stage: the width range of its units, e.g. "8-16 9-32 9-64"."""
+    stages: dict[int, list[int]] = {}
+    for u, w in zip(model_units(arch, widths), widths):
+        stages.setdefault(u.stage, []).append(w)
+    parts = []
+    for ws in stages.values():
+        lo, hi = min(ws), max(ws)
+        parts.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return " ".join(parts)
+
+
+def print_plan(plan: dict) -> None:
+    """Print the plan as a rich table: params, nonzero params, MACs (millions) and reductions per iteration."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = plan["iterations"]
+    base = rows[0]
+    table = Table(
+        title=f"{plan['model']} · {plan['method']} · {len(rows) - 1} iterations",
+        caption="params, nonzero, MACs in millions; ↓ = reduction vs iteration 0",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("iter", "params", "nonzero", "MACs", "nonzero ↓", "MACs ↓"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("widths per stage", no_wrap=True)
+
+    def pct(a: int, b: int) -> str:
+        return f"{100 * (1 - a / b):.1f}%" if b else "-"
+
+    for r in rows:
+        widths = _widths_summary(plan["model"], r["widths"]) if "widths" in r else ""
+        table.add_row(
+            str(r["index"]), f"{r['params'] / 1e6:.3f}", f"{r['nonzero_params'] / 1e6:.3f}",
+            f"{r['macs'] / 1e6:.2f}", pct(r["nonzero_params"], base["nonzero_params"]),
+            pct(r["macs"], base["macs"]), widths,
+        )
+    Console().print(table)

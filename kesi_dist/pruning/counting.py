@@ -1,0 +1,59 @@
+"""Parameter and MAC counts of any model.
+
+MAC convention (the one PFEC and the KESI paper report, and ptflops' conv/linear counts):
+  - Conv2d: output elements x (in_channels / groups) x kh x kw per image; bias not counted.
+  - Linear: in_features x out_features per row; bias not counted.
+  - BatchNorm, ReLU, pooling, residual additions and zero-padding shortcuts are not counted.
+  - Weights zeroed by an unstructured mask still count as dense MACs (dense kernels run them).
+Counts are for one image (batch size 1) of shape `input_size` = (C, H, W).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["count_params", "count_nonzero_params", "count_macs"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers such as BN running stats excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    """Number of parameters that are not exactly zero (what unstructured pruning reduces)."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of conv and linear layers for one image; see the module docstring."""
+    macs = 0
+
+    def conv_hook(m: nn.Conv2d, inputs, out: torch.Tensor) -> None:
+        nonlocal macs
+        kh, kw = m.kernel_size
+        macs += (out.numel() // out.shape[0]) * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, inputs, out: torch.Tensor) -> None:
+        nonlocal macs
+        macs += (out.numel() // out.shape[0] // m.out_features) * m.in_features * m.out_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_size, device=param.device if param is not None else "cpu")
+    try:
+        model.eval()  # BatchNorm1d refuses a batch of one in training mode
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return int(macs)
