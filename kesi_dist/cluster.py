@@ -1,0 +1,175 @@
+"""Connecting to Ray with bounded, explained failures.
+
+`ray.init` on a bad address or a missing token either retries for 20-40 s and then raises a bare
+`ConnectionError`, or (token mode on, token file missing) aborts the whole process inside Ray's C++
+token loader. `connect_ray` checks those cases first, within a time bound, and raises `RunError`
+saying what to fix. `check_resources` turns "the trial never starts" into an error up front.
+
+Token authentication in Ray 2.60: a client sends a token only when RAY_AUTH_MODE=token, and takes
+it from RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from kesi_dist.errors import RunError, UsageError
+
+__all__ = ["connect_ray", "check_resources", "token_source"]
+
+_TOKEN_HELP = (
+    "Ray sends a token only when RAY_AUTH_MODE=token and reads it from RAY_AUTH_TOKEN, else the file "
+    "named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (for cluster/local-cluster.sh: source DIR/env.sh)"
+)
+
+
+def token_source() -> str:
+    """Where this process's Ray client would take its auth token from (never the token itself).
+
+    Raises:
+        RunError: RAY_AUTH_MODE=token but the configured source is missing or empty (Ray itself
+            would abort the process on this).
+    """
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode != "token":
+        return f"none (RAY_AUTH_MODE={mode or 'unset'})"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if "RAY_AUTH_TOKEN_PATH" in os.environ:
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        if not _nonempty_file(path):
+            raise RunError(f"RAY_AUTH_TOKEN_PATH={path}: no such file or it is empty; point it at the "
+                           "cluster's token file, or unset it and set RAY_AUTH_TOKEN")
+        return f"RAY_AUTH_TOKEN_PATH={path}"
+    default = Path.home() / ".ray" / "auth_token"
+    if not _nonempty_file(default):
+        raise RunError(f"RAY_AUTH_MODE=token but no token found: {_TOKEN_HELP}")
+    return str(default)
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _parse_address(address: str) -> tuple[str, int]:
+    if address.startswith(("http://", "https://")):
+        raise UsageError(
+            f"Ray address {address!r} is a dashboard/job-submission URL; a driver connects to the GCS "
+            "address host:port (default port 6379). Under `ray job submit` leave cluster.address unset"
+        )
+    if "://" in address:
+        raise UsageError(f"Ray address {address!r}: Ray Client (ray://) is not supported; "
+                         "submit the run with `ray job submit` instead")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"Ray address {address!r}: expected host:port, e.g. 10.0.0.5:6379")
+    return host.strip("[]"), int(port)
+
+
+def _probe_gcs(address: str, timeout_s: float) -> None:
+    """Ask the GCS for its cluster id in a helper thread (the call blocks in C++ without the GIL)."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    result: dict[str, BaseException | None] = {}
+
+    def probe() -> None:
+        try:
+            GcsClient(address=address)
+            result["error"] = None
+        except BaseException as e:  # noqa: BLE001 - reported to the caller below
+            result["error"] = e
+
+    thread = threading.Thread(target=probe, name="kesi-gcs-probe", daemon=True)
+    thread.start()
+    thread.join(max(timeout_s, 0.1))
+    if thread.is_alive():
+        raise RunError(
+            f"Ray address {address}: a server answers but not as a Ray GCS within {timeout_s:.0f} s; "
+            "use the head's GCS port (`ray start --head --port`, default 6379), not the dashboard's"
+        )
+    error = result["error"]
+    if isinstance(error, AuthenticationError):
+        raise RunError(
+            f"Ray cluster at {address} rejected the connection (auth token missing or wrong; this "
+            f"process's token source: {token_source()}). {_TOKEN_HELP}"
+        ) from None
+    if error is not None:
+        raise RunError(f"Ray cluster at {address}: cannot talk to its GCS ({error}); "
+                       "check the address and that the head node is healthy (`ray status`)") from None
+
+
+def connect_ray(address: str | None, *, timeout_s: float = 30) -> None:
+    """Connect this process to Ray, or start a local Ray.
+
+    Args:
+        address: GCS address ``host:port``. None means RAY_ADDRESS when set (as under
+            `ray job submit`), else a new local Ray (``ray.init(address="local")``).
+        timeout_s: upper bound on how long a failing connection takes to be reported.
+
+    Raises:
+        UsageError: the address is not ``host:port``.
+        RunError: unreachable address, a port that is not a GCS, or a missing/wrong auth token.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address == "local":
+        ray.init(address="local")
+        return
+    host, port = _parse_address(address)
+    deadline = time.monotonic() + timeout_s
+    token_source()  # fail here, not inside Ray's C++ token loader, when the token file is missing
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout_s, 10)):
+            pass
+    except OSError as e:
+        raise RunError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}): is it running "
+            "(`ray status --address ...`, cluster/local-cluster.sh status)? Otherwise fix "
+            "cluster.address or RAY_ADDRESS"
+        ) from None
+    _probe_gcs(f"{host}:{port}", deadline - time.monotonic())
+    try:
+        ray.init(address=f"{host}:{port}")
+    except ConnectionError as e:
+        raise RunError(f"Ray cluster at {address}: connection failed after the GCS answered ({e}); "
+                       "check that this machine can reach the cluster's node IPs") from None
+
+
+def check_resources(num_gpus_needed: float, num_cpus_needed: float) -> None:
+    """Fail early when the connected cluster can never fit one trial.
+
+    Counts the nodes in the cluster now: an autoscaling cluster must keep enough workers up
+    (min_workers) for its first trial.
+
+    Args:
+        num_gpus_needed: GPUs one trial holds at once (workers x GPUs per worker).
+        num_cpus_needed: CPUs one trial holds at once.
+
+    Raises:
+        RunError: the cluster has fewer GPUs or CPUs in total than one trial needs.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 0))
+    if num_gpus_needed > gpus:
+        raise RunError(
+            f"config asks for {num_gpus_needed:g} GPUs per trial but the cluster has {gpus:g}: "
+            "set train.gpus_per_worker=0 or add GPU nodes"
+        )
+    if num_cpus_needed > cpus:
+        raise RunError(
+            f"config asks for {num_cpus_needed:g} CPUs per trial but the cluster has {cpus:g}: "
+            "lower train.num_workers or train.cpus_per_worker, or add nodes"
+        )
