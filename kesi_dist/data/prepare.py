@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from kesi_dist.data.sources import SampleError, SourceData, open_source
 from kesi_dist.errors import RunError
+from kesi_dist.pipeline.manifest import atomic_write_text
 
 __all__ = ["prepare_dataset", "dataset_fingerprint", "FORMAT_VERSION", "RAW_MAX_SIDE"]
 
@@ -39,19 +39,6 @@ def dataset_fingerprint(data: SourceData, options: dict) -> str:
     doc = {"format": FORMAT_VERSION, "source": data.source, "resolution": data.resolution,
            "options": options, "identity": data.identity}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _Guarded:
@@ -175,7 +162,7 @@ def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: 
             "fields": ["image", "label", "index"],
             **data.extra_meta,
         }
-        _write_json_atomic(meta_path, meta)
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
         return meta
     finally:
         for p in (*tmp.values(), errors_path):

@@ -165,6 +165,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
@@ -177,6 +179,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             from numpy._core.multiarray import _reconstruct
 
             return _reconstruct
+        if name == "_frombuffer":
+            from numpy._core.numeric import _frombuffer
+
+            return _frombuffer
         if name == "scalar":
             from numpy._core.multiarray import scalar
 
