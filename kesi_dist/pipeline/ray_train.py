@@ -172,6 +172,7 @@ class _LocalSession:
         tmp = f"{self.run_dir}/{name}.tmp"
         if _exists(self.fs, tmp):
             self.fs.delete_dir(tmp)
+        self.fs.create_dir(tmp, recursive=True)
         pafs.copy_files(directory, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         final = f"{self.run_dir}/{name}"
         if _exists(self.fs, final):
@@ -197,15 +198,15 @@ def _device(gpus_per_worker: float, in_ray: bool) -> torch.device:
 class _FailOnce:
     """Wraps a loader: raises InjectedFailure halfway through the epoch (test-only fault injection)."""
 
-    def __init__(self, loader, marker: str):
-        self.loader, self.marker = loader, marker
+    def __init__(self, loader, marker: str, steps: int):
+        self.loader, self.marker, self.steps = loader, marker, steps
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
         fs, path = storage_fs(self.marker)
-        half = max(1, len(self.loader) // 2)
+        half = self.steps // 2
         for i, batch in enumerate(self.loader):
             if i == half and not _exists(fs, path):
                 with fs.open_output_stream(path) as f:
@@ -294,7 +295,8 @@ def train_worker(config: dict, session: Any = None) -> None:
             loader = train_loader
             inject = run.get("inject_failure_at_epoch")
             if inject is not None and epoch == inject and rank == min(1, world - 1):
-                loader = _FailOnce(train_loader, run["run_dir"].rstrip("/") + f"/.kesi_injected_failure_epoch{epoch}")
+                loader = _FailOnce(train_loader, run["run_dir"].rstrip("/") + f"/.kesi_injected_failure_epoch{epoch}",
+                                  steps_per_epoch)
             lr = current_lr(optimizer)
             m = train_epoch(w.model, loader, optimizer, scheduler, masks=masks, device=device,
                             autocast_bf16=espec.bf16, channels_last=espec.channels_last,
@@ -423,7 +425,7 @@ def run_training(
             writer.scalars({k: m[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc", "lr",
                                               "images_per_s", "epoch_s") if k in m}, step=m["epoch"] + 1)
             if progress:
-                console.print(_fmt(m, schedule.epochs, name))
+                console.print(_fmt(m, schedule.epochs, name), soft_wrap=True)
             if on_epoch is not None:
                 on_epoch(m)
 
