@@ -74,6 +74,8 @@ def check_widths(arch: str, widths: list | None, default: list[int]) -> list[int
 
 def init_weights(model: nn.Module) -> None:
     """He init for convs (fan-out, as torchvision's ResNet), BN to identity, small normal for linears."""
+    if any(p.is_meta for p in model.parameters()):
+        return  # a structure-only skeleton: nothing to initialise
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

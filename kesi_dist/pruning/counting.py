@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 __all__ = ["count_params", "count_nonzero_params", "count_macs"]
 
@@ -45,13 +46,14 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
+    # Shapes are all that is needed: run the forward on the meta device (no arithmetic, no memory)
+    # by swapping in meta stand-ins for every parameter and buffer.
+    meta = {k: torch.empty_like(v, device="meta") for k, v in (*model.named_parameters(), *model.named_buffers())}
     was_training = model.training
-    param = next(model.parameters(), None)
-    x = torch.zeros(1, *input_size, device=param.device if param is not None else "cpu")
     try:
         model.eval()  # BatchNorm1d refuses a batch of one in training mode
         with torch.no_grad():
-            model(x)
+            functional_call(model, meta, (torch.zeros(1, *input_size, device="meta"),))
     finally:
         model.train(was_training)
         for h in handles:
