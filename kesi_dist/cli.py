@@ -37,6 +37,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kesi_dist.config import load_config
+    from kesi_dist.pipeline.train_stage import train_baseline
+
+    cfg = load_config(args.config, args.overrides)
+    output = args.output or cfg.output
+    if not output:
+        from kesi_dist.errors import UsageError
+
+        raise UsageError(f"{args.config}: no output folder; pass --output DIR or set output: in the config")
+    result = train_baseline(cfg, output, resume=args.resume)
+    if result is None:
+        print(f"baseline already in place: {output}/baseline.pt")
+    else:
+        m = result.metrics
+        print(f"baseline: val acc {100 * m['val/acc']:.2f}% after {m['epoch'] + 1} epochs -> {result.checkpoint}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from kesi_dist.config import config_to_yaml, load_config
 
@@ -71,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("train", help="train the baseline of a config and write <output>/baseline.pt")
+    _add_config_args(p)
+    p.add_argument("--output", help="run directory (default: output: in the config)")
+    p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --output")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("config", help="print the resolved config (every key, defaults filled in)")
     p.add_argument("config", nargs="?", help="experiment YAML; omit to print the defaults")

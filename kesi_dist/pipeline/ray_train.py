@@ -283,6 +283,10 @@ def train_worker(config: dict, session: Any = None) -> None:
         history: list[dict] = []
         start_epoch = 0
         if state is not None:
+            if state.get("schedule") != config["schedule"]:
+                changed = sorted(k for k in config["schedule"] if state.get("schedule", {}).get(k) != config["schedule"][k])
+                raise UsageError(f"cannot resume {run['run_dir']}: the schedule changed since its checkpoint "
+                                 f"({', '.join(changed)}); restore it or start without --resume")
             load_engine_state(w, resume_dir, rank)
             scheduler.load_state_dict(state["scheduler"])
             history, start_epoch = list(state["history"]), int(state["epoch"]) + 1
@@ -312,7 +316,8 @@ def train_worker(config: dict, session: Any = None) -> None:
                 if rank == 0:
                     save_checkpoint(os.path.join(ckpt_dir, "model.pt"), w.bare, masks=masks, metrics=m,
                                     extra={"epoch": epoch})
-                    torch.save({"epoch": epoch, "scheduler": scheduler.state_dict(), "history": history},
+                    torch.save({"epoch": epoch, "scheduler": scheduler.state_dict(), "history": history,
+                                "schedule": config["schedule"]},
                                os.path.join(ckpt_dir, "train_state.pt"))
                 save_engine_state(w, ckpt_dir, rank)
             session.report(m, ckpt_dir)

@@ -1,0 +1,52 @@
+"""`kesi train CONFIG`: prepares the data, trains the baseline, writes <output>/baseline.pt."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kesi_dist.checkpoint import load_checkpoint
+from kesi_dist.cli import main
+
+CONFIG = {
+    "seed": 0,
+    "model": {"arch": "resnet20"},
+    "data": {"source": "synthetic", "resolution": 16, "batch_size": 64, "num_workers": 1,
+             "synthetic": {"num_train": 256, "num_val": 128, "num_classes": 4, "difficulty": 0.1}},
+    "baseline": {"epochs": 2, "lr": 0.05, "schedule": "onecycle"},
+    "train": {"num_workers": 0},
+}
+
+
+@pytest.mark.slow
+def test_kesi_train_writes_a_baseline_and_guards_it(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--output", str(out)]) == 0
+    assert "baseline: val acc" in capsys.readouterr().out
+    ckpt = load_checkpoint(out / "baseline.pt")
+    assert ckpt["arch"] == "resnet20" and ckpt["num_classes"] == 4 and ckpt["metrics"]["epoch"] == 1
+    assert (out / "data" / "meta.json").is_file() and (out / "config.yaml").is_file()
+    assert list((out / "tensorboard" / "baseline").glob("events.out.tfevents.*"))
+
+    # a second run must not silently overwrite the baseline
+    assert main(["train", str(cfg), "--output", str(out)]) == 2
+    assert "baseline.pt already exists" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--output", str(out), "--resume"]) == 0
+    assert "already in place" in capsys.readouterr().out
+
+    # resuming the epoch checkpoints with a different schedule is refused, naming what changed
+    (out / "baseline.pt").unlink()
+    assert main(["train", str(cfg), "--output", str(out), "--resume", "--set", "baseline.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "schedule changed" in err and "(epochs)" in err
+    assert main(["train", str(cfg), "--output", str(out), "--resume"]) == 0  # same schedule: nothing left to do
+    assert load_checkpoint(out / "baseline.pt")["metrics"]["epoch"] == 1
+
+
+def test_kesi_train_needs_an_output(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    assert main(["train", str(cfg)]) == 2
+    assert "--output" in capsys.readouterr().err
