@@ -3,7 +3,7 @@
 # `ray start --block` process in its own session, with token authentication ON.
 #
 #   cluster/local-cluster.sh up [--workers N] [--dir DIR]   # start (safe to re-run)
-#   cluster/local-cluster.sh status [--dir DIR]             # nodes and resources
+#   cluster/local-cluster.sh status [--dir DIR]             # nodes and their resources
 #   cluster/local-cluster.sh down [--dir DIR]               # stop exactly what `up` started
 #
 # After `up`, in the shell that submits jobs:
@@ -298,7 +298,8 @@ cmd_status() {
   done < <(read_nodes)
   [ $ok = 1 ] || { echo "cluster is partly down: run '$0 down --dir $dir' then up"; exit 1; }
   echo "GCS address: $(state_field gcs_address)   dashboard: $(state_field dashboard_url)"
-  "${ray_env[@]}" "$ray_bin" status --address "$(state_field gcs_address)"
+  # The state API reads the GCS directly (`ray status` lags a few seconds behind new nodes).
+  "${ray_env[@]}" "$ray_bin" list nodes --detail --address "$(state_field dashboard_url)"
 }
 
 case "$cmd" in
