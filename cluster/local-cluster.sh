@@ -133,11 +133,12 @@ print_exports() {
   gcs=$(state_field gcs_address); dash=$(state_field dashboard_url)
   cat <<EOF
 Ray cluster up: head + $(($(read_nodes | wc -l) - 1)) worker nodes (state: $state)
-  GCS address (ray.init / ray start --address): $gcs
+  GCS address (ray.init, ray start --address, kesi cluster.address): $gcs
   dashboard / job API: $dash
-  token: $token  (clients need RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH, or RAY_AUTH_TOKEN)
-To submit jobs from this shell:
-  source $envfile
+To submit jobs from a shell, run these exports (or: source $envfile):
+  export RAY_ADDRESS=$dash
+  export RAY_AUTH_MODE=token                     # clients send a token only in token mode
+  export RAY_AUTH_TOKEN_PATH=$token   # read when RAY_AUTH_TOKEN is unset
   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python your_script.py
 EOF
 }

@@ -27,6 +27,11 @@ _TOKEN_HELP = (
 )
 
 
+# Workers' stdout/stderr stay in Ray's log files (`ray logs`, the dashboard): the driver prints one
+# readable line per epoch itself instead of forwarding a wall of worker logs.
+_QUIET = {"log_to_driver": False, "logging_level": "WARNING"}
+
+
 def token_source() -> str:
     """Where this process's Ray client would take its auth token from (never the token itself).
 
@@ -110,8 +115,8 @@ def connect_ray(address: str | None, *, timeout_s: float = 30) -> None:
     """Connect this process to Ray, or start a local Ray.
 
     Args:
-        address: GCS address ``host:port``. None means RAY_ADDRESS when set (as under
-            `ray job submit`), else a new local Ray (``ray.init(address="local")``).
+        address: GCS address ``host:port`` (or "auto", "local"). None means RAY_ADDRESS when set
+            (as under `ray job submit`), else a new local Ray (``ray.init(address="local")``).
         timeout_s: upper bound on how long a failing connection takes to be reported.
 
     Raises:
@@ -124,7 +129,13 @@ def connect_ray(address: str | None, *, timeout_s: float = 30) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None or address == "local":
-        ray.init(address="local")
+        ray.init(address="local", **_QUIET)
+        return
+    if address == "auto":  # Ray's own discovery of a cluster started on this machine
+        try:
+            ray.init(address="auto", **_QUIET)
+        except ConnectionError as e:
+            raise RunError(f"Ray address 'auto': {e}; start one with `ray start --head` or give host:port") from None
         return
     host, port = _parse_address(address)
     deadline = time.monotonic() + timeout_s
@@ -140,7 +151,7 @@ def connect_ray(address: str | None, *, timeout_s: float = 30) -> None:
         ) from None
     _probe_gcs(f"{host}:{port}", deadline - time.monotonic())
     try:
-        ray.init(address=f"{host}:{port}")
+        ray.init(address=f"{host}:{port}", **_QUIET)
     except ConnectionError as e:
         raise RunError(f"Ray cluster at {address}: connection failed after the GCS answered ({e}); "
                        "check that this machine can reach the cluster's node IPs") from None

@@ -89,6 +89,8 @@ def test_up_prints_exports_and_is_idempotent(cluster):
     assert all(n["pid"] == n["sid"] for n in state["nodes"]), "each node leads its own session"
     assert state["dashboard_url"].startswith("http://127.0.0.1:")
     assert f"source {d}/env.sh" in cluster["up_stdout"]
+    assert f"export RAY_ADDRESS={state['dashboard_url']}" in cluster["up_stdout"]
+    assert f"export RAY_AUTH_TOKEN_PATH={d}/auth_token" in cluster["up_stdout"]
     env_sh = (d / "env.sh").read_text()
     assert f"export RAY_ADDRESS={state['dashboard_url']}" in env_sh
     assert "export RAY_AUTH_MODE=token" in env_sh and f"RAY_AUTH_TOKEN_PATH={d}/auth_token" in env_sh
@@ -202,6 +204,27 @@ def test_connect_ray_rejected_token_fails_fast(cluster, auth):
     assert float(seconds) < 10
     assert cluster["state"]["gcs_address"] in msg and "RAY_AUTH_TOKEN_PATH" in msg and "~/.ray/auth_token" in msg
     assert "0" * 64 not in msg, "the token must never be printed"
+
+
+@pytest.mark.slow
+def test_connect_ray_to_a_port_that_is_not_a_gcs_fails_fast(cluster):
+    # host:port of the dashboard: it accepts TCP but never answers as a GCS.
+    address = cluster["state"]["dashboard_url"].removeprefix("http://")
+    code = textwrap.dedent("""
+        import sys, time
+        from kesi_dist.cluster import connect_ray
+        from kesi_dist.errors import RunError
+        t = time.monotonic()
+        try:
+            connect_ray(sys.argv[1], timeout_s=3)
+        except RunError as e:
+            print(f"RUNERROR {time.monotonic() - t:.2f} {e}")
+    """)
+    r = _sh(sys.executable, "-c", code, address, env=_env(**cluster["auth"]), timeout=60)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RUNERROR")), None)
+    assert line, r.stdout[-2000:] + r.stderr[-2000:]
+    _, seconds, msg = line.split(" ", 2)
+    assert float(seconds) < 6 and "not as a Ray GCS" in msg and address in msg
 
 
 @pytest.mark.slow
