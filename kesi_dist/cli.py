@@ -37,6 +37,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kesi_dist.config import load_config
+    from kesi_dist.pipeline.run import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    output = args.output or cfg.output
+    if not output:
+        from kesi_dist.errors import UsageError
+
+        raise UsageError(f"{args.config}: no output folder; pass --output DIR or set output: in the config")
+    run_pipeline(cfg, output, resume=args.resume)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from kesi_dist.config import load_config
     from kesi_dist.pipeline.train_stage import train_baseline
@@ -90,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("run", help="run the KESI pipeline: baseline, prune + retrain branches, ...")
+    _add_config_args(p)
+    p.add_argument("--output", help="run directory (default: output: in the config)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in --output")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", help="train the baseline of a config and write <output>/baseline.pt")
     _add_config_args(p)

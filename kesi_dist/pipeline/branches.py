@@ -1,0 +1,214 @@
+"""Parallel retraining branches of one pruning iteration, as a Ray Tune search over the LR restart.
+
+Each Tune trial is a function that launches one Ray Train run (`run_training`) for one branch: the
+pruned parent retrained with its own one-cycle restart (max LR, warm-up fraction, epochs...), or the
+paper's fixed-LR comparison arm. Specs are generated in the driver (seeded), so a resumed run sees the
+same branches and skips those already registered. The driver registers each branch the moment its
+trial completes (a Tune callback), so a driver crash loses at most the trials in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+from kesi_dist.errors import RunError, UsageError
+from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
+
+__all__ = ["Branch", "restart_grid", "run_branches"]
+
+# The metric ASHA compares. Only one-cycle branches report it, so ASHA never stops the fixed-LR arm
+# (which is a baseline for the paper's table, not a competitor in the search).
+ASHA_METRIC = "branch/val_acc"
+
+
+@dataclass
+class Branch:
+    """One retraining run of iteration `iteration`."""
+
+    name: str  # snapshot name, e.g. "iter2_b1" or "iter2_fixed"
+    arm: str  # "onecycle" | "fixed"
+    iteration: int
+    branch: int | None
+    parent: str  # snapshot the pruned model came from
+    init_checkpoint: str  # the pruned (not yet retrained) model
+    checkpoint: str  # where the retrained snapshot is written
+    schedule: dict  # ScheduleSpec fields
+    hparams: dict = field(default_factory=dict)  # the searched values of this branch
+
+
+def restart_grid(space: dict[str, list[float]], branches: int, search: str, seed: int) -> list[dict]:
+    """The LR-restart values of each branch.
+
+    grid: the first `branches` combinations of the grid, in order (all of them when equal);
+    random: `branches` combinations drawn without replacement (seeded) when the grid is large enough,
+    with replacement otherwise.
+    """
+    keys = sorted(space)
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+    if not combos:
+        raise UsageError("tune.space: the search space is empty; give at least one value per key")
+    if search == "grid":
+        if branches > len(combos):
+            raise UsageError(
+                f"tune.branches={branches} but tune.space has only {len(combos)} grid combination(s); "
+                "add values to tune.space, lower tune.branches, or use tune.search=random"
+            )
+        return combos[:branches]
+    rng = random.Random(seed)
+    if branches <= len(combos):
+        return rng.sample(combos, branches)
+    return [rng.choice(combos) for _ in range(branches)]
+
+
+def _trial(config: dict) -> None:
+    """Tune trial function: one branch = one `run_training` (a TorchTrainer when num_workers > 0)."""
+    import ray
+    from ray import tune
+
+    from kesi_dist.pipeline.ray_train import run_training
+
+    b = Branch(**config["branch"])
+    metric_key = ASHA_METRIC if b.arm == "onecycle" else "fixed/val_acc"
+    start = time.time()
+
+    def on_epoch(m: dict) -> None:
+        tune.report({"epoch": m["epoch"] + 1, "val/acc": m["val/acc"], "train/loss": m["train/loss"],
+                     metric_key: m["val/acc"]})
+
+    result = run_training(
+        model=ModelSpec(arch="", init_checkpoint=b.init_checkpoint),
+        schedule=ScheduleSpec(**b.schedule),
+        loader=LoaderSpec(**config["loader"]),
+        engine=EngineSpec(**config["engine"]),
+        storage_path=config["storage"],
+        name=b.name,
+        seed=config["seed"],
+        resume=True,  # a branch restarted after a driver crash continues from its last epoch
+        final_checkpoint=b.checkpoint,
+        tensorboard_dir=f"{config['tensorboard']}/{b.name}",
+        hparams={"arm": b.arm, **b.hparams},
+        on_epoch=on_epoch,
+        progress=False,
+        max_steps_per_epoch=config.get("max_steps_per_epoch"),
+    )
+    tune.report({
+        "epoch": result.metrics["epoch"] + 1, "val/acc": result.metrics["val/acc"],
+        metric_key: result.metrics["val/acc"], "snapshot": b.checkpoint,
+        "node_id": result.metrics.get("node_id") or ray.get_runtime_context().get_node_id(),
+        "start": start, "end": time.time(), "attempts": result.attempts,
+    })
+
+
+def run_branches(
+    branches: list[Branch],
+    *,
+    loader: LoaderSpec,
+    engine: EngineSpec,
+    storage: str,
+    tensorboard: str,
+    experiment: str,
+    seed: int,
+    asha: bool = False,
+    asha_grace_epochs: int = 1,
+    on_done: Callable[[Branch, dict], None],
+    on_failed: Callable[[Branch, str], None],
+    on_progress: Callable[[Branch, dict], None] | None = None,
+    max_steps_per_epoch: int | None = None,
+) -> None:
+    """Run `branches` as parallel Tune trials; call `on_done(branch, final_result)` as each finishes.
+
+    A trial that errors (e.g. diverged) is reported through `on_failed` and does not stop the others.
+    """
+    if not branches:
+        return
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    driver = _Driver({b.name: b for b in branches}, on_done, on_failed, on_progress)
+
+    # The trial function only drives a TorchTrainer, whose workers hold the CPUs/GPUs; in-process
+    # training (num_workers == 0) runs inside the trial, which then needs the resources itself.
+    if engine.num_workers == 0:
+        resources = {"cpu": engine.cpus_per_worker, "gpu": engine.gpus_per_worker}
+    else:
+        resources = {"cpu": 0, "memory": 1 << 20}  # Tune refuses an empty request; 1 MiB is nothing
+    scheduler = None
+    if asha:
+        max_t = max(b.schedule["epochs"] for b in branches)
+        scheduler = ASHAScheduler(metric=ASHA_METRIC, mode="max", time_attr="epoch", max_t=max_t,
+                                  grace_period=min(asha_grace_epochs, max_t))
+    # Tune's own reporter prints tables and paths between our progress lines; the legacy reporter
+    # honours verbose=0, the new one does not.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, resources),
+        param_space={
+            "branch": tune.grid_search([asdict(b) for b in branches]),
+            "loader": asdict(loader), "engine": asdict(engine), "storage": storage,
+            "tensorboard": tensorboard, "seed": seed, "max_steps_per_epoch": max_steps_per_epoch,
+        },
+        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False),
+        run_config=tune.RunConfig(name=experiment, storage_path=storage, callbacks=[driver], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    tuner.fit()
+
+
+class _Driver(Callback):
+    """Tune callback in the driver: progress lines, and each branch registered as it finishes."""
+
+    def __init__(self, by_name: dict[str, Branch], on_done, on_failed, on_progress):
+        self.by_name, self.on_done, self.on_failed, self.on_progress = by_name, on_done, on_failed, on_progress
+
+    # Tune pickles callbacks into its experiment state; the handlers (closures over the manifest)
+    # only make sense in this driver process, so they are not part of that state.
+    def __getstate__(self):
+        return {}
+
+    def _branch(self, trial) -> Branch:
+        return self.by_name[trial.config["branch"]["name"]]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.on_progress is not None and "snapshot" not in result:
+            self.on_progress(self._branch(trial), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if "snapshot" in last:
+            self.on_done(self._branch(trial), last)
+        else:  # stopped early by ASHA: not a finished branch, so not a snapshot
+            self.on_failed(self._branch(trial), f"stopped early by ASHA after {last.get('epoch', 0)} epoch(s)")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.on_failed(self._branch(trial), _trial_error(trial))
+
+
+def _trial_error(trial: Any) -> str:
+    """One line saying why a trial failed (the root cause, not Tune's traceback)."""
+    text = ""
+    try:
+        path = trial.error_file
+        if path:
+            with open(path) as f:
+                text = f.read()
+    except OSError:
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else "trial failed (no error recorded)"
+
+
+def require_some(done: list[str], iteration: int, failures: dict[str, str]) -> None:
+    """Fail the run clearly when no one-cycle branch of an iteration finished."""
+    if not done:
+        detail = "; ".join(f"{k}: {v}" for k, v in failures.items()) or "no branch ran"
+        raise RunError(f"iteration {iteration}: every branch failed ({detail})")

@@ -1,0 +1,271 @@
+"""`kesi run`: the KESI pipeline, top to bottom.
+
+    data -> baseline -> prune_1 -> ... -> prune_K
+                        each: prune the parent in the driver, then retrain B one-cycle branches (+ the
+                        fixed-LR comparison arm) as parallel Ray Tune trials; the best branch is the
+                        parent of the next iteration; every finished branch is a snapshot.
+
+Every stage records itself in `<run>/manifest.json` only after its outputs are on disk, so
+`--resume` skips what is complete and redoes only what was in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from kesi_dist.config import Config
+from kesi_dist.errors import KesiError, RunError, UsageError
+from kesi_dist.pipeline.branches import Branch, require_some, restart_grid, run_branches
+from kesi_dist.pipeline.manifest import Manifest
+from kesi_dist.pipeline.rundir import RunDir, open_run
+from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, schedule_from
+
+__all__ = ["run_pipeline", "loader_spec", "engine_spec", "prepare_data"]
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def loader_spec(cfg: Config, data_dir: str | Path) -> LoaderSpec:
+    d = cfg.data
+    return LoaderSpec(data_dir=str(data_dir), batch_size=d.batch_size, resolution=d.resolution,
+                      augment=d.augment, backend=d.loader, num_workers=d.num_workers)
+
+
+def engine_spec(cfg: Config) -> EngineSpec:
+    t = cfg.train
+    return EngineSpec(engine=t.engine, zero_stage=t.zero_stage, num_workers=t.num_workers,
+                      cpus_per_worker=t.cpus_per_worker, gpus_per_worker=t.gpus_per_worker, bf16=t.bf16,
+                      channels_last=t.channels_last, max_failures=t.max_failures)
+
+
+def prepare_data(cfg: Config, default_dir: Path) -> tuple[Path, dict]:
+    """The prepared data folder for `cfg.data`, converting a raw source first when needed."""
+    from kesi_dist.data.loaders import read_meta
+    from kesi_dist.data.prepare import prepare_dataset
+
+    d = cfg.data
+    if d.source == "prepared":
+        return Path(d.prepared), read_meta(d.prepared)
+    out = Path(d.prepared) if d.prepared else default_dir
+    opts = d.synthetic.model_dump() if d.source == "synthetic" else {}
+    meta = prepare_dataset(d.source, d.root, out, resolution=d.store_resolution, seed=cfg.seed, **opts)
+    return out, meta
+
+
+def _describe(path: Path, resolution: int) -> dict:
+    """Architecture and size of a saved snapshot (what the registry records)."""
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+    from kesi_dist.pruning import count_macs, count_nonzero_params, count_params
+
+    ck = load_checkpoint(path)
+    model, _ = model_from_checkpoint(ck)
+    return {"arch": ck["arch"], "widths": ck["widths"], "num_classes": ck["num_classes"],
+            "params": count_params(model), "nonzero_params": count_nonzero_params(model),
+            "macs": count_macs(model, (3, resolution, resolution))}
+
+
+def _register(manifest: Manifest, run: RunDir, name: str, resolution: int, **info) -> dict:
+    entry = {**_describe(run.snapshot(name), resolution), **info,
+             "checkpoint": str(run.snapshot(name).relative_to(run.root))}
+    manifest.add_snapshot(name, entry)
+    return entry
+
+
+def _fmt_size(entry: dict) -> str:
+    return f"{entry['params'] / 1e6:.3f} M params ({entry['nonzero_params'] / 1e6:.3f} M nonzero), " \
+           f"{entry['macs'] / 1e6:.1f} M MACs"
+
+
+def run_pipeline(cfg: Config, output: str, resume: bool = False, *, max_steps_per_epoch: int | None = None) -> RunDir:
+    """Run (or resume) the whole pipeline for `cfg` into the run directory `output`."""
+    from kesi_dist.cluster import connect_ray
+
+    run, manifest = open_run(output, cfg, resume)
+    console.rule(f"kesi run · {cfg.model.arch} · {cfg.prune.method} x{cfg.prune.iterations} · {run.root}")
+    try:
+        connect_ray(cfg.cluster.address)
+        data_dir, meta = _stage_data(cfg, run, manifest)
+        num_classes = cfg.model.num_classes or meta["num_classes"]
+        if num_classes != meta["num_classes"]:
+            raise UsageError(f"model.num_classes is {num_classes} but the data has {meta['num_classes']} "
+                             "classes; remove model.num_classes or fix it")
+        loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
+        _stage_baseline(cfg, run, manifest, num_classes, loader, engine, max_steps_per_epoch)
+        parent = fixed_parent = "baseline"
+        for k in range(1, cfg.prune.iterations + 1):
+            parent, fixed_parent = _stage_prune(cfg, run, manifest, k, parent, fixed_parent, loader, engine,
+                                                max_steps_per_epoch)
+        manifest.data["status"] = "complete"
+        manifest.log("run complete")
+    except KesiError as e:
+        manifest.data["status"] = "failed"
+        manifest.log("run failed", error=str(e))
+        raise
+    console.print(f"[green]done[/]: {len(manifest.snapshots)} snapshots registered in {run.manifest}")
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+def _stage_data(cfg: Config, run: RunDir, manifest: Manifest) -> tuple[Path, dict]:
+    from kesi_dist.data.loaders import read_meta
+
+    if manifest.is_complete("data"):
+        data_dir = Path(manifest.stages["data"]["path"])
+        return data_dir, read_meta(data_dir)
+    manifest.start_stage("data")
+    console.print(f"[bold]data[/]: {cfg.data.source}" + (f" from {cfg.data.root}" if cfg.data.root else ""))
+    data_dir, meta = prepare_data(cfg, run.data)
+    console.print(f"  {meta['train_size']} train / {meta['val_size']} val images, {meta['num_classes']} classes, "
+                  f"{meta['resolution']} px -> {data_dir}")
+    manifest.finish_stage("data", path=str(data_dir), num_classes=meta["num_classes"],
+                          train_size=meta["train_size"], val_size=meta["val_size"])
+    return data_dir, meta
+
+
+def _stage_baseline(cfg: Config, run: RunDir, manifest: Manifest, num_classes: int, loader: LoaderSpec,
+                    engine: EngineSpec, max_steps: int | None) -> None:
+    from kesi_dist.pipeline.ray_train import run_training
+
+    if manifest.is_complete("baseline"):
+        console.print("[bold]baseline[/]: complete, reused")
+        return
+    manifest.start_stage("baseline")
+    start = time.time()
+    if cfg.baseline.checkpoint:
+        node_id, attempts = _import_baseline(cfg, run, num_classes, loader)
+        val_acc = None
+    else:
+        console.print(f"[bold]baseline[/]: training {cfg.model.arch} for {cfg.baseline.epochs} epochs "
+                      f"on {max(engine.num_workers, 1)} worker(s)")
+        result = run_training(
+            model=ModelSpec(arch=cfg.model.arch, num_classes=num_classes), schedule=schedule_from(cfg.baseline),
+            loader=loader, engine=engine, storage_path=str(run.train), name="baseline", seed=cfg.seed,
+            resume=True, final_checkpoint=str(run.snapshot("baseline")),
+            tensorboard_dir=str(run.tensorboard / "baseline"), max_steps_per_epoch=max_steps,
+        )
+        val_acc, node_id, attempts = result.metrics["val/acc"], result.metrics.get("node_id"), result.attempts
+    entry = _register(manifest, run, "baseline", cfg.data.resolution, arm="baseline", iteration=0, branch=None,
+                      parent=None, hparams={}, node_id=node_id, start=start, end=time.time(), attempts=attempts,
+                      **({"val_acc": val_acc} if val_acc is not None else {}))
+    if val_acc is None:
+        entry["val_acc"] = _evaluate_snapshot(run.snapshot("baseline"), loader)
+        manifest.add_snapshot("baseline", entry)
+    console.print(f"  baseline: val acc {100 * entry['val_acc']:.2f}%, {_fmt_size(entry)}")
+    manifest.finish_stage("baseline")
+
+
+def _import_baseline(cfg: Config, run: RunDir, num_classes: int, loader: LoaderSpec) -> tuple[None, int]:
+    """Use a given trained baseline: check it fits the config, copy it into the run."""
+    import shutil
+
+    from kesi_dist.checkpoint import load_checkpoint
+
+    path = cfg.baseline.checkpoint
+    ck = load_checkpoint(path)
+    if ck["arch"] != cfg.model.arch:
+        raise UsageError(f"baseline.checkpoint {path}: holds a {ck['arch']}, but model.arch is {cfg.model.arch}")
+    if ck["num_classes"] != num_classes:
+        raise UsageError(f"baseline.checkpoint {path}: has {ck['num_classes']} classes, the data has {num_classes}")
+    console.print(f"[bold]baseline[/]: using {path}")
+    dst = run.snapshot("baseline")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, dst)
+    return None, 0
+
+
+def _evaluate_snapshot(path: Path, loader: LoaderSpec) -> float:
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+    from kesi_dist.data.loaders import make_loader
+    from kesi_dist.train.loop import evaluate
+
+    model, _ = model_from_checkpoint(load_checkpoint(path))
+    val = make_loader(loader.data_dir, "val", batch_size=loader.batch_size, resolution=loader.resolution,
+                      augment=loader.augment, backend=loader.backend, num_workers=loader.num_workers)
+    return float(evaluate(model, val, "cpu")["val/acc"])
+
+
+def _prune_parent(cfg: Config, run: RunDir, parent: str, name: str, k: int) -> Path:
+    """Prune snapshot `parent` (iteration k) into `<run>/snapshots/<name>.pt`, once."""
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from kesi_dist.pruning import prune
+
+    dst = run.snapshot(name)
+    if dst.exists():  # written atomically: present means complete; pruning is deterministic anyway
+        return dst
+    model, masks = model_from_checkpoint(load_checkpoint(run.snapshot(parent)))
+    p = cfg.prune
+    pruned, new_masks = prune(model, masks, method=p.method, iteration=k, stage_ratios=p.stage_ratios,
+                              skip=p.skip, layer_ratios=p.layer_ratios, targets=p.targets)
+    save_checkpoint(dst, pruned, new_masks, extra={"parent": parent, "iteration": k})
+    return dst
+
+
+def _stage_prune(cfg: Config, run: RunDir, manifest: Manifest, k: int, parent: str, fixed_parent: str,
+                 loader: LoaderSpec, engine: EngineSpec, max_steps: int | None) -> tuple[str, str]:
+    stage = f"prune_{k}"
+    if manifest.is_complete(stage):
+        info = manifest.stages[stage]
+        console.print(f"[bold]{stage}[/]: complete, reused (parent of next: {info['chosen']})")
+        return info["chosen"], info.get("fixed") or fixed_parent
+    manifest.start_stage(stage, parent=parent)
+    init = _prune_parent(cfg, run, parent, f"iter{k}_init", k)
+    branches = [
+        Branch(name=f"iter{k}_b{j}", arm="onecycle", iteration=k, branch=j, parent=parent,
+               init_checkpoint=str(init), checkpoint=str(run.snapshot(f"iter{k}_b{j}")),
+               schedule=vars(schedule_from(cfg.retrain, **{key: (int(v) if key == "epochs" else v)
+                                                             for key, v in hp.items()})),
+               hparams=hp)
+        for j, hp in enumerate(restart_grid(cfg.tune.space, cfg.tune.branches, cfg.tune.search, cfg.seed + k))
+    ]
+    if cfg.fixed_lr.enabled:
+        fixed_init = _prune_parent(cfg, run, fixed_parent, f"iter{k}_fixed_init", k)
+        branches.append(Branch(name=f"iter{k}_fixed", arm="fixed", iteration=k, branch=None, parent=fixed_parent,
+                               init_checkpoint=str(fixed_init), checkpoint=str(run.snapshot(f"iter{k}_fixed")),
+                               schedule=vars(schedule_from(cfg.fixed_lr)), hparams={"lr": cfg.fixed_lr.lr}))
+    todo = [b for b in branches if b.name not in manifest.snapshots]
+    size = _describe(init, cfg.data.resolution)
+    console.print(f"[bold]{stage}[/]: pruned {parent} -> {_fmt_size(size)}; retraining "
+                  f"{len(todo)} branch(es) in parallel" + (f" ({len(branches) - len(todo)} already done)"
+                                                           if len(todo) < len(branches) else ""))
+    failures: dict[str, str] = {}
+
+    def done(b: Branch, result: dict) -> None:
+        entry = _register(manifest, run, b.name, cfg.data.resolution, arm=b.arm, iteration=k, branch=b.branch,
+                          parent=b.parent, hparams=b.hparams, val_acc=result["val/acc"],
+                          node_id=result.get("node_id"), start=result.get("start"), end=result.get("end"),
+                          attempts=result.get("attempts"))
+        console.print(f"  [green]{b.name}[/] done: val acc {100 * entry['val_acc']:.2f}% "
+                      f"({', '.join(f'{k2}={v}' for k2, v in b.hparams.items())})")
+
+    def failed(b: Branch, why: str) -> None:
+        failures[b.name] = why
+        manifest.log(f"branch {b.name} failed", error=why)
+        console.print(f"  [red]{b.name} failed[/]: {why}")
+
+    def progress(b: Branch, result: dict) -> None:
+        if "epoch" in result:
+            console.print(f"  {b.name} epoch {result['epoch']}/{b.schedule['epochs']}  "
+                          f"val acc {100 * result['val/acc']:.1f}%  loss {result['train/loss']:.4f}")
+
+    run_branches(todo, loader=loader, engine=engine, storage=str(run.train / stage),
+                 tensorboard=str(run.tensorboard / stage), experiment="tune", seed=cfg.seed,
+                 asha=cfg.tune.asha, asha_grace_epochs=cfg.tune.asha_grace_epochs,
+                 on_done=done, on_failed=failed, on_progress=progress, max_steps_per_epoch=max_steps)
+    finished = [b.name for b in branches if b.arm == "onecycle" and b.name in manifest.snapshots]
+    require_some(finished, k, failures)
+    chosen = max(finished, key=lambda n: manifest.snapshots[n]["val_acc"])
+    fixed = f"iter{k}_fixed" if f"iter{k}_fixed" in manifest.snapshots else None
+    if cfg.fixed_lr.enabled and fixed is None:
+        raise RunError(f"iteration {k}: the fixed-LR comparison arm failed ({failures.get(f'iter{k}_fixed')})")
+    manifest.finish_stage(stage, chosen=chosen, fixed=fixed, failed=failures)
+    console.print(f"  parent of the next iteration: {chosen} "
+                  f"(val acc {100 * manifest.snapshots[chosen]['val_acc']:.2f}%)")
+    return chosen, fixed or fixed_parent
