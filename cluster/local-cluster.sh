@@ -33,7 +33,9 @@
 #   variables (or RAY_AUTH_TOKEN=<token>); ~/.ray/auth_token is Ray's fallback and is not touched.
 #
 # Environment: RAY=/path/to/ray (default: this repo's .venv/bin/ray, else `ray` on PATH);
-# KESI_CLUSTER_OBJECT_STORE_MB (default 512 per node); KESI_CLUSTER_START_TIMEOUT (default 120 s per node).
+# KESI_CLUSTER_OBJECT_STORE_MB (default 512 per node); KESI_CLUSTER_START_TIMEOUT (default 120 s per node);
+# KESI_CLUSTER_WORKER_GPUS (default 0: GPUs each worker node declares; Ray would otherwise give every
+# node on this machine all of its GPUs).
 set -euo pipefail
 
 usage() {
@@ -76,6 +78,7 @@ tmpdir=$dir/ray
 logdir=$dir/logs
 obj_mb=${KESI_CLUSTER_OBJECT_STORE_MB:-512}
 start_timeout=${KESI_CLUSTER_START_TIMEOUT:-120}
+worker_gpus=${KESI_CLUSTER_WORKER_GPUS:-0}
 
 # The environment every ray process (and the jobs they run) inherits: token auth on, our token,
 # and ray's bin dir first on PATH so a job's `python` / `kesi` entrypoint is the one that has ray.
@@ -185,7 +188,8 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-# Start one `ray start --block` in a new session; echo "pid sid starttime".
+# Start one `ray start --block` in a new session; sets node_info="pid sid starttime".
+# Runs in the main shell (not in $(...)) so an INT/TERM trap fires at once, not after the node is up.
 start_node() {
   local name=$1; shift
   local logf=$logdir/$name.log pid sid t deadline
@@ -195,23 +199,43 @@ start_node() {
     --object-store-memory $((obj_mb * 1024 * 1024)) --min-worker-port 0 --max-worker-port 0 \
     "$@" </dev/null >>"$logf" 2>&1 &
   pid=$!
+  echo "$pid $name" >"$dir/starting.pid"   # so an interrupted or failed `up` can stop it too
   deadline=$((SECONDS + start_timeout))
   until grep -q "Ray runtime started" "$logf"; do
     if ! kill -0 "$pid" 2>/dev/null; then
       tail -n 15 "$logf" >&2
-      die "node '$name' exited during start; full log: $logf"
+      log "error: node '$name' exited during start; full log: $logf"
+      return 1
     fi
     if [ $SECONDS -ge $deadline ]; then
       tail -n 15 "$logf" >&2
-      kill -TERM "$pid" 2>/dev/null || true
-      die "node '$name' not up after ${start_timeout}s; full log: $logf"
+      log "error: node '$name' not up after ${start_timeout}s; full log: $logf"
+      return 1
     fi
     sleep 0.5
   done
   sid=$(ps -o sid= -p "$pid" | tr -d ' ')
-  [ "$sid" = "$pid" ] || die "node '$name' (pid $pid) is not a session leader (setsid forked?)"
+  if [ "$sid" != "$pid" ]; then log "error: node '$name' (pid $pid) is not a session leader"; return 1; fi
   t=$(start_time "$pid")
-  echo "$pid $sid $t"
+  node_info="$pid $sid $t"
+}
+
+# `up` failed or was interrupted: record every node that was started, then stop them all.
+nodes=()
+abort_up() {
+  trap - INT TERM
+  local extra=() spid sname t
+  if [ -s "$dir/starting.pid" ]; then
+    read -r spid sname <"$dir/starting.pid"
+    t=$(start_time "$spid")
+    [[ -z "$t" || " ${nodes[*]} " == *" $spid $spid "* ]] || extra=("$sname $spid $spid $t")
+  fi
+  rm -f "$dir/starting.pid"
+  if [ $((${#nodes[@]} + ${#extra[@]})) -gt 0 ]; then
+    write_state "" "" "${nodes[@]}" "${extra[@]}"
+    cmd_down
+  fi
+  exit "${1:-1}"
 }
 
 cmd_up() {
@@ -241,29 +265,26 @@ cmd_up() {
   read -r -a ports <<<"$(free_ports $((3 + workers + 1)))"
   gcs_port=${ports[0]}; dash_port=${ports[1]}; client_port=${ports[2]}
 
-  local -a nodes=()
-  local info gcs i
-  info=$(start_node head --head --port "$gcs_port" --num-cpus 0 --num-gpus 0 \
+  local gcs i dash="http://127.0.0.1:$dash_port"
+  trap 'abort_up 130' INT TERM
+  start_node head --head --port "$gcs_port" --num-cpus 0 --num-gpus 0 \
     --resources '{"kesi_head": 1}' \
     --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" --ray-client-server-port "$client_port" \
-    --dashboard-agent-listen-port "${ports[3]}") || { cmd_down_partial "${nodes[@]}"; exit 1; }
-  nodes+=("head $info")
+    --dashboard-agent-listen-port "${ports[3]}" || abort_up 1
+  nodes+=("head $node_info")
   gcs=$(cat "$tmpdir/ray_current_cluster")
+  write_state "$gcs" "$dash" "${nodes[@]}"   # after every node: `down` can always clean up
+  rm -f "$dir/starting.pid"
   for i in $(seq 1 "$workers"); do
-    info=$(start_node "worker$i" --address "$gcs" --num-cpus 1 --num-gpus 0 \
-      --resources "{\"kesi_worker_$i\": 1}" --dashboard-agent-listen-port "${ports[$((3 + i))]}") \
-      || { cmd_down_partial "${nodes[@]}"; exit 1; }
-    nodes+=("worker$i $info")
+    start_node "worker$i" --address "$gcs" --num-cpus 1 --num-gpus "$worker_gpus" \
+      --resources "{\"kesi_worker_$i\": 1}" --dashboard-agent-listen-port "${ports[$((3 + i))]}" \
+      || abort_up 1
+    nodes+=("worker$i $node_info")
+    write_state "$gcs" "$dash" "${nodes[@]}"
+    rm -f "$dir/starting.pid"
   done
-  write_state "$gcs" "http://127.0.0.1:$dash_port" "${nodes[@]}"
+  trap - INT TERM
   print_exports
-}
-
-# `up` failed half-way: record what did start, then stop it.
-cmd_down_partial() {
-  [ $# -gt 0 ] || return 0
-  write_state "" "" "$@"
-  cmd_down
 }
 
 write_state() {

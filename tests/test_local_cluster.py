@@ -302,3 +302,33 @@ def test_connect_ray_bad_addresses_and_token_sources(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(RunError, match="no token found"):
         token_source()
+
+
+@pytest.mark.slow
+def test_interrupted_up_leaves_nothing_running():
+    d = Path(tempfile.mkdtemp(prefix="kc", dir="/tmp"))
+    try:
+        proc = subprocess.Popen([str(SCRIPT), "up", "--workers", "2", "--dir", str(d)], env=_env(), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Interrupt while the head is still starting (launched, not yet recorded in state.json).
+        deadline = time.monotonic() + 60
+        while not (d / "starting.pid").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leader = int((d / "starting.pid").read_text().split()[0])
+        time.sleep(2)  # let it spawn gcs_server and friends
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "stopped" in err, err
+        assert not _alive(leader)
+        left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _mentions(p, d)]
+        assert not left, f"processes of the interrupted cluster still running: {left}"
+    finally:
+        subprocess.run([str(SCRIPT), "down", "--dir", str(d)], env=_env(), timeout=120, capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _mentions(proc_dir: Path, d: Path) -> bool:
+    try:
+        return str(d).encode() in (proc_dir / "cmdline").read_bytes() and _alive(int(proc_dir.name))
+    except OSError:
+        return False
