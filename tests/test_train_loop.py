@@ -211,3 +211,22 @@ def test_tensorboard_scalars_and_hparams_read_back(tmp_path):
     disabled = ScalarWriter(tmp_path / "never", enabled=False)
     disabled.scalars({"x": 1.0}, step=1)
     assert not (tmp_path / "never").exists()
+
+
+def test_worker_failures_surface_as_one_line_kesi_errors():
+    from ray.train import WorkerGroupError
+
+    from kesi_dist.pipeline.ray_train import _backend, _failure_message
+    from kesi_dist.train.spec import EngineSpec
+
+    err = WorkerGroupError("rank 1 failed", {1: RuntimeError("Traceback ...\nDivergedError: training diverged: "
+                                                             "loss is nan at step 3 of the epoch (lr 10); lower it")})
+    cls, line = _failure_message(err)
+    assert cls is DivergedError and line.startswith("training diverged: loss is nan at step 3")
+    cls, line = _failure_message(WorkerGroupError("x", {0: UsageError("data.batch_size 10 is not divisible")}))
+    assert cls is UsageError and "batch_size" in line
+    cls, line = _failure_message(WorkerGroupError("x", {0: OSError("Traceback\n  ...\nOSError: disk full")}))
+    assert cls is RunError and line == "OSError: disk full"
+    assert _backend(EngineSpec(gpus_per_worker=0)) == "gloo"
+    assert _backend(EngineSpec(gpus_per_worker=1, num_workers=4)) == "nccl"
+    assert _backend(EngineSpec(gpus_per_worker=0.5, num_workers=2)) == "gloo"  # may share a GPU

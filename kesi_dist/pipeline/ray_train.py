@@ -27,11 +27,9 @@ variable), so it cannot be switched on by accident.
 from __future__ import annotations
 
 import os
-import queue as queue_mod
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -394,6 +392,9 @@ def run_training(
     """
     if engine.num_workers < 0:
         raise UsageError(f"train.num_workers must be >= 0, got {engine.num_workers}")
+    if loader.batch_size % max(1, engine.num_workers):
+        raise UsageError(f"data.batch_size {loader.batch_size} is not divisible by train.num_workers "
+                         f"{engine.num_workers}; the batch size is global and split evenly over workers")
     fs, run_path = storage_fs(storage_path)
     run_dir = f"{run_path.rstrip('/')}/{name}"
     run_uri = storage_path.rstrip("/") + "/" + name if "://" in storage_path else run_dir
@@ -460,6 +461,15 @@ def _run_local(config: dict, run_uri: str, handle: Callable[[dict], None]):
     return (session.fs, f"{session.run_dir}/{names[-1]}") if names else None
 
 
+def _backend(engine: EngineSpec) -> str:
+    """nccl on GPUs, gloo on CPU. NCCL refuses two ranks on one GPU, so a group whose workers hold
+    fractions of GPUs (and may share one) uses gloo; fractional GPUs are mainly for single-worker
+    Tune trials sharing a GPU, which never communicate anyway."""
+    if engine.gpus_per_worker <= 0:
+        return "gloo"
+    return "nccl" if engine.gpus_per_worker >= 1 or engine.num_workers == 1 else "gloo"
+
+
 def _run_ray(config: dict, engine: EngineSpec, storage_path: str, name: str, handle):
     """Returns (filesystem, path) of the last checkpoint directory, or None."""
     import ray
@@ -480,7 +490,7 @@ def _run_ray(config: dict, engine: EngineSpec, storage_path: str, name: str, han
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=_backend(engine)),
         scaling_config=ScalingConfig(num_workers=engine.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
