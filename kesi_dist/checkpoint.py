@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,14 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
-        raise RunError(f"{path}: refused to load: not plain tensors/containers ({reason[:160]})") from None
+        found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
+        reason = f"unsupported {found.group(1)}" if found else "unsupported content"
+        raise RunError(
+            f"{path}: refused to load: it holds more than tensors and plain containers ({reason}); "
+            "only load checkpoints written by kesi_dist"
+        ) from None
     except Exception as e:  # noqa: BLE001 - the unpickler raises anything on garbage (IndexError, EOFError, ...)
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        detail = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:160]
         raise RunError(f"{path}: not a readable checkpoint (truncated or corrupt: {detail})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__

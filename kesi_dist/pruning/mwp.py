@@ -46,9 +46,13 @@ def mwp_masks(model: nn.Module, target_sparsity: float, masks: dict | None = Non
     n_prune = max(already, round(target_sparsity * flat.numel()))
     keep = torch.ones_like(flat)
     if n_prune:
-        # A stable sort breaks ties by position, so exactly n_prune weights go even if many are equal;
-        # previously pruned weights score -1 and always come first.
-        keep[torch.argsort(flat, stable=True)[:n_prune]] = 0
+        # Previously pruned weights score -1 and always go first. Ties at the threshold are broken by
+        # position, so exactly n_prune weights go even when many magnitudes are equal.
+        threshold = flat.kthvalue(n_prune).values
+        pruned = flat < threshold
+        ties = torch.nonzero(flat == threshold).flatten()
+        pruned[ties[: n_prune - int(pruned.sum())]] = True
+        keep[pruned] = 0
     out, start = {}, 0
     for name, w in weights.items():
         out[name] = keep[start:start + w.numel()].view_as(w).to(dtype=w.dtype)
