@@ -193,6 +193,15 @@ def _device(gpus_per_worker: float, in_ray: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def _node_id() -> str:
+    """The Ray node this worker runs on (the host name outside Ray), recorded with every epoch."""
+    import socket
+
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+
+
 class _FailOnce:
     """Wraps a loader: raises InjectedFailure halfway through the epoch (test-only fault injection)."""
 
@@ -239,6 +248,7 @@ def train_worker(config: dict, session: Any = None) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(run["seed"])
+    node_id = _node_id()
 
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kesi-worker-"))
@@ -305,7 +315,8 @@ def train_worker(config: dict, session: Any = None) -> None:
                             max_steps=max_steps, engine=w.engine)
             m.update(evaluate(w.model, val_loader, device, autocast_bf16=espec.bf16,
                               channels_last=espec.channels_last))
-            m.update({"epoch": epoch, "lr": lr, "lr_end": current_lr(optimizer), "world_size": world})
+            m.update({"epoch": epoch, "lr": lr, "lr_end": current_lr(optimizer), "world_size": world,
+                      "node_id": node_id})
             history.append(m)
 
             ckpt_dir = None

@@ -1,0 +1,147 @@
+"""`kesi run` end to end on a local Ray: the manifest, parallel branches, refusal to overwrite, resume.
+
+Each test runs the real CLI in a subprocess (its own local Ray), as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+pytestmark = pytest.mark.slow
+
+
+def kesi(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kesi_dist.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def stage_widths(entry: dict) -> int:
+    """Total width of the pruned units, a single number that must shrink with every iteration."""
+    return sum(w if isinstance(w, int) else sum(w) for w in entry["widths"])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    started = time.time()
+    proc = kesi("run", SMOKE, "--output", str(run))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, proc, time.time() - started
+
+
+def test_smoke_run_registers_every_snapshot(smoke_run):
+    run, proc, _ = smoke_run
+    m = manifest(run)
+    assert m["status"] == "complete"
+    names = list(m["snapshots"])
+    assert names == ["baseline", "iter1_b0", "iter1_b1", "iter1_fixed", "iter2_b0", "iter2_b1", "iter2_fixed"] or \
+        sorted(names) == sorted(["baseline", "iter1_b0", "iter1_b1", "iter1_fixed", "iter2_b0", "iter2_b1",
+                                 "iter2_fixed"])
+    for name, s in m["snapshots"].items():
+        assert (run / s["checkpoint"]).is_file(), name
+        assert s["node_id"], name
+        assert 0.0 <= s["val_acc"] <= 1.0
+        assert s["params"] >= s["nonzero_params"] > 0 and s["macs"] > 0
+        assert s["end"] >= s["start"]
+    snaps = m["snapshots"]
+    # Lineage: every branch of iteration k was pruned from the chosen parent of iteration k-1.
+    assert snaps["iter1_b0"]["parent"] == "baseline" and snaps["iter1_fixed"]["parent"] == "baseline"
+    chosen1 = m["stages"]["prune_1"]["chosen"]
+    assert snaps["iter2_b0"]["parent"] == chosen1 and snaps["iter2_fixed"]["parent"] == "iter1_fixed"
+    assert snaps[chosen1]["val_acc"] == max(snaps["iter1_b0"]["val_acc"], snaps["iter1_b1"]["val_acc"])
+    # The LR restart values of each branch are recorded.
+    assert {snaps["iter1_b0"]["hparams"]["lr"], snaps["iter1_b1"]["hparams"]["lr"]} == {0.1, 0.05}
+    assert snaps["iter1_fixed"]["hparams"] == {"lr": 0.001}
+    # Widths, params and MACs shrink with every iteration.
+    w = [stage_widths(snaps[n]) for n in ("baseline", "iter1_b0", "iter2_b0")]
+    assert w[0] > w[1] > w[2]
+    assert snaps["baseline"]["macs"] > snaps["iter1_b0"]["macs"] > snaps["iter2_b0"]["macs"]
+    assert snaps["iter2_fixed"]["widths"] == snaps["iter2_b0"]["widths"]  # PFEC: same sizes in both arms
+    # Console output says what is happening without Ray's logs.
+    out = proc.stdout
+    for text in ("baseline epoch 1/4", "prune_1", "iter1_b0 epoch", "iter2_fixed done", "val acc"):
+        assert text in out, text
+    assert "RayTrainWorker" not in out + proc.stderr and "Configuration for experiment" not in out
+    assert (run / "config.yaml").is_file()
+
+
+def test_branches_ran_in_parallel(smoke_run):
+    run, _, _ = smoke_run
+    snaps = manifest(run)["snapshots"]
+    for k in (1, 2):
+        b = [snaps[f"iter{k}_b0"], snaps[f"iter{k}_b1"], snaps[f"iter{k}_fixed"]]
+        overlaps = [max(0.0, min(x["end"], y["end"]) - max(x["start"], y["start"]))
+                    for i, x in enumerate(b) for y in b[i + 1:]]
+        assert max(overlaps) > 1.0, f"iteration {k}: branch wall times do not overlap: {b}"
+
+
+def test_refuses_to_overwrite_a_run(smoke_run):
+    run, _, _ = smoke_run
+    before = (run / "manifest.json").read_bytes()
+    proc = kesi("run", SMOKE, "--output", str(run), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --output {run}: already holds a complete run; pass --resume to continue it, "
+        "or choose a new --output (nothing was changed)"]
+    assert (run / "manifest.json").read_bytes() == before
+
+
+def test_resume_of_a_different_config_is_refused(smoke_run):
+    run, _, _ = smoke_run
+    proc = kesi("run", SMOKE, "--output", str(run), "--resume", "--set", "prune.iterations=3", timeout=120)
+    assert proc.returncode == 2
+    assert "different config (changed: prune.iterations)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_driver_killed_mid_run_then_resume(tmp_path):
+    """SIGKILL the driver (and the local Ray it started) during iteration 1, then --resume."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            time.sleep(0.5)
+            try:
+                m = manifest(run)
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            if any(n.startswith("iter1_") and not n.endswith("init") for n in m["snapshots"]):
+                break  # at least one branch of iteration 1 is registered, others may be in flight
+            assert proc.poll() is None, "run ended before it could be interrupted"
+        else:
+            pytest.fail("iteration 1 never registered a branch")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = manifest(run)
+    assert before["status"] == "running"
+    baseline_end = before["stages"]["baseline"]["end"]
+    registered = {n: s["end"] for n, s in before["snapshots"].items()}
+
+    done = kesi("run", SMOKE, "--output", str(run), "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    after = manifest(run)
+    assert after["status"] == "complete"
+    assert "baseline: complete, reused" in done.stdout
+    assert after["stages"]["baseline"]["end"] == baseline_end  # not re-run
+    for name, end in registered.items():  # finished branches were kept, not retrained
+        assert after["snapshots"][name]["end"] == end, name
+    assert len(after["snapshots"]) == 7  # no duplicates, nothing lost
+    assert sum(e["event"] == "resume" for e in after["events"]) == 1
