@@ -147,19 +147,33 @@ EOF
 }
 
 cmd_down() {
-  if [ ! -f "$state" ]; then log "nothing recorded in $state; nothing to stop"; return 0; fi
+  if [ ! -f "$state" ] && [ ! -s "$dir/starting.pid" ]; then
+    log "nothing recorded in $state; nothing to stop"; return 0
+  fi
   local pid sid t0 name left deadline
   local -a sids=() t0s=()
-  # Workers first, head last, so worker raylets do not spin reconnecting to a dead GCS.
-  while read -r pid sid t0 name; do
-    sids+=("$sid"); t0s+=("$t0")
-    if leader_alive "$pid" "$t0"; then
-      [ "$name" = head ] || kill -TERM "$pid" 2>/dev/null || true
+  if [ -f "$state" ]; then
+    # Workers first, head last, so worker raylets do not spin reconnecting to a dead GCS.
+    while read -r pid sid t0 name; do
+      sids+=("$sid"); t0s+=("$t0")
+      if leader_alive "$pid" "$t0"; then
+        [ "$name" = head ] || kill -TERM "$pid" 2>/dev/null || true
+      fi
+    done < <(read_nodes)
+    while read -r pid sid t0 name; do
+      [ "$name" = head ] && leader_alive "$pid" "$t0" && { sleep 1; kill -TERM "$pid" 2>/dev/null || true; }
+    done < <(read_nodes)
+  fi
+  # A node an `up` killed with SIGKILL was still starting: stop it if it is still ours.
+  if [ -s "$dir/starting.pid" ]; then
+    read -r pid name <"$dir/starting.pid"
+    t0=$(start_time "$pid")
+    if [ -n "$t0" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--temp-dir $tmpdir " \
+        && [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ]; then
+      sids+=("$pid"); t0s+=("$t0")
+      kill -TERM "$pid" 2>/dev/null || true
     fi
-  done < <(read_nodes)
-  while read -r pid sid t0 name; do
-    [ "$name" = head ] && leader_alive "$pid" "$t0" && { sleep 1; kill -TERM "$pid" 2>/dev/null || true; }
-  done < <(read_nodes)
+  fi
   remaining() {
     local i
     for i in "${!sids[@]}"; do session_pids "${sids[$i]}" "${t0s[$i]}"; done
@@ -173,7 +187,7 @@ cmd_down() {
     while left=$(remaining) && [ -n "$left" ] && [ $SECONDS -lt $deadline ]; do sleep 0.5; done
     [ -z "$left" ] || die "processes survived SIGKILL: $(echo $left)"
   fi
-  rm -f "$state" "$envfile"
+  rm -f "$state" "$envfile" "$dir/starting.pid"
   log "stopped (logs kept in $logdir)"
 }
 

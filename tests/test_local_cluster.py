@@ -66,7 +66,7 @@ def cluster():
     # Short path: Ray's unix sockets live under it (107-byte limit).
     d = Path(tempfile.mkdtemp(prefix="kc", dir="/tmp"))
     try:
-        r = _sh(SCRIPT, "up", "--workers", "2", "--dir", d, timeout=240)
+        r = _sh(SCRIPT, "up", "--workers", "2", "--dir", d, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         state = json.loads((d / "state.json").read_text())
         yield {"dir": d, "state": state, "up_stdout": r.stdout,
