@@ -86,6 +86,17 @@ def test_launcher_yaml_matches_rays_schema(name):
         jsonschema.validate(broken, schema)
 
 
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_launcher_yaml_passes_ray_up_config_checks(name):
+    """The checks `ray up` runs before it contacts the cloud: provider defaults merged, then validated."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(_load(name))
+    validate_config(cfg)
+    assert cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
+    assert cfg["docker"]["image"] == _image_name()
+
+
 def test_launcher_howto_names_every_step():
     for name in LAUNCHER_YAMLS:
         head = (CLUSTER / name).read_text().split("\ncluster_name:")[0]
