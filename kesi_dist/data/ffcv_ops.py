@@ -7,6 +7,11 @@ take the sample ids of the batch (`with_indices`) and ask `kesi_dist.data.augmen
 The epoch must change without recompiling the pipeline. Numba freezes captured arrays as
 constants, so the current epoch lives in an `EpochCell` (a one-element int64 array owned by the
 loader) and the compiled code reads it through its address.
+
+FFCV compiles every operation's code afresh for each Loader, and numba's parallel (prange)
+compilation takes seconds. So the work is done by module-level kernels, compiled once per process
+(and cached on disk where they call no C library), and each op's per-loader code is a thin
+wrapper that passes its constants to the kernel.
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ from dataclasses import replace
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
-from numba import types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from kesi_dist.data.augment import (
@@ -58,6 +62,74 @@ class EpochCell:
         return int(self._value[0])
 
 
+
+_JPG = IMAGE_MODES["jpg"]
+# The C functions are called through ctypes directly: wrapping them in extra numba dispatchers (as
+# ffcv.libffcv does) made numba's dispatcher finalizers race with compilation in FFCV's thread.
+STORED, BOX, RANDOM = 0, 1, 2
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _translate_kernel(images, dst, indices, seed, epoch, pad):
+    n, h, w, _ = images.shape
+    for i in prange(n):
+        dy, dx = translate_offsets(seed, epoch, indices[i], pad)
+        # Output pixel (y, x) is padded pixel (y + dy, x + dx) = source (y + dy - pad, x + dx - pad).
+        sy, sx = dy - pad, dx - pad
+        dst[i] = 0
+        y0, y1 = max(0, -sy), min(h, h - sy)
+        x0, x1 = max(0, -sx), min(w, w - sx)
+        dst[i, y0:y1, x0:x1] = images[i, y0 + sy:y1 + sy, x0 + sx:x1 + sx]
+    return dst[:n]
+
+
+@njit(nogil=True, parallel=True, cache=True)
+def _flip_kernel(images, dst, indices, seed, epoch):
+    n = images.shape[0]
+    for i in prange(n):
+        if flip_decision(seed, epoch, indices[i]):
+            dst[i] = images[i, :, ::-1]
+        else:
+            dst[i] = images[i]
+    return dst[:n]
+
+
+@njit(nogil=True, parallel=True)
+def _decode_kernel(batch_indices, destination, temp_storage, metadata, storage_state, mode, seed, epoch,
+                   s_lo, s_hi, r_lo, r_hi, c_ratio):
+    mmap, ptrs, sizes = storage_state  # FFCV's OS-cache state: the mapped file and its allocation table
+    for k in prange(len(batch_indices)):
+        sid = batch_indices[k]
+        field = metadata[sid]
+        address = field["data_ptr"]
+        size = sizes[np.searchsorted(ptrs, address)]
+        data = mmap[address:address + size]
+        height = np.uint32(field["height"])
+        width = np.uint32(field["width"])
+        if mode == STORED:  # all images have the output size (checked by the loader)
+            if field["mode"] == _JPG:
+                ctypes_imdecode(data.ctypes.data, data.size, height, width, destination[k].ctypes.data,
+                                height, width, 0, 0, 1, 1, False, False)
+            else:
+                destination[k].reshape(-1)[:] = data[:3 * height * width]
+            continue
+        if field["mode"] == _JPG:
+            buf = temp_storage[k]
+            ctypes_imdecode(data.ctypes.data, data.size, height, width, buf.ctypes.data,
+                            height, width, 0, 0, 1, 1, False, False)
+            image = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+        else:
+            image = data[:3 * height * width].reshape(height, width, 3)
+        if mode == RANDOM:
+            i, j, h, w = random_resized_crop_box(seed, epoch, sid, int(height), int(width), s_lo, s_hi, r_lo, r_hi)
+        else:
+            i, j, h, w = center_crop_box(int(height), int(width), c_ratio)
+        out = destination[k]
+        ctypes_resize(0, image.ctypes.data, image.shape[0], image.shape[1], i, i + h, j, j + w,
+                      out.ctypes.data, out.shape[0], out.shape[1])
+    return destination[:len(batch_indices)]
+
+
 class SeededTranslate(Operation):
     """Pad by `padding` zeros on every side and take a random crop of the original size (uint8 NHWC)."""
 
@@ -66,23 +138,11 @@ class SeededTranslate(Operation):
         self.padding, self.seed, self.cell = int(padding), int(seed), cell
 
     def generate_code(self):
-        my_range = Compiler.get_iterator()
         pad, seed, addr = self.padding, self.seed, self.cell.address
 
         def translate(images, dst, indices):
-            epoch = _load_int64(addr)
-            n, h, w, _ = images.shape
-            for i in my_range(n):
-                dy, dx = translate_offsets(seed, epoch, indices[i], pad)
-                # Output pixel (y, x) is padded pixel (y + dy, x + dx) = source (y + dy - pad, x + dx - pad).
-                sy, sx = dy - pad, dx - pad
-                dst[i] = 0
-                y0, y1 = max(0, -sy), min(h, h - sy)
-                x0, x1 = max(0, -sx), min(w, w - sx)
-                dst[i, y0:y1, x0:x1] = images[i, y0 + sy:y1 + sy, x0 + sx:x1 + sx]
-            return dst[:n]
+            return _translate_kernel(images, dst, indices, seed, _load_int64(addr), pad)
 
-        translate.is_parallel = True
         translate.with_indices = True
         return translate
 
@@ -98,20 +158,11 @@ class SeededFlip(Operation):
         self.seed, self.cell = int(seed), cell
 
     def generate_code(self):
-        my_range = Compiler.get_iterator()
         seed, addr = self.seed, self.cell.address
 
         def flip(images, dst, indices):
-            epoch = _load_int64(addr)
-            n = images.shape[0]
-            for i in my_range(n):
-                if flip_decision(seed, epoch, indices[i]):
-                    dst[i] = images[i, :, ::-1]
-                else:
-                    dst[i] = images[i]
-            return dst[:n]
+            return _flip_kernel(images, dst, indices, seed, _load_int64(addr))
 
-        flip.is_parallel = True
         flip.with_indices = True
         return flip
 
@@ -120,17 +171,19 @@ class SeededFlip(Operation):
 
 
 class CropResizeDecoder(ResizedCropRGBImageDecoder):
-    """Decode, crop a box, resize it to `size` x `size` (FFCV's INTER_AREA resize) in one pass.
+    """Decode to `size` x `size`, cropping and resizing (FFCV's INTER_AREA resize) in the same pass.
 
-    mode: "random" (torchvision RandomResizedCrop box from (seed, epoch, index)), "center"
-    (central square of `center_ratio` * short side) or "full" (the whole image, i.e. a resize).
+    mode: "stored" (images already `size`: copy or JPEG-decode only), "random" (torchvision
+    RandomResizedCrop box from (seed, epoch, index)), "center" (central square of
+    `center_ratio` x the short side) or "full" (the whole image, i.e. a resize). Needs FFCV's OS
+    cache memory manager (`os_cache=True`), whose state the kernel reads directly.
     """
 
     def __init__(self, size: int, mode: str, seed: int = 0, cell: EpochCell | None = None,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), center_ratio: float = 0.875):
         super().__init__((int(size), int(size)))
-        if mode not in ("random", "center", "full"):
-            raise ValueError(f"mode must be random, center or full, got {mode!r}")
+        if mode not in ("stored", "random", "center", "full"):
+            raise ValueError(f"mode must be stored, random, center or full, got {mode!r}")
         self.mode, self.seed = mode, int(seed)
         self.cell = cell or EpochCell()
         self.scale = (float(scale[0]), float(scale[1]))
@@ -142,40 +195,14 @@ class CropResizeDecoder(ResizedCropRGBImageDecoder):
         return None
 
     def generate_code(self):
-        jpg = IMAGE_MODES["jpg"]
-        mem_read = self.memory_read
-        my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        is_random = self.mode == "random"
+        mode = {"stored": STORED, "random": RANDOM}.get(self.mode, BOX)
         seed, addr = self.seed, self.cell.address
         s_lo, s_hi = self.scale
         r_lo, r_hi = self.ratio
         c_ratio = self.center_ratio
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
-            epoch = _load_int64(addr)
-            for dst_ix in my_range(len(batch_indices)):
-                source_ix = batch_indices[dst_ix]
-                field = metadata[source_ix]
-                image_data = mem_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
-                if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
-                else:
-                    temp_buffer = image_data.reshape(height, width, 3)
-                if is_random:
-                    i, j, h, w = random_resized_crop_box(
-                        seed, epoch, source_ix, int(height), int(width), s_lo, s_hi, r_lo, r_hi
-                    )
-                else:
-                    i, j, h, w = center_crop_box(int(height), int(width), c_ratio)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-            return destination[: len(batch_indices)]
+            return _decode_kernel(batch_indices, my_storage[0], my_storage[1], metadata, storage_state, mode, seed,
+                                  _load_int64(addr), s_lo, s_hi, r_lo, r_hi, c_ratio)
 
-        decode.is_parallel = True
         return decode

@@ -177,7 +177,6 @@ class FFCVLoader(ImageLoader):
         super().__init__(*args, **kwargs)
         import numba
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.traversal_order.base import TraversalOrder
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -188,12 +187,7 @@ class FFCVLoader(ImageLoader):
         threads = max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
         self.cell = EpochCell(0)
         p, seed = self.plan, self.seed
-        if p.decode == "stored":
-            image_ops = [SimpleRGBImageDecoder()]
-        elif p.decode == "random":
-            image_ops = [CropResizeDecoder(p.size, "random", seed, self.cell, RRC_SCALE, RRC_RATIO)]
-        else:
-            image_ops = [CropResizeDecoder(p.size, p.decode, seed, self.cell, center_ratio=CENTER_CROP_RATIO)]
+        image_ops = [CropResizeDecoder(p.size, p.decode, seed, self.cell, RRC_SCALE, RRC_RATIO, CENTER_CROP_RATIO)]
         if p.pad:
             image_ops.append(SeededTranslate(p.pad, seed, self.cell))
         if p.flip:
@@ -216,6 +210,11 @@ class FFCVLoader(ImageLoader):
         if self._loader.reader.num_samples != self.split_size:
             raise RunError(f"{self.data_dir / (self.split + '.beton')}: holds {self._loader.reader.num_samples} "
                            f"samples but meta.json says {self.split_size}; re-run `kesi data prepare`")
+        reader = self._loader.reader
+        sides = reader.metadata[reader.metadata.dtype.names[reader.field_names.index("image")]]
+        if p.decode == "stored" and not (np.all(sides["height"] == p.size) and np.all(sides["width"] == p.size)):
+            raise RunError(f"{self.data_dir / (self.split + '.beton')}: images are not all {p.size}x{p.size} as "
+                           "meta.json says; re-run `kesi data prepare`")
         outer = self
 
         class _ShardOrder(TraversalOrder):  # FFCV's own orders pad shards (DistributedSampler)
@@ -231,11 +230,47 @@ class FFCVLoader(ImageLoader):
             self._it.close()  # an abandoned previous epoch must stop before the cell changes
         epoch = self._start_epoch()
         self.cell.set(epoch)
-        self._loader.next_epoch = epoch
-        self._it = iter(self._loader)
+        self._it = _epoch_iterator(self._loader, epoch)
         for batch in self._it:
             yield self._finish(batch[0], batch[1], batch[2] if self.return_indices else None, nhwc=not self._on_gpu)
         self._it = None
+
+
+def _epoch_iterator(loader, epoch: int):
+    """FFCV's `Loader.__iter__` for `epoch`, with an iterator whose worker-thread errors reach the caller.
+
+    FFCV's own EpochIterator thread dies silently on an exception and leaves the consumer blocked
+    on its queue forever.
+    """
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class _Checked(EpochIterator):
+        error: BaseException | None = None
+
+        def run(self):
+            try:
+                super().run()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
+                self.error = e
+                self.output_queue.put(None)
+
+        def __next__(self):
+            try:
+                return super().__next__()
+            except StopIteration:
+                if self.error is not None:
+                    raise RunError(f"{loader.fname}: FFCV pipeline failed: {type(self.error).__name__}: "
+                                   f"{self.error}") from self.error
+                raise
+
+    Compiler.set_num_threads(loader.num_workers)
+    loader.next_epoch = epoch
+    order = loader.next_traversal_order()
+    loader.next_epoch = epoch + 1
+    if loader.code is None or loader.recompile:
+        loader.generate_code()
+    return _Checked(loader, order[: len(loader) * loader.batch_size])
 
 
 # -------------------------------------------------------------------------------------------------
