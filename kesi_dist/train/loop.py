@@ -22,7 +22,8 @@ from kesi_dist.pruning.mwp import apply_masks, mask_gradients
 
 __all__ = ["DivergedError", "StepEngine", "train_epoch", "evaluate", "unwrap"]
 
-KDLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
+# kd_loss_fn(images, labels, student_logits[, indices]) -> loss or dict with "loss"
+KDLossFn = Callable[..., "torch.Tensor | dict[str, torch.Tensor]"]
 
 
 class DivergedError(RunError):
@@ -75,13 +76,15 @@ def train_epoch(
 
     Args:
         model: the model, possibly wrapped in DDP or a DeepSpeed engine (then pass it as `engine` too).
-        loader: yields (images, labels); tensors are moved to `device` if they are not there yet.
+        loader: yields (images, labels) or (images, labels, sample indices); tensors are moved to
+            `device` if they are not there yet.
         optimizer: a torch optimizer; with `engine` set, the engine steps it.
         scheduler: stepped after every optimizer step; None keeps the LR fixed.
         masks: MWP masks, parameter name (of the unwrapped model) -> 0/1 tensor.
         kd_loss_fn: distillation hook, `kd_loss_fn(images, labels, student_logits)` -> loss tensor or a
-            dict with "loss" (other entries are averaged into the metrics as `train/<key>`). Without it
-            the loss is cross-entropy.
+            dict with "loss" (other entries are averaged into the metrics as `train/<key>`); when the
+            loader yields indices it is called as `kd_loss_fn(images, labels, student_logits, indices)`
+            (cached soft labels are looked up by sample index). Without it the loss is cross-entropy.
         autocast_bf16, channels_last: only take effect on CUDA.
         grad_clip: max global gradient norm (DDP path; DeepSpeed clips via its config).
         engine: a DeepSpeed engine: `engine.backward(loss)` / `engine.step()` replace backward/step.
@@ -101,9 +104,10 @@ def train_epoch(
     extra: dict[str, float] = {}
     steps = 0
     start = time.perf_counter()
-    for images, labels in loader:
+    for batch in loader:
         if max_steps is not None and steps >= max_steps:
             break
+        images, labels, indices = batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if use_cl:
@@ -113,7 +117,7 @@ def train_epoch(
             if kd_loss_fn is None:
                 loss, parts = F.cross_entropy(logits, labels), {}
             else:
-                out = kd_loss_fn(images, labels, logits)
+                out = kd_loss_fn(images, labels, logits) if indices is None else kd_loss_fn(images, labels, logits, indices)
                 loss, parts = (out["loss"], out) if isinstance(out, dict) else (out, {})
         if not torch.isfinite(loss.detach()).all():
             raise DivergedError(
@@ -177,7 +181,8 @@ def evaluate(
     model = unwrap(model)
     model.eval()
     loss_sum = correct = count = 0.0
-    for images, labels in loader:
+    for batch in loader:
+        images, labels = batch[0], batch[1]  # a loader built with return_indices also yields indices
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if use_cl:
