@@ -57,8 +57,8 @@ def test_epochs_replay_and_differ(data_dir):
     assert changed > 0.8 * len(pairs)  # the augmentation is redrawn each epoch
     other = make_loader(data_dir, "train", batch_size=10, resolution=16, augment="cifar", seed=0, return_indices=True)
     assert torch.equal(_epoch(other, 2)[2], i0)  # a fresh loader (a resumed run) replays epoch 2
-    reseeded = make_loader(data_dir, "train", batch_size=10, resolution=16, augment="cifar", seed=1, return_indices=True)
-    assert not torch.equal(_epoch(reseeded, 2)[2], i0)
+    reseeded = make_loader(data_dir, "train", batch_size=10, resolution=16, augment="cifar", seed=1)
+    assert not np.array_equal(reseeded.order(2), ld.order(2))
 
 
 def test_iterating_without_set_epoch_advances(data_dir):
@@ -144,3 +144,23 @@ def test_gpu_path_matches_cpu(data_dir):
     assert xg.is_cuda and xg.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(ig.cpu(), ic) and torch.equal(yg.cpu(), yc)
     torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-5)
+
+
+def test_error_in_ffcv_thread_is_raised_not_hung(data_dir):
+    """FFCV's EpochIterator thread dies silently on an exception; ours re-raises it in the consumer."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader
+    from ffcv.transforms import ToTensor
+
+    from kesi_dist.data.ffcv_ops import CropResizeDecoder
+    from kesi_dist.data.loaders import _epoch_iterator
+
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("boom in the pipeline")
+
+    ld = Loader(str(data_dir / "val.beton"), batch_size=8, num_workers=1, pipelines={
+        "image": [CropResizeDecoder(16, "stored"), ToTensor(), Boom()], "label": [IntDecoder(), ToTensor()],
+        "index": None})
+    with pytest.raises(RunError, match="FFCV pipeline failed: ValueError: boom in the pipeline"):
+        list(_epoch_iterator(ld, 0))

@@ -26,11 +26,18 @@ from `torch.distributed`; rank r reads every world_size-th sample of the epoch's
 shards are disjoint; with `drop_last` (the train default) every rank gets the same number of
 samples (at most world_size - 1 skipped per epoch), otherwise their union is the whole split.
 
+Why kesi brings its own order and random ops to FFCV 1.0.2: its RANDOM order seeds each epoch
+with `default_rng(seed + epoch)` (seed s, epoch e+1 replays seed s+1, epoch e) and, distributed,
+uses torch's DistributedSampler, which pads shards with repeated samples; QUASI_RANDOM raises
+NotImplementedError when distributed; and its augmentations draw from numba's per-thread generators,
+which cannot be seeded reproducibly. See `kesi_dist.data.ffcv_ops`.
+
 Note: FFCV sets torch's intra-op thread count to `num_workers` when a loader is built or iterated.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -236,16 +243,11 @@ class FFCVLoader(ImageLoader):
         self._it = None
 
 
-def _epoch_iterator(loader, epoch: int):
-    """FFCV's `Loader.__iter__` for `epoch`, with an iterator whose worker-thread errors reach the caller.
-
-    FFCV's own EpochIterator thread dies silently on an exception and leaves the consumer blocked
-    on its queue forever.
-    """
+@functools.cache
+def _checked_iterator_class():
     from ffcv.loader.epoch_iterator import EpochIterator
-    from ffcv.pipeline.compiler import Compiler
 
-    class _Checked(EpochIterator):
+    class CheckedEpochIterator(EpochIterator):
         error: BaseException | None = None
 
         def run(self):
@@ -260,9 +262,20 @@ def _epoch_iterator(loader, epoch: int):
                 return super().__next__()
             except StopIteration:
                 if self.error is not None:
-                    raise RunError(f"{loader.fname}: FFCV pipeline failed: {type(self.error).__name__}: "
+                    raise RunError(f"{self.loader.fname}: FFCV pipeline failed: {type(self.error).__name__}: "
                                    f"{self.error}") from self.error
                 raise
+
+    return CheckedEpochIterator
+
+
+def _epoch_iterator(loader, epoch: int):
+    """FFCV's `Loader.__iter__` for `epoch`, with an iterator whose worker-thread errors reach the caller.
+
+    FFCV's own EpochIterator thread dies silently on an exception and leaves the consumer blocked
+    on its queue forever.
+    """
+    from ffcv.pipeline.compiler import Compiler
 
     Compiler.set_num_threads(loader.num_workers)
     loader.next_epoch = epoch
@@ -270,7 +283,7 @@ def _epoch_iterator(loader, epoch: int):
     loader.next_epoch = epoch + 1
     if loader.code is None or loader.recompile:
         loader.generate_code()
-    return _Checked(loader, order[: len(loader) * loader.batch_size])
+    return _checked_iterator_class()(loader, order[: len(loader) * loader.batch_size])
 
 
 # -------------------------------------------------------------------------------------------------
