@@ -87,7 +87,8 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
             difficulty=args.difficulty,
         )
     meta = prepare_dataset(
-        args.source, root=args.root, out=args.out, resolution=args.resolution, seed=args.seed, **extra
+        args.source, root=args.root, out=args.out, resolution=args.resolution, seed=args.seed,
+        workers=args.workers, **extra
     )
     print(f"prepared {meta['train_size']} train / {meta['val_size']} val images, "
           f"{meta['num_classes']} classes, {meta['resolution']}px -> {args.out}")
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-val", type=int, default=500, help="synthetic: validation images")
     p.add_argument("--num-classes", type=int, default=10, help="synthetic: classes")
     p.add_argument("--difficulty", type=float, default=0.5, help="synthetic: 0 easy .. 1 hard")
+    p.add_argument("--workers", type=int, default=None, help="writer processes (default: CPU count, at most 8)")
     p.set_defaults(func=_cmd_data_prepare)
     return parser
 

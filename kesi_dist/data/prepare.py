@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kesi_dist.data.sources import SampleError, SourceData, open_source
-from kesi_dist.errors import RunError
+from kesi_dist.errors import RunError, UsageError
 from kesi_dist.pipeline.manifest import atomic_write_text
 
 __all__ = ["prepare_dataset", "dataset_fingerprint", "FORMAT_VERSION", "RAW_MAX_SIDE"]
@@ -106,6 +106,8 @@ def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: 
             complete (meta.json) is left behind.
     """
     out = Path(out)
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers}: must be >= 1")
     data = open_source(source, root, resolution=resolution, seed=seed, **source_options)
     options = dict(sorted(source_options.items()))
     if source == "synthetic":
