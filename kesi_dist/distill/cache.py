@@ -1,0 +1,421 @@
+"""Cached soft labels: one pass of the teacher ensemble over E epochs of augmented training images.
+
+The loaders make order and augmentation pure functions of (seed, epoch, sample index), so the image
+a student sees at (epoch e, sample i) can be reproduced anywhere, whatever its world size, batch
+size or shuffling. `build_soft_label_cache` runs the frozen ensemble once over every (epoch, sample)
+pair of the train split with the student's seed, resolution and augmentation, and stores the top-k
+of the ensemble's temperature-softened probabilities; during distillation `SoftLabelCache.lookup`
+returns a batch's soft labels from its (epoch, indices) and no teacher runs.
+
+Work is split across a pool of Ray actors (the caller initialises Ray), each holding the whole
+ensemble: every epoch is read in sample order (no shuffling, no dropped samples) in batches, and
+batch b goes to actor b mod A. An actor reads the epoch's pixels in full (decoding is cheap next to
+the teachers; reading a subset would need a sampler the loaders do not offer) but runs the teachers
+only on its own batches; it returns them to the driver, which writes the shard files, so actors
+may live on other nodes as long as they can read the dataset folder.
+
+Layout of `out_dir`:
+    meta.json                                   written last, atomically: its presence = complete
+    <key12>-e<epoch>-s<shard>-samples.npy       int64 [n]       sample indices of the shard
+    <key12>-e<epoch>-s<shard>-values.npy        float32 [n, k]  top-k probabilities (or float16)
+    <key12>-e<epoch>-s<shard>-indices.npy       int16/int32 [n, k]  their classes
+Every file is written to a temp name and renamed; meta.json records each file's size and sha256,
+and a reader checks both before trusting a file (a truncated or altered shard is an error, never
+read as complete). Files load with `allow_pickle=False`.
+
+The cache key hashes what determines the labels: the teacher files' content, the dataset's
+fingerprint, seed, epochs, resolution, augmentation, temperature, top-k and value dtype. A
+complete cache with the same key is reused as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kesi_dist.distill.losses import dense_from_topk
+from kesi_dist.errors import KesiError, RunError, UsageError
+from kesi_dist.pipeline.manifest import atomic_write_text
+
+__all__ = ["FORMAT", "build_soft_label_cache", "SoftLabelCache", "cache_key", "file_sha256"]
+
+FORMAT = "kesi_dist/soft-labels/v1"
+_KINDS = ("samples", "values", "indices")
+_VALUE_DTYPES = ("float32", "float16")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(*, teacher_hashes: list[str], data_fingerprint: str, seed: int, epochs: int, resolution: int,
+              augment: str, temperature: float, topk: int, values_dtype: str) -> str:
+    """sha256 over everything that determines the stored soft labels (teacher order included)."""
+    doc = {"format": FORMAT, "teachers": list(teacher_hashes), "data": data_fingerprint, "seed": int(seed),
+           "epochs": int(epochs), "resolution": int(resolution), "augment": augment,
+           "temperature": float(temperature), "topk": int(topk), "values_dtype": values_dtype}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _data_fingerprint(data_dir: str | Path) -> tuple[str, dict]:
+    from kesi_dist.data.loaders import read_meta
+
+    meta = read_meta(data_dir)
+    fp = meta.get("fingerprint") or hashlib.sha256((Path(data_dir) / "meta.json").read_bytes()).hexdigest()
+    return fp, meta
+
+
+def _save_npy(path: Path, array: np.ndarray) -> dict:
+    """np.save to a temp name in the same folder, fsync, rename; returns {name, bytes, sha256}."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _verified(out_dir: Path, entry: dict, check_hash: bool = True) -> Path:
+    path = out_dir / entry["name"]
+    if not path.is_file():
+        raise RunError(f"{path}: soft-label shard missing; delete {out_dir} to rebuild the cache")
+    size = path.stat().st_size
+    if size != entry["bytes"] or (check_hash and file_sha256(path) != entry["sha256"]):
+        what = f"{size} bytes, expected {entry['bytes']}" if size != entry["bytes"] else "content hash differs"
+        raise RunError(f"{path}: soft-label shard is truncated or corrupt ({what}); delete {out_dir} to rebuild")
+    return path
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise RunError(f"{path}: not a readable .npy soft-label shard ({e})") from None
+
+
+def _complete_meta(out_dir: Path, key: str) -> dict | None:
+    """The meta of a complete, intact cache with `key` in `out_dir`, else None."""
+    path = out_dir / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT or meta.get("key") != key:
+            return None
+        for shard in meta["shards"]:
+            for kind in _KINDS:
+                _verified(out_dir, shard["files"][kind])
+    except (ValueError, KeyError, TypeError, RunError):
+        return None
+    return meta
+
+
+class _SoftLabelWorker:
+    """A Ray actor body: the frozen ensemble and a train loader in sample order."""
+
+    def __init__(self, teacher_paths: list[str], data_dir: str, *, batch_size: int, resolution: int, augment: str,
+                 seed: int, temperature: float, topk: int, backend: str, loader_workers: int, threads: int,
+                 use_gpu: bool, values_dtype: str):
+        from kesi_dist.data.loaders import make_loader
+        from kesi_dist.distill.ensemble import load_teachers
+
+        self.threads = threads
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.teachers = load_teachers(teacher_paths, self.device)
+        self.temperature, self.topk, self.values_dtype = temperature, topk, values_dtype
+        self.loader = make_loader(data_dir, "train", batch_size=batch_size, resolution=resolution, augment=augment,
+                                  backend=backend, num_workers=loader_workers, seed=seed, shuffle=False,
+                                  drop_last=False, device=self.device, return_indices=True)
+        for _ in self.loader:  # compile the loader's pipeline now, so it is not timed as part of the pass
+            break
+        torch.set_num_threads(threads)
+
+    def info(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"actor_id": ctx.get_actor_id(), "pid": os.getpid(), "node_id": ctx.get_node_id(),
+                "host": socket.gethostname(), "device": str(self.device), "torch_threads": self.threads}
+
+    def num_batches(self) -> int:
+        return len(self.loader)
+
+    @torch.no_grad()
+    def compute(self, epoch: int, shard: int, num_shards: int) -> dict:
+        """Top-k ensemble probabilities for batches b of `epoch` with b % num_shards == shard."""
+        from kesi_dist.distill.ensemble import ensemble_probs
+        from kesi_dist.distill.losses import topk_probs
+
+        start = time.perf_counter()
+        teacher_s = 0.0
+        samples, values, classes, batches = [], [], [], []
+        self.loader.set_epoch(epoch)
+        for b, (images, _labels, indices) in enumerate(self.loader):
+            if b % num_shards != shard:
+                continue
+            if torch.get_num_threads() != self.threads:  # FFCV resets it when an epoch starts
+                torch.set_num_threads(self.threads)
+            t0 = time.perf_counter()
+            probs = ensemble_probs(self.teachers, images, self.temperature)
+            v, c = topk_probs(probs, self.topk)
+            teacher_s += time.perf_counter() - t0
+            samples.append(indices.cpu())
+            values.append(v.cpu())
+            classes.append(c.cpu())
+            batches.append(b)
+        num_classes = self.teachers[0].num_classes
+        k = min(self.topk, num_classes)
+        index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+        return {
+            "epoch": epoch, "shard": shard, "batches": batches,
+            "samples": torch.cat(samples).numpy().astype(np.int64) if samples else np.zeros(0, np.int64),
+            "values": (torch.cat(values).numpy() if values else np.zeros((0, k), np.float32)).astype(self.values_dtype),
+            "indices": (torch.cat(classes).numpy() if classes else np.zeros((0, k), np.int64)).astype(index_dtype),
+            "compute_s": time.perf_counter() - start, "teacher_s": teacher_s,
+        }
+
+
+def _ray_cause(err: BaseException) -> BaseException:
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, KesiError) else err
+
+
+def build_soft_label_cache(
+    teacher_paths: list[str],
+    data_dir: str,
+    out_dir: str,
+    *,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    resolution: int,
+    augment: str,
+    temperature: float,
+    topk: int,
+    num_actors: int,
+    backend: str = "ffcv",
+    cpus_per_actor: float = 1,
+    gpus_per_actor: float = 0,
+    loader_workers: int = 1,
+    values_dtype: str = "float32",
+) -> dict:
+    """Compute (or reuse) the soft labels of `epochs` epochs of the train split on a pool of Ray actors.
+
+    Ray must already be initialised. Each actor loads the whole ensemble and runs it on its share
+    of every epoch's batches (see the module docstring); torch uses int(cpus_per_actor) threads
+    in each actor; the loader uses `loader_workers` FFCV threads (at least 1) or, with backend
+    "torch", DataLoader processes (0 = in the actor itself).
+
+    Args:
+        teacher_paths: teacher checkpoints (kesi_dist format).
+        data_dir: the prepared dataset (the student's).
+        out_dir: where the cache lives (created); a complete cache with the same key is reused.
+        epochs: the student's epochs 0..epochs-1 are covered.
+        seed, resolution, augment: the student's loader settings (they define the augmentation).
+        batch_size: batch of the teacher pass (does not change the labels: teachers are in eval mode).
+        temperature: T of the softened probabilities.
+        topk: probabilities kept per sample (>= num_classes keeps the full distribution).
+        num_actors: actors in the pool (at most one per batch of an epoch).
+        values_dtype: "float32" (exact) or "float16" (half the space, ~1e-3 relative error).
+
+    Returns:
+        The cache's meta: key, settings, "actors" (actor_id, pid, node_id per actor), "shards"
+        (epoch, shard, actor_id, pid, batches, count, files with bytes and sha256, compute_s),
+        "timings" (actors_start_s, pass_s, total_s) and "reused" (True when nothing was computed).
+
+    Raises:
+        UsageError: bad arguments. RunError: unreadable teachers or data, a failed actor.
+    """
+    import ray
+
+    start = time.perf_counter()
+    if not teacher_paths:
+        raise UsageError("build_soft_label_cache: no teacher checkpoints given")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("topk", topk), ("num_actors", num_actors)):
+        if value < 1:
+            raise UsageError(f"soft-label cache: {name} {value} must be >= 1")
+    if loader_workers < 0:
+        raise UsageError(f"soft-label cache: loader_workers {loader_workers} must be >= 0")
+    if temperature <= 0:
+        raise UsageError(f"soft-label cache: temperature {temperature} must be > 0")
+    if values_dtype not in _VALUE_DTYPES:
+        raise UsageError(f"soft-label cache: values_dtype {values_dtype!r} must be one of {', '.join(_VALUE_DTYPES)}")
+    if cpus_per_actor <= 0 or gpus_per_actor < 0:
+        raise UsageError(f"soft-label cache: cpus_per_actor {cpus_per_actor} must be > 0, gpus_per_actor >= 0")
+    if not ray.is_initialized():
+        raise RunError("build_soft_label_cache needs Ray initialised first (ray.init or kesi's connect_ray)")
+    missing = [p for p in teacher_paths if not Path(p).is_file()]
+    if missing:
+        raise RunError(f"{missing[0]}: no such teacher checkpoint")
+    data_fp, data_meta = _data_fingerprint(data_dir)
+    settings = {"seed": int(seed), "epochs": int(epochs), "resolution": int(resolution), "augment": augment,
+                "temperature": float(temperature), "topk": int(topk), "values_dtype": values_dtype}
+    teacher_hashes = [file_sha256(p) for p in teacher_paths]
+    key = cache_key(teacher_hashes=teacher_hashes, data_fingerprint=data_fp, **settings)
+    out = Path(out_dir)
+    found = _complete_meta(out, key)
+    if found is not None:
+        return {**found, "reused": True}
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # from here on the folder does not look complete
+    for old in out.glob("*-e*-s*-*.npy"):
+        old.unlink()
+
+    threads = max(1, int(cpus_per_actor))
+    use_gpu = gpus_per_actor > 0
+    Worker = ray.remote(_SoftLabelWorker)
+    actors = [
+        Worker.options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor).remote(
+            [str(Path(p).resolve()) for p in teacher_paths], str(Path(data_dir).resolve()), batch_size=batch_size,
+            resolution=resolution, augment=augment, seed=seed, temperature=temperature, topk=topk, backend=backend,
+            loader_workers=loader_workers, threads=threads, use_gpu=use_gpu, values_dtype=values_dtype)
+        for _ in range(num_actors)
+    ]
+    try:
+        try:
+            infos = ray.get([a.info.remote() for a in actors])
+            n_batches = ray.get(actors[0].num_batches.remote())
+        except ray.exceptions.RayError as e:
+            raise _ray_cause(e) from None
+        actors_ready = time.perf_counter()
+        used = min(num_actors, n_batches)  # an actor with no batch would only cost a process
+        pending = {actors[s].compute.remote(e, s, used): (e, s) for e in range(epochs) for s in range(used)}
+        shards = []
+        prefix = key[:12]
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            pending.pop(ref)
+            try:
+                r = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise _ray_cause(e) from None
+            stem = f"{prefix}-e{r['epoch']:04d}-s{r['shard']:03d}"
+            files = {kind: _save_npy(out / f"{stem}-{kind}.npy", r[kind]) for kind in _KINDS}
+            info = infos[r["shard"]]
+            shards.append({"epoch": r["epoch"], "shard": r["shard"], "actor_id": info["actor_id"], "pid": info["pid"],
+                           "node_id": info["node_id"], "batches": r["batches"], "count": int(len(r["samples"])),
+                           "files": files, "compute_s": round(r["compute_s"], 4), "teacher_s": round(r["teacher_s"], 4)})
+        pass_s = time.perf_counter() - actors_ready
+    finally:
+        for a in actors:
+            ray.kill(a)
+    shards.sort(key=lambda s: (s["epoch"], s["shard"]))
+    first = shards[0]["files"]["values"]
+    k = int(np.load(out / first["name"], mmap_mode="r", allow_pickle=False).shape[1])
+    meta = {
+        "format": FORMAT, "key": key, **settings, "topk_stored": k, "batch_size": int(batch_size),
+        "num_classes": int(data_meta["num_classes"]), "train_size": int(data_meta["train_size"]),
+        "data_dir": str(Path(data_dir).resolve()), "data_fingerprint": data_fp,
+        "teachers": [{"path": str(p), "sha256": h} for p, h in zip(teacher_paths, teacher_hashes)],
+        "num_actors": used, "batches_per_epoch": n_batches,
+        "actors": [{"shard": i, **infos[i]} for i in range(used)],
+        "shards": shards,
+        "timings": {"actors_start_s": round(actors_ready - start, 4), "pass_s": round(pass_s, 4),
+                    "total_s": round(time.perf_counter() - start, 4)},
+        "created": time.time(),
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+    return {**meta, "reused": False}
+
+
+class SoftLabelCache:
+    """Read side of a cache written by `build_soft_label_cache`.
+
+    One epoch is held in memory at a time (dense [train_size, k] arrays); its shard files are
+    checked against the sizes and sha256 recorded in meta.json when the epoch is first read.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        path = self.dir / "meta.json"
+        if not path.is_file():
+            raise RunError(f"{path}: missing; the soft-label cache is not built or did not finish "
+                           "(build_soft_label_cache writes it last)")
+        try:
+            meta = json.loads(path.read_text())
+        except ValueError as e:
+            raise RunError(f"{path}: not valid JSON ({e}); delete {self.dir} to rebuild the cache") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise RunError(f"{path}: not a kesi_dist soft-label cache (format {FORMAT!r} expected)")
+        self.meta = meta
+        self.epochs = int(meta["epochs"])
+        self.num_classes = int(meta["num_classes"])
+        self.size = int(meta["train_size"])
+        self.k = int(meta["topk_stored"])
+        self._epoch: int | None = None
+        self._values: torch.Tensor | None = None
+        self._classes: torch.Tensor | None = None
+
+    def check(self, *, seed: int, resolution: int, augment: str, epochs: int | None = None,
+              data_fingerprint: str | None = None) -> None:
+        """RunError unless the cache was built for these loader settings (and covers `epochs`)."""
+        want: dict[str, Any] = {"seed": seed, "resolution": resolution, "augment": augment}
+        if data_fingerprint is not None:
+            want["data_fingerprint"] = data_fingerprint
+        for name, value in want.items():
+            if self.meta.get(name) != value:
+                raise RunError(f"{self.dir}: soft labels were computed with {name}={self.meta.get(name)!r}, the "
+                               f"student uses {value!r}; rebuild the cache for this run's settings")
+        if epochs is not None and epochs > self.epochs:
+            raise RunError(f"{self.dir}: soft labels cover {self.epochs} epochs, the student trains {epochs}; "
+                           "rebuild the cache with more epochs")
+
+    def _load_epoch(self, epoch: int) -> None:
+        values = np.zeros((self.size, self.k), np.float32)
+        classes = np.zeros((self.size, self.k), np.int64)
+        seen = np.zeros(self.size, np.int64)
+        for shard in self.meta["shards"]:
+            if shard["epoch"] != epoch:
+                continue
+            arrays = {kind: _load_npy(_verified(self.dir, shard["files"][kind])) for kind in _KINDS}
+            s, v, c = arrays["samples"], arrays["values"], arrays["indices"]
+            if s.ndim != 1 or v.shape != (len(s), self.k) or c.shape != (len(s), self.k) or (
+                    len(s) and (s.min() < 0 or s.max() >= self.size)):
+                raise RunError(f"{self.dir / shard['files']['values']['name']}: shard arrays have inconsistent "
+                               f"shapes; delete {self.dir} to rebuild")
+            values[s] = v
+            classes[s] = c
+            np.add.at(seen, s, 1)
+        if not (seen == 1).all():
+            bad = int(np.flatnonzero(seen != 1)[0])
+            raise RunError(f"{self.dir}: epoch {epoch} covers sample {bad} {int(seen[bad])} times (expected once); "
+                           f"delete {self.dir} to rebuild")
+        self._values, self._classes = torch.from_numpy(values), torch.from_numpy(classes)
+        self._epoch = epoch
+
+    def lookup(self, epoch: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k probabilities (float32 [B, k]) and their classes (int64 [B, k]) of samples `indices` at `epoch`."""
+        if not 0 <= epoch < self.epochs:
+            raise RunError(f"{self.dir}: no soft labels for epoch {epoch}; the cache covers epochs 0..{self.epochs - 1}")
+        if epoch != self._epoch:
+            self._load_epoch(epoch)
+        idx = indices.detach().to("cpu", torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.size):
+            raise RunError(f"{self.dir}: sample index out of range 0..{self.size - 1} (a different dataset?)")
+        return self._values[idx], self._classes[idx]
+
+    def probs(self, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        """Dense [B, num_classes] soft labels (`dense_from_topk` of `lookup`)."""
+        values, classes = self.lookup(epoch, indices)
+        return dense_from_topk(values, classes, self.num_classes)
