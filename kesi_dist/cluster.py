@@ -11,6 +11,7 @@ it from RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -128,6 +129,9 @@ def connect_ray(address: str | None, *, timeout_s: float = 30) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # Ray's notice that token auth is on suggests switching it off; kesi_dist keeps it on, so the
+    # notice is not repeated to users (auth itself is untouched).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address is None or address == "local":
         ray.init(address="local", **_QUIET)
         return

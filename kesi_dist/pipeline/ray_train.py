@@ -193,6 +193,21 @@ def _device(gpus_per_worker: float, in_ray: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def _kd_hook(kd: dict | None, num_classes: int, device: torch.device, tmp: str):
+    """The distillation hook a worker adds to its loss, or None (see `run_training`'s `kd`)."""
+    if not kd:
+        return None
+    from kesi_dist.distill import CachedKD, OnlineKD, SoftLabelCache, load_teachers
+
+    common = dict(temperature=kd["temperature"], alpha=kd["alpha"], num_classes=num_classes)
+    if kd["mode"] == "online":
+        teachers = load_teachers([_fetch(p, tmp) for p in kd["teachers"]], device=device)
+        return OnlineKD(teachers, **common)
+    if kd["mode"] == "cached":
+        return CachedKD(SoftLabelCache(kd["cache_dir"]), **common)
+    raise UsageError(f"distill.mode {kd['mode']!r}: must be online or cached")
+
+
 def _node_id() -> str:
     """The Ray node this worker runs on (the host name outside Ray), recorded with every epoch."""
     import socket
@@ -264,7 +279,9 @@ def train_worker(config: dict, session: Any = None) -> None:
                       backend=lspec.backend, num_workers=lspec.num_workers, seed=run["seed"],
                       distributed=world > 1, device=device,
                       channels_last=espec.channels_last and device.type == "cuda")
-        train_loader = make_loader(lspec.data_dir, "train", **common)
+        kd_hook = _kd_hook(config.get("kd"), model.num_classes, device, tmp)
+        # The cached KD hook finds a batch's soft labels by (epoch, sample index).
+        train_loader = make_loader(lspec.data_dir, "train", return_indices=kd_hook is not None, **common)
         val_loader = make_loader(lspec.data_dir, "val", **common)
         max_steps = run.get("max_steps_per_epoch")
         steps_per_epoch = min(len(train_loader), max_steps) if max_steps else len(train_loader)
@@ -304,6 +321,8 @@ def train_worker(config: dict, session: Any = None) -> None:
             session.emit({"event": "epoch_start", "epoch": epoch})
             for ld in (train_loader, val_loader):
                 ld.set_epoch(epoch)
+            if kd_hook is not None:
+                kd_hook.set_epoch(epoch)
             loader = train_loader
             inject = run.get("inject_failure_at_epoch")
             if inject is not None and epoch == inject and rank == min(1, world - 1):
@@ -312,7 +331,7 @@ def train_worker(config: dict, session: Any = None) -> None:
             lr = current_lr(optimizer)
             m = train_epoch(w.model, loader, optimizer, scheduler, masks=masks, device=device,
                             autocast_bf16=espec.bf16, channels_last=espec.channels_last,
-                            max_steps=max_steps, engine=w.engine)
+                            max_steps=max_steps, engine=w.engine, kd_loss_fn=kd_hook)
             m.update(evaluate(w.model, val_loader, device, autocast_bf16=espec.bf16,
                               channels_last=espec.channels_last))
             m.update({"epoch": epoch, "lr": lr, "lr_end": current_lr(optimizer), "world_size": world,
@@ -379,6 +398,7 @@ def run_training(
     progress: bool = True,
     max_steps_per_epoch: int | None = None,
     inject_failure_at_epoch: int | None = None,
+    kd: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train one model on a Ray Train worker group (or in-process when engine.num_workers == 0).
 
@@ -396,6 +416,10 @@ def run_training(
         progress: print one rich line per epoch.
         max_steps_per_epoch: cap on batches per epoch (quick runs, benchmarks).
         inject_failure_at_epoch: TEST ONLY, see the module docstring.
+        kd: distillation: {"mode": "online", "teachers": [checkpoint paths/URIs]} (each worker runs the
+            frozen teachers on its own shard of every batch) or {"mode": "cached", "cache_dir": path}
+            (soft labels precomputed by `kesi_dist.distill.build_soft_label_cache` with this run's
+            seed, read by (epoch, sample index)); both with "temperature" and "alpha".
 
     Raises:
         DivergedError: the loss became NaN/inf (no checkpoint of that epoch was written).
@@ -413,6 +437,7 @@ def run_training(
         fs.delete_dir(run_dir)
     config = {
         "model": asdict(model), "schedule": asdict(schedule), "loader": asdict(loader), "engine": asdict(engine),
+        "kd": kd,
         "run": {"seed": seed, "run_dir": run_uri, "max_steps_per_epoch": max_steps_per_epoch,
                 "inject_failure_at_epoch": inject_failure_at_epoch, "events": None},
     }

@@ -1,9 +1,13 @@
 """`kesi run`: the KESI pipeline, top to bottom.
 
-    data -> baseline -> prune_1 -> ... -> prune_K
-                        each: prune the parent in the driver, then retrain B one-cycle branches (+ the
-                        fixed-LR comparison arm) as parallel Ray Tune trials; the best branch is the
-                        parent of the next iteration; every finished branch is a snapshot.
+    data -> baseline -> prune_1 -> ... -> prune_K -> ensemble -> [soft_labels] -> distill -> report
+      prune_k: prune the parent in the driver, then retrain B one-cycle branches (+ the fixed-LR
+               comparison arm) as parallel Ray Tune trials; the best branch is the parent of the next
+               iteration; every finished branch is a snapshot.
+      ensemble: pick the teachers (distill.teachers policy) and measure the ensemble (a Ray task).
+      soft_labels: cached mode only: a pool of Ray actors computes the teachers' top-k soft labels for
+               every (epoch, image) the student will see, once.
+      distill: the last chosen snapshot learns from the ensemble on a Ray Train worker group.
 
 Every stage records itself in `<run>/manifest.json` only after its outputs are on disk, so
 `--resume` skips what is complete and redoes only what was in flight.
@@ -99,13 +103,18 @@ def run_pipeline(cfg: Config, output: str, resume: bool = False, *, max_steps_pe
         for k in range(1, cfg.prune.iterations + 1):
             parent, fixed_parent = _stage_prune(cfg, run, manifest, k, parent, fixed_parent, loader, engine,
                                                 max_steps_per_epoch)
+        chain = ["baseline"] + [manifest.stages[f"prune_{k}"]["chosen"] for k in range(1, cfg.prune.iterations + 1)]
+        teachers = _stage_ensemble(cfg, run, manifest, chain, loader, engine)
+        if cfg.distill.enabled:
+            _stage_distill(cfg, run, manifest, chain[-1], teachers, data_dir, loader, engine, max_steps_per_epoch)
         manifest.data["status"] = "complete"
         manifest.log("run complete")
+        _stage_report(cfg, run, manifest)
     except KesiError as e:
         manifest.data["status"] = "failed"
         manifest.log("run failed", error=str(e))
         raise
-    console.print(f"[green]done[/]: {len(manifest.snapshots)} snapshots registered in {run.manifest}")
+    console.print(f"[green]done[/]: report in {run.root / 'report.md'}")
     return run
 
 
@@ -269,3 +278,110 @@ def _stage_prune(cfg: Config, run: RunDir, manifest: Manifest, k: int, parent: s
     console.print(f"  parent of the next iteration: {chosen} "
                   f"(val acc {100 * manifest.snapshots[chosen]['val_acc']:.2f}%)")
     return chosen, fixed or fixed_parent
+
+
+def _evaluate_remote(paths: list[str], loader: dict, gpus: float) -> dict:
+    """Ray task: the ensemble of `paths` on the validation split (members' predictions included)."""
+    import torch
+
+    from kesi_dist.data.loaders import make_loader
+    from kesi_dist.distill import evaluate_ensemble, load_teachers
+
+    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    val = make_loader(loader["data_dir"], "val", batch_size=loader["batch_size"], resolution=loader["resolution"],
+                      augment=loader["augment"], backend=loader["backend"], num_workers=loader["num_workers"],
+                      device=device)
+    out = evaluate_ensemble(load_teachers(paths, device=device), val, device=device)
+    return {"acc": float(out["acc"]), "member_acc": [float(a) for a in out["member_acc"]],
+            "predictions": out["predictions"].cpu()}
+
+
+def _evaluate_ensemble(paths: list[str], loader: LoaderSpec, engine: EngineSpec) -> dict:
+    import ray
+
+    task = ray.remote(_evaluate_remote).options(num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker)
+    return ray.get(task.remote(paths, vars(loader), engine.gpus_per_worker))
+
+
+def _stage_ensemble(cfg: Config, run: RunDir, manifest: Manifest, chain: list[str], loader: LoaderSpec,
+                    engine: EngineSpec) -> list[str]:
+    from kesi_dist.distill import select_teachers
+
+    if manifest.is_complete("ensemble"):
+        return manifest.stages["ensemble"]["teachers"]
+    manifest.start_stage("ensemble")
+    d = cfg.distill
+    candidates = {n: s["val_acc"] for n, s in manifest.snapshots.items() if s.get("arm") in ("baseline", "onecycle")}
+    predictions = None
+    if d.teachers == "diverse":
+        names = list(candidates)
+        preds = _evaluate_ensemble([str(run.snapshot(n)) for n in names], loader, engine)["predictions"]
+        predictions = dict(zip(names, preds))
+    teachers = select_teachers(d.teachers, chain=chain, candidates=candidates, k=d.num_teachers,
+                               predictions=predictions)
+    ens = _evaluate_ensemble([str(run.snapshot(n)) for n in teachers], loader, engine)
+    best = max(teachers, key=lambda n: candidates[n])
+    console.print(f"[bold]ensemble[/] ({d.teachers}): {len(teachers)} teachers {', '.join(teachers)}: "
+                  f"val acc {100 * ens['acc']:.2f}% (best member {best} {100 * candidates[best]:.2f}%)")
+    manifest.finish_stage("ensemble", teachers=teachers, acc=ens["acc"],
+                          member_acc=dict(zip(teachers, ens["member_acc"])))
+    return teachers
+
+
+def _stage_distill(cfg: Config, run: RunDir, manifest: Manifest, student: str, teachers: list[str], data_dir: Path,
+                   loader: LoaderSpec, engine: EngineSpec, max_steps: int | None) -> None:
+    from kesi_dist.pipeline.ray_train import run_training
+
+    if manifest.is_complete("distill"):
+        console.print("[bold]distill[/]: complete, reused")
+        return
+    d = cfg.distill
+    paths = [str(run.snapshot(n)) for n in teachers]
+    kd = {"mode": d.mode, "temperature": d.temperature, "alpha": d.alpha}
+    if d.mode == "cached":
+        kd["cache_dir"] = str(run.root / "soft_labels")
+        if not manifest.is_complete("soft_labels"):
+            from kesi_dist.distill import build_soft_label_cache
+
+            manifest.start_stage("soft_labels")
+            console.print(f"[bold]soft_labels[/]: {len(teachers)} teachers x {d.epochs} epochs on "
+                          f"{d.cache_actors} actor(s), top-{d.cache_topk}")
+            meta = build_soft_label_cache(
+                paths, str(data_dir), kd["cache_dir"], epochs=d.epochs, seed=cfg.seed, batch_size=loader.batch_size,
+                resolution=loader.resolution, augment=loader.augment, temperature=d.temperature, topk=d.cache_topk,
+                num_actors=d.cache_actors, backend=loader.backend, cpus_per_actor=engine.cpus_per_worker,
+                gpus_per_actor=engine.gpus_per_worker)
+            manifest.finish_stage("soft_labels", reused=bool(meta.get("reused")), actors=d.cache_actors)
+    else:
+        kd["teachers"] = paths
+    manifest.start_stage("distill", student=student, teachers=teachers, mode=d.mode)
+    start = time.time()
+    console.print(f"[bold]distill[/] ({d.mode}): {student} learns from {len(teachers)} teachers for {d.epochs} "
+                  f"epochs, T={d.temperature:g}, alpha={d.alpha:g}")
+    result = run_training(
+        model=ModelSpec(arch="", init_checkpoint=str(run.snapshot(student))), schedule=schedule_from(d),
+        loader=loader, engine=engine, storage_path=str(run.train), name="distill", seed=cfg.seed, resume=True,
+        final_checkpoint=str(run.snapshot("student")), tensorboard_dir=str(run.tensorboard / "distill"),
+        max_steps_per_epoch=max_steps, kd=kd,
+    )
+    entry = _register(manifest, run, "student", cfg.data.resolution, arm="student", iteration=cfg.prune.iterations,
+                      branch=None, parent=student, hparams={"teachers": teachers, "mode": d.mode},
+                      val_acc=result.metrics["val/acc"], node_id=result.metrics.get("node_id"), start=start,
+                      end=time.time(), attempts=result.attempts)
+    console.print(f"  student: val acc {100 * entry['val_acc']:.2f}%, {_fmt_size(entry)}")
+    manifest.finish_stage("distill")
+
+
+def _stage_report(cfg: Config, run: RunDir, manifest: Manifest) -> None:
+    from kesi_dist.report import write_report
+
+    title = f"{cfg.model.arch} · {cfg.prune.method} x{cfg.prune.iterations} · {cfg.data.source}"
+    report = write_report(run.root, manifest.data, title)
+    rows = [("baseline", "baseline"), ("fixed LR", "fixed_lr"), ("one-cycle", "one_cycle"),
+            ("ensemble", "ensemble"), ("KESI student", "student")]
+    base = report["baseline"]
+    for label, key in rows:
+        r = report.get(key)
+        if r:
+            red = "" if key == "ensemble" else f", {100 * (1 - r['macs'] / base['macs']):.1f}% fewer MACs"
+            console.print(f"  {label:>13}: {100 * r['val_acc']:.2f}%  ({r['params'] / 1e6:.3f} M params{red})")
