@@ -1,0 +1,184 @@
+"""Distillation overhead: a student epoch with no KD, online KD (6 teachers) and cached KD; and the
+cached mode's soft-label pass on 1 vs 2 Ray actors.
+
+    ./dev bench distill_overhead --json
+    .venv/bin/python bench/distill_overhead.py --json --num-train 4096 --reps 3
+
+Setup (random weights: only time matters): synthetic 32x32 images, 10 classes; teachers = an
+unpruned ResNet-56 and its 5 successive PFEC prunings (the paper's ratios and skipped blocks);
+student = the last of them (0.85 M -> ~0.3 M parameters).
+
+Student arms (`*_epoch_s`): one epoch of `train_epoch` in this process (FFCV loader, Adam), timed
+by the loop's own clock. The three arms replay the same epoch of the same loader, interleaved
+`--reps` times after a warm-up epoch, and the median is reported, so drifting load on a shared
+machine hits all arms alike. Torch and FFCV use `--threads` threads in this process, default 1:
+on a 2-core machine that others are using, 2 OpenMP threads collapse (measured: the 6-teacher
+forward of a 128-image batch took 5.9 s with 1 thread and 37.8 s with 2 at load average 6).
+  no_kd: cross-entropy; online: OnlineKD runs the 6 teachers on every batch; cached: CachedKD
+  reads the batch's soft labels (top-k of the ensemble) by (epoch, sample index).
+
+Soft-label pass (`soft_label_pass_s_{1,2}_actor(s)`): `build_soft_label_cache` over E=1 epoch on a
+local Ray (`num_cpus=2`), one CPU and one torch thread per actor; the time from the moment the
+actors are ready (teachers loaded, loader compiled) until the last shard is written. Actor start-up
+is reported apart (`*_startup_s`). Goals: cached within 15 % of no-KD; the pass >= 1.7x faster on 2
+actors. The machine load (1-minute load average) is recorded before each phase: on a busy 2-core
+machine neither the pass speed-up nor the epoch times are meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESNET56_SKIP = ["layer1.7", "layer2.0", "layer3.0", "layer3.8"]
+
+
+def make_teachers(out: Path, num_classes: int) -> tuple[list[str], dict]:
+    """Unpruned ResNet-56 + 5 PFEC iterations, saved as kesi_dist checkpoints; the last is the student."""
+    import torch
+
+    from kesi_dist.checkpoint import save_checkpoint
+    from kesi_dist.models import build_model
+    from kesi_dist.pruning import count_macs, count_params, pfec_prune
+
+    torch.manual_seed(0)
+    model = build_model("resnet56", num_classes)
+    paths, sizes = [], []
+    for i in range(6):
+        if i:
+            model = pfec_prune(model, [0.1, 0.2, 0.3], RESNET56_SKIP)
+        paths.append(str(out / f"snapshot{i}.pt"))
+        save_checkpoint(paths[-1], model)
+        sizes.append({"params": count_params(model), "macs": count_macs(model, (3, 32, 32))})
+    return paths, {"teachers": sizes, "student": sizes[-1]}
+
+
+def student_arms(data_dir: str, teacher_paths: list[str], cache_dir: str, args) -> dict:
+    import torch
+
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+    from kesi_dist.data.loaders import make_loader
+    from kesi_dist.distill import CachedKD, OnlineKD, SoftLabelCache, load_teachers
+    from kesi_dist.train import build_optimizer, train_epoch
+
+    torch.set_num_threads(args.threads)
+    student, _ = model_from_checkpoint(load_checkpoint(teacher_paths[-1]))
+    opt = build_optimizer(student.parameters(), optimizer="adam", lr=1e-3, weight_decay=0)
+    loader = make_loader(data_dir, "train", batch_size=args.batch_size, resolution=32, augment="cifar",
+                         num_workers=args.threads, seed=0, return_indices=True)
+    hooks = {
+        "no_kd": None,
+        "online": OnlineKD(load_teachers(teacher_paths), temperature=5.0, alpha=0.0, num_classes=args.num_classes),
+        "cached": CachedKD(SoftLabelCache(cache_dir), temperature=5.0, alpha=0.0, num_classes=args.num_classes),
+    }
+    loader.set_epoch(0)
+    train_epoch(student, loader, opt, None)  # warm-up: FFCV compilation, allocator
+    times: dict[str, list[float]] = {k: [] for k in hooks}
+    for _ in range(args.reps):
+        for name, hook in hooks.items():
+            loader.set_epoch(0)
+            if hook is not None:
+                hook.set_epoch(0)
+            times[name].append(train_epoch(student, loader, opt, None, kd_loss_fn=hook)["epoch_s"])
+    return {f"{k}_epoch_s": round(statistics.median(v), 3) for k, v in times.items()} | {
+        "epoch_s_all_reps": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "torch_threads_student": torch.get_num_threads(),
+    }
+
+
+def soft_label_pass(data_dir: str, teacher_paths: list[str], out: str, actors: int, args) -> dict:
+    from kesi_dist.distill import build_soft_label_cache
+
+    return build_soft_label_cache(teacher_paths, data_dir, out, epochs=1, seed=0, batch_size=args.batch_size,
+                                  resolution=32, augment="cifar", temperature=5.0, topk=args.topk,
+                                  num_actors=actors, cpus_per_actor=1, loader_workers=1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--num-train", type=int, default=2048)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--reps", type=int, default=2, help="timed epochs per student arm")
+    p.add_argument("--threads", type=int, default=1, help="torch/FFCV threads of the student loop")
+    args = p.parse_args()
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+
+    from kesi_dist.data.prepare import prepare_dataset
+
+    load = {}
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="kesi-bench-distill-") as tmp:
+        tmp = Path(tmp)
+        data_dir = str(tmp / "data")
+        prepare_dataset("synthetic", None, data_dir, resolution=32, seed=0, workers=1, num_train=args.num_train,
+                        num_val=256, num_classes=args.num_classes, difficulty=0.5)
+        teacher_paths, sizes = make_teachers(tmp, args.num_classes)
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING")
+        try:
+            passes = {}
+            for actors in (1, 2):
+                load[f"pass_{actors}"] = round(os.getloadavg()[0], 2)
+                passes[actors] = soft_label_pass(data_dir, teacher_paths, str(tmp / f"cache{actors}"), actors, args)
+        finally:
+            ray.shutdown()
+        load["student_arms"] = round(os.getloadavg()[0], 2)
+        # The arms run after Ray is gone, so its idle processes take no CPU from them.
+        arms = student_arms(data_dir, teacher_paths, str(tmp / "cache2"), args)
+
+    t1, t2 = passes[1]["timings"], passes[2]["timings"]
+    result = {
+        "no_kd_epoch_s": arms["no_kd_epoch_s"],
+        "online_epoch_s": arms["online_epoch_s"],
+        "cached_epoch_s": arms["cached_epoch_s"],
+        "soft_label_pass_s_1_actor": t1["pass_s"],
+        "soft_label_pass_s_2_actors": t2["pass_s"],
+        "cached_vs_no_kd": round(arms["cached_epoch_s"] / arms["no_kd_epoch_s"], 3),
+        "online_vs_no_kd": round(arms["online_epoch_s"] / arms["no_kd_epoch_s"], 3),
+        "pass_speedup_2_vs_1": round(t1["pass_s"] / t2["pass_s"], 3),
+        "goals": {
+            "cached_within_15pct_of_no_kd": arms["cached_epoch_s"] <= 1.15 * arms["no_kd_epoch_s"],
+            "pass_2_actors_at_least_1.7x": t1["pass_s"] / t2["pass_s"] >= 1.7,
+        },
+        "soft_label_pass_startup_s_1_actor": t1["actors_start_s"],
+        "soft_label_pass_startup_s_2_actors": t2["actors_start_s"],
+        "soft_label_pass_teacher_s_per_shard": {
+            str(a): [s["teacher_s"] for s in passes[a]["shards"]] for a in (1, 2)
+        },
+        "context": {
+            "images": args.num_train, "resolution": 32, "classes": args.num_classes, "batch_size": args.batch_size,
+            "teachers": len(teacher_paths), "teacher_arch": "resnet56 + 5 PFEC iterations",
+            "teacher_params": [s["params"] for s in sizes["teachers"]],
+            "teacher_macs": [s["macs"] for s in sizes["teachers"]],
+            "student_params": sizes["student"]["params"], "student_macs": sizes["student"]["macs"],
+            "topk": args.topk, "reps": args.reps, "pass_epochs": 1,
+            "torch_threads_student": arms["torch_threads_student"], "torch_threads_per_actor": 1,
+            "cpus": os.cpu_count(), "loadavg_1min_before": load,
+            "epoch_s_all_reps": arms["epoch_s_all_reps"],
+        },
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            if k != "context":
+                print(f"{k:40s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
