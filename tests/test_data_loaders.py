@@ -29,6 +29,7 @@ def _epoch(loader, epoch):
     return torch.cat(xs), torch.cat(ys), torch.cat(ids)
 
 
+@pytest.mark.slow  # 10-60 s on the shared 2-core machine: three FFCV pipelines compiled per case
 @pytest.mark.parametrize("augment,resolution", [("cifar", 16), ("cifar", 24), ("imagenet", 12)])
 def test_ffcv_and_torch_backends_yield_identical_batches(data_dir, augment, resolution):
     kw = dict(batch_size=16, resolution=resolution, augment=augment, seed=5, return_indices=True)
@@ -44,6 +45,7 @@ def test_ffcv_and_torch_backends_yield_identical_batches(data_dir, augment, reso
             torch.testing.assert_close(xf, xt, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # 10-35 s on the shared 2-core machine
 def test_epochs_replay_and_differ(data_dir):
     ld = make_loader(data_dir, "train", batch_size=10, resolution=16, augment="cifar", seed=0, return_indices=True)
     x0, y0, i0 = _epoch(ld, 2)

@@ -33,7 +33,7 @@ from kesi_dist.data.augment import (
     translate_offsets,
 )
 
-__all__ = ["EpochCell", "SeededTranslate", "SeededFlip", "CropResizeDecoder"]
+__all__ = ["EpochCell", "SeededTranslate", "SeededFlip", "CropResizeDecoder", "NormalizeCHW"]
 
 
 @intrinsic
@@ -128,6 +128,50 @@ def _decode_kernel(batch_indices, destination, temp_storage, metadata, storage_s
         ctypes_resize(0, image.ctypes.data, image.shape[0], image.shape[1], i, i + h, j, j + w,
                       out.ctypes.data, out.shape[0], out.shape[1])
     return destination[:len(batch_indices)]
+
+
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
+def _normalize_kernel(images, dst, scale, shift, nhwc_out):
+    # (pixel - mean) / std == pixel * scale + shift; uint8 NHWC in, float32 NCHW (or NHWC) out, one pass.
+    n, h, w, c = images.shape
+    for i in prange(n):
+        for y in range(h):
+            for x in range(w):
+                for ch in range(c):
+                    v = np.float32(images[i, y, x, ch]) * scale[ch] + shift[ch]
+                    if nhwc_out:
+                        dst[i, y, x, ch] = v
+                    else:
+                        dst[i, ch, y, x] = v
+    return dst[:n]
+
+
+class NormalizeCHW(Operation):
+    """uint8 NHWC -> float32 `(x - mean) / std`, laid out NCHW (or NHWC, for channels_last).
+
+    The CPU path's last jitted op: torch needs ~5x longer for the same strided conversion.
+    """
+
+    def __init__(self, mean, std, channels_last: bool = False):
+        super().__init__()
+        std = np.asarray(std, dtype=np.float32)
+        self.scale = (1.0 / std).astype(np.float32)
+        self.shift = (-np.asarray(mean, dtype=np.float32) / std).astype(np.float32)
+        self.channels_last = bool(channels_last)
+
+    def generate_code(self):
+        scale, shift, nhwc = self.scale, self.shift, self.channels_last
+
+        def normalize(images, dst):
+            return _normalize_kernel(images, dst, scale, shift, nhwc)
+
+        return normalize
+
+    def declare_state_and_memory(self, previous_state):
+        h, w, c = previous_state.shape
+        shape = (h, w, c) if self.channels_last else (c, h, w)
+        dtype = np.dtype("<f4")
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
 
 
 class SeededTranslate(Operation):

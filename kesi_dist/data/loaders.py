@@ -158,13 +158,19 @@ class ImageLoader:
         return self.epoch
 
     def _finish(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None, nhwc: bool = True):
-        """uint8 NHWC (or NCHW, already on the GPU) -> normalised float32 NCHW on `device`."""
+        """uint8 NHWC (or NCHW, already on the GPU) -> normalised float32 NCHW on `device`.
+
+        Float input is already normalised (FFCV's CPU path); it is copied out of FFCV's reused buffers.
+        """
         if nhwc:
             images = images.permute(0, 3, 1, 2)
-        images = images.to(self.device, non_blocking=True).float()
-        images = (images - self._mean) / self._std
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.contiguous(memory_format=fmt)
+        if images.dtype == torch.float32:
+            images = images.clone(memory_format=fmt)
+        else:
+            images = images.to(self.device, non_blocking=True).float()
+            images = (images - self._mean) / self._std
+            images = images.contiguous(memory_format=fmt)
         # FFCV hands out views of buffers it reuses a few batches later: labels/indices get their own memory.
         labels = labels.to(self.device, dtype=torch.int64, non_blocking=True, copy=True).view(-1)
         if self.return_indices:
@@ -180,6 +186,8 @@ class ImageLoader:
 # FFCV backend
 
 class FFCVLoader(ImageLoader):
+    normalise_in_pipeline = True  # CPU: numba kernel (NormalizeCHW) instead of torch ops in the consumer
+
     def __init__(self, *args, num_workers: int, **kwargs):
         super().__init__(*args, **kwargs)
         import numba
@@ -188,7 +196,7 @@ class FFCVLoader(ImageLoader):
         from ffcv.traversal_order.base import TraversalOrder
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
-        from kesi_dist.data.ffcv_ops import CropResizeDecoder, EpochCell, SeededFlip, SeededTranslate
+        from kesi_dist.data.ffcv_ops import CropResizeDecoder, EpochCell, NormalizeCHW, SeededFlip, SeededTranslate
 
         # numba cannot run more threads than it was started with (default: the CPU count).
         threads = max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
@@ -199,10 +207,12 @@ class FFCVLoader(ImageLoader):
             image_ops.append(SeededTranslate(p.pad, seed, self.cell))
         if p.flip:
             image_ops.append(SeededFlip(seed, self.cell))
+        self._on_gpu = self.device.type == "cuda" and torch.cuda.is_available()
+        if not self._on_gpu and self.normalise_in_pipeline:  # GPU: uint8 crosses the bus, normalised there
+            image_ops.append(NormalizeCHW(self.meta["mean"], self.meta["std"], self.channels_last))
         image_ops.append(ToTensor())  # every jitted op stays before ToTensor (see FFCV notes)
         label_ops = [IntDecoder(), ToTensor(), Squeeze()]
         index_ops = [IntDecoder(), ToTensor(), Squeeze()] if self.return_indices else None
-        self._on_gpu = self.device.type == "cuda" and torch.cuda.is_available()
         if self._on_gpu:
             image_ops += [ToDevice(self.device, non_blocking=True), ToTorchImage(channels_last=self.channels_last)]
             label_ops.append(ToDevice(self.device, non_blocking=True))
@@ -239,7 +249,9 @@ class FFCVLoader(ImageLoader):
         self.cell.set(epoch)
         self._it = _epoch_iterator(self._loader, epoch)
         for batch in self._it:
-            yield self._finish(batch[0], batch[1], batch[2] if self.return_indices else None, nhwc=not self._on_gpu)
+            # CPU: NormalizeCHW already produced NCHW (or NHWC if channels_last); GPU: ToTorchImage did.
+            nhwc = not self._on_gpu and (self.channels_last or not self.normalise_in_pipeline)
+            yield self._finish(batch[0], batch[1], batch[2] if self.return_indices else None, nhwc=nhwc)
         self._it = None
 
 
