@@ -239,6 +239,15 @@ def test_cache_refuses_bad_settings_and_missing_files(ray_local, tiny_data, teac
         build_soft_label_cache([str(tmp_path / "nope.pt")], tiny_data, str(tmp_path / "c"), **kw)
     with pytest.raises(RunError, match="meta.json: missing"):
         build_soft_label_cache(teacher_files, str(tmp_path), str(tmp_path / "c"), **kw)
+    ten = tmp_path / "ten.pt"
+    save_checkpoint(ten, build_model("resnet20", 10))
+    with pytest.raises(RunError, match="ten.pt: teacher predicts 10 classes, the dataset .* has 4"):
+        build_soft_label_cache([teacher_files[0], str(ten)], tiny_data, str(tmp_path / "c"), **kw)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="garbage.pt: (refused to load|not a readable checkpoint)"):
+        build_soft_label_cache([str(garbage)], tiny_data, str(tmp_path / "c"), **kw)
+    assert not (tmp_path / "c").exists()  # nothing started, nothing written
     with pytest.raises(RunError, match="meta.json: missing; the soft-label cache is not built"):
         SoftLabelCache(tmp_path / "c")
 

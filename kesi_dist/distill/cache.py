@@ -267,6 +267,14 @@ def build_soft_label_cache(
     if missing:
         raise RunError(f"{missing[0]}: no such teacher checkpoint")
     data_fp, data_meta = _data_fingerprint(data_dir)
+    # Fail here, with the file's name, rather than inside an actor's constructor.
+    from kesi_dist.checkpoint import load_checkpoint
+
+    for path in teacher_paths:
+        classes = load_checkpoint(path)["num_classes"]
+        if classes != data_meta["num_classes"]:
+            raise RunError(f"{path}: teacher predicts {classes} classes, the dataset in {data_dir} has "
+                           f"{data_meta['num_classes']}")
     settings = {"seed": int(seed), "epochs": int(epochs), "resolution": int(resolution), "augment": augment,
                 "temperature": float(temperature), "topk": int(topk), "values_dtype": values_dtype}
     teacher_hashes = [file_sha256(p) for p in teacher_paths]
