@@ -464,8 +464,8 @@ def run_training(
         elif kind == "epoch":
             m = event["metrics"]
             history.append(m)
-            writer.scalars({k: m[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc", "lr",
-                                              "images_per_s", "epoch_s") if k in m}, step=m["epoch"] + 1)
+            writer.scalars({k: v for k, v in m.items() if k.startswith(("train/", "val/"))
+                            or k in ("lr", "images_per_s", "epoch_s")}, step=m["epoch"] + 1)
             if progress:
                 console.print(_fmt(m, schedule.epochs, name), soft_wrap=True)
             if on_epoch is not None:
