@@ -2,10 +2,10 @@
 
 Two backends yield the same batches for the same (seed, epoch):
 
-- `ffcv` (default): FFCV's compiled `Loader`. On CPU the pipeline is decode -> crop/flip (numba,
-  parallel over `num_workers` threads) -> `ToTensor`; conversion to float NCHW and normalisation
-  happen in torch afterwards. With CUDA the batch is moved by `ToDevice(non_blocking=True)` and
-  made `channels_last` by `ToTorchImage` inside the pipeline, then normalised on the GPU.
+- `ffcv` (default): FFCV's compiled `Loader`. On CPU the pipeline is decode -> crop/flip ->
+  normalise to float32 NCHW (all numba, parallel over `num_workers` threads) -> `ToTensor`; the
+  batch is then copied out of FFCV's reused buffers. With CUDA, uint8 batches are moved by
+  `ToDevice(non_blocking=True)`, made `channels_last` by `ToTorchImage`, and normalised on the GPU.
 - `torch`: a plain `torch.utils.data.DataLoader` (worker processes) over the *same* `.beton`
   files, read by `kesi_dist.data.beton.BetonFile`. It is the fallback where FFCV's numba pipeline
   cannot run, and the reference for parity tests: same shards, same augmentation parameters (both
