@@ -8,7 +8,8 @@ timed inside the process that trains (`train_epoch`'s own clock), median over th
 epochs: the first epoch (FFCV/numba compilation, allocator warm-up) is excluded, and so is Ray's
 start-up (cluster, worker group, process group), which is reported separately as `*_wall_s`.
 The bare loop runs before and after the Ray arms (its median covers both) so that load drifting on
-a shared machine does not masquerade as Ray overhead; still, compare numbers from one quiet run.
+a shared machine does not masquerade as Ray overhead; still, only numbers from a quiet machine
+(`load_avg_1min_at_end` well below `--cpus`) say anything about the 10 % goal.
 Every arm uses the same model, data, global batch and CPU budget: the bare loop and the 1-worker
 group get all `--cpus` (torch and FFCV threads), the 2-worker group splits them evenly. The ratio
 `ray_1worker_vs_bare` is Ray's steady-state overhead (goal: >= 0.9).
@@ -120,6 +121,7 @@ def main() -> int:
                                    "ray_2worker": [round(r, 1) for r in two]},
         "measured": "median images/s over epochs 2..N (epoch 1 and Ray start-up excluded), timed in the worker; "
                     "bare = both bare runs (before and after the Ray arms)",
+        "load_avg_1min_at_end": round(os.getloadavg()[0], 2),  # > cpus means the numbers are contended
         "setup": {"arch": args.arch, "resolution": args.resolution, "num_train": args.num_train,
                   "batch_size": args.batch_size, "epochs": args.epochs, "cpus": args.cpus, "engine": "ddp/gloo"},
     }

@@ -31,7 +31,6 @@ import shutil
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
