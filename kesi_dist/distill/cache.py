@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -154,10 +155,8 @@ class _SoftLabelWorker:
 
         ctx = ray.get_runtime_context()
         return {"actor_id": ctx.get_actor_id(), "pid": os.getpid(), "node_id": ctx.get_node_id(),
-                "host": socket.gethostname(), "device": str(self.device), "torch_threads": self.threads}
-
-    def num_batches(self) -> int:
-        return len(self.loader)
+                "host": socket.gethostname(), "device": str(self.device), "torch_threads": self.threads,
+                "batches": len(self.loader)}
 
     @torch.no_grad()
     def compute(self, epoch: int, shard: int, num_shards: int) -> dict:
@@ -289,6 +288,8 @@ def build_soft_label_cache(
     for old in out.glob("*-e*-s*-*.npy"):
         old.unlink()
 
+    n_batches = math.ceil(int(data_meta["train_size"]) / batch_size)
+    used = min(num_actors, n_batches)  # an actor with no batch would only cost a process
     threads = max(1, int(cpus_per_actor))
     use_gpu = gpus_per_actor > 0
     Worker = ray.remote(_SoftLabelWorker)
@@ -297,16 +298,17 @@ def build_soft_label_cache(
             [str(Path(p).resolve()) for p in teacher_paths], str(Path(data_dir).resolve()), batch_size=batch_size,
             resolution=resolution, augment=augment, seed=seed, temperature=temperature, topk=topk, backend=backend,
             loader_workers=loader_workers, threads=threads, use_gpu=use_gpu, values_dtype=values_dtype)
-        for _ in range(num_actors)
+        for _ in range(used)
     ]
     try:
         try:
             infos = ray.get([a.info.remote() for a in actors])
-            n_batches = ray.get(actors[0].num_batches.remote())
         except ray.exceptions.RayError as e:
             raise _ray_cause(e) from None
+        if infos[0]["batches"] != n_batches:
+            raise RunError(f"{data_dir}: the loader yields {infos[0]['batches']} batches per epoch, expected "
+                           f"{n_batches} for {data_meta['train_size']} images; re-run `kesi data prepare`")
         actors_ready = time.perf_counter()
-        used = min(num_actors, n_batches)  # an actor with no batch would only cost a process
         pending = {actors[s].compute.remote(e, s, used): (e, s) for e in range(epochs) for s in range(used)}
         shards = []
         prefix = key[:12]
