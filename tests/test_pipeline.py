@@ -49,9 +49,8 @@ def test_smoke_run_registers_every_snapshot(smoke_run):
     m = manifest(run)
     assert m["status"] == "complete"
     names = list(m["snapshots"])
-    assert names == ["baseline", "iter1_b0", "iter1_b1", "iter1_fixed", "iter2_b0", "iter2_b1", "iter2_fixed"] or \
-        sorted(names) == sorted(["baseline", "iter1_b0", "iter1_b1", "iter1_fixed", "iter2_b0", "iter2_b1",
-                                 "iter2_fixed"])
+    assert sorted(names) == sorted(["baseline", "iter1_b0", "iter1_b1", "iter1_fixed", "iter2_b0", "iter2_b1",
+                                    "iter2_fixed", "student"])
     for name, s in m["snapshots"].items():
         assert (run / s["checkpoint"]).is_file(), name
         assert s["node_id"], name
@@ -78,6 +77,35 @@ def test_smoke_run_registers_every_snapshot(smoke_run):
         assert text in out, text
     assert "RayTrainWorker" not in out + proc.stderr and "Configuration for experiment" not in out
     assert (run / "config.yaml").is_file()
+
+
+def test_distillation_report_and_tensorboard(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, proc, _ = smoke_run
+    m = manifest(run)
+    chain = ["baseline", m["stages"]["prune_1"]["chosen"], m["stages"]["prune_2"]["chosen"]]
+    assert m["stages"]["ensemble"]["teachers"] == chain  # the paper's chain policy
+    assert m["stages"]["soft_labels"]["status"] == "complete"  # cached mode: soft labels computed once
+    student = m["snapshots"]["student"]
+    assert student["parent"] == chain[-1] and student["widths"] == m["snapshots"][chain[-1]]["widths"]
+    report = json.loads((run / "report.json").read_text())
+    for key in ("baseline", "fixed_lr", "one_cycle", "ensemble", "student"):
+        assert {"val_acc", "params", "nonzero_params", "macs"} <= set(report[key]), key
+    assert report["one_cycle"]["snapshot"] == chain[-1] and report["fixed_lr"]["snapshot"] == "iter2_fixed"
+    assert report["student"]["macs"] == report["one_cycle"]["macs"] < report["baseline"]["macs"]
+    assert {s["name"] for s in report["snapshots"]} == set(m["snapshots"])
+    assert all(s["node_id"] for s in report["snapshots"])
+    assert {"data", "baseline", "prune_1", "prune_2", "ensemble", "soft_labels", "distill"} <= set(report["timings"])
+    md = (run / "report.md").read_text()
+    assert "pruned + KESI (student)" in md and "pruned + fixed LR" in md
+    assert (run / "accuracy_vs_macs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for sub, tag in (("baseline", "val/acc"), ("prune_1/iter1_b0", "val/acc"), ("prune_2/iter2_fixed", "val/acc"),
+                     ("distill", "train/kd_loss"), ("report", "chain/val_acc")):
+        acc = EventAccumulator(str(run / "tensorboard" / sub))
+        acc.Reload()
+        assert tag in acc.Tags()["scalars"], (sub, acc.Tags()["scalars"])
+    assert "KESI student" in proc.stdout and "report.md" in proc.stdout
 
 
 def test_branches_ran_in_parallel(smoke_run):
@@ -143,5 +171,5 @@ def test_driver_killed_mid_run_then_resume(tmp_path):
     assert after["stages"]["baseline"]["end"] == baseline_end  # not re-run
     for name, end in registered.items():  # finished branches were kept, not retrained
         assert after["snapshots"][name]["end"] == end, name
-    assert len(after["snapshots"]) == 7  # no duplicates, nothing lost
+    assert len(after["snapshots"]) == 8  # no duplicates, nothing lost
     assert sum(e["event"] == "resume" for e in after["events"]) == 1
