@@ -22,38 +22,9 @@ from pathlib import Path
 from kesi_dist.config import Config, config_to_yaml
 from kesi_dist.errors import UsageError
 from kesi_dist.pipeline.ray_train import TrainResult, run_training
-from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, schedule_from
+from kesi_dist.train.spec import ModelSpec, schedule_from
 
-__all__ = ["prepare_data", "ensure_ray", "train_baseline"]
-
-
-def prepare_data(cfg: Config, output: Path) -> str:
-    """The prepared data folder for `cfg`, converting a raw source first (a no-op when up to date)."""
-    from kesi_dist.data.prepare import prepare_dataset
-
-    d = cfg.data
-    if d.source == "prepared":
-        return str(d.prepared)
-    out = Path(d.prepared) if d.prepared else output / "data"
-    opts = d.synthetic.model_dump() if d.source == "synthetic" else {}
-    prepare_dataset(d.source, d.root, out, resolution=d.store_resolution, seed=cfg.seed, **opts)
-    return str(out)
-
-
-def ensure_ray(address: str | None) -> None:
-    """Connect to `address` (or RAY_ADDRESS), else start a quiet private local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        from kesi_dist.cluster import connect_ray
-
-        connect_ray(address)
-        return
-    # address="local": never attach to a cluster someone else started on this machine. Worker logs
-    # stay in Ray's log folder; the driver prints one line per epoch instead.
-    ray.init(address="local", log_to_driver=False, logging_level="WARNING")
+__all__ = ["train_baseline"]
 
 
 def train_baseline(cfg: Config, output: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult | None:
@@ -87,21 +58,18 @@ def train_baseline(cfg: Config, output: str | Path, *, resume: bool = False, pro
         os.replace(tmp, final)
         return None
 
-    data_dir = prepare_data(cfg, output)
-    from kesi_dist.data.loaders import read_meta
+    from kesi_dist.cluster import connect_ray
+    from kesi_dist.pipeline.run import engine_spec, loader_spec, prepare_data
 
-    num_classes = cfg.model.num_classes or int(read_meta(data_dir)["num_classes"])
-    t = cfg.train
-    engine = EngineSpec(engine=t.engine, zero_stage=t.zero_stage, num_workers=t.num_workers,
-                        cpus_per_worker=t.cpus_per_worker, gpus_per_worker=t.gpus_per_worker, bf16=t.bf16,
-                        channels_last=t.channels_last, max_failures=t.max_failures)
+    data_dir, meta = prepare_data(cfg, output / "data")
+    num_classes = cfg.model.num_classes or int(meta["num_classes"])
+    engine = engine_spec(cfg)
     if engine.num_workers > 0:
-        ensure_ray(cfg.cluster.address)
+        connect_ray(cfg.cluster.address)
     return run_training(
         model=ModelSpec(cfg.model.arch, num_classes=num_classes),
         schedule=schedule_from(cfg.baseline),
-        loader=LoaderSpec(data_dir, batch_size=cfg.data.batch_size, resolution=cfg.data.resolution,
-                          augment=cfg.data.augment, backend=cfg.data.loader, num_workers=cfg.data.num_workers),
+        loader=loader_spec(cfg, data_dir),
         engine=engine,
         storage_path=f"{cfg.cluster.storage.rstrip('/')}/{output.name}/train" if cfg.cluster.storage
         else str(output / "train"),
