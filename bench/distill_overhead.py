@@ -158,8 +158,13 @@ def main() -> int:
         },
         "soft_label_pass_startup_s_1_actor": t1["actors_start_s"],
         "soft_label_pass_startup_s_2_actors": t2["actors_start_s"],
+        # Per shard: wall and CPU seconds in the teachers. With 2 actors each shard has half the
+        # batches, so its CPU time should halve; wall > CPU means the actor waited for a core.
         "soft_label_pass_teacher_s_per_shard": {
             str(a): [s["teacher_s"] for s in passes[a]["shards"]] for a in (1, 2)
+        },
+        "soft_label_pass_teacher_cpu_s_per_shard": {
+            str(a): [s["teacher_cpu_s"] for s in passes[a]["shards"]] for a in (1, 2)
         },
         "context": {
             "images": args.num_train, "resolution": 32, "classes": args.num_classes, "batch_size": args.batch_size,

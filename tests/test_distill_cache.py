@@ -129,6 +129,7 @@ def test_pass_splits_work_across_two_actors_and_covers_every_pair_once(full_cach
         allsamples = np.concatenate(seen)
         assert len(allsamples) == 1024 and np.array_equal(np.sort(allsamples), np.arange(1024))
     assert meta["timings"]["pass_s"] > 0
+    assert all(0 < s["teacher_cpu_s"] and 0 < s["teacher_s"] <= s["compute_s"] for s in meta["shards"])
     assert set(shards[0]["files"]) == {"samples", "values", "indices"}
 
 

@@ -165,7 +165,7 @@ class _SoftLabelWorker:
         from kesi_dist.distill.losses import topk_probs
 
         start = time.perf_counter()
-        teacher_s = 0.0
+        teacher_s = teacher_cpu_s = 0.0  # wall and this thread's CPU time in the teachers
         samples, values, classes, batches = [], [], [], []
         self.loader.set_epoch(epoch)
         for b, (images, _labels, indices) in enumerate(self.loader):
@@ -173,10 +173,11 @@ class _SoftLabelWorker:
                 continue
             if torch.get_num_threads() != self.threads:  # FFCV resets it when an epoch starts
                 torch.set_num_threads(self.threads)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             probs = ensemble_probs(self.teachers, images, self.temperature)
             v, c = topk_probs(probs, self.topk)
             teacher_s += time.perf_counter() - t0
+            teacher_cpu_s += time.thread_time() - c0
             samples.append(indices.cpu())
             values.append(v.cpu())
             classes.append(c.cpu())
@@ -189,7 +190,7 @@ class _SoftLabelWorker:
             "samples": torch.cat(samples).numpy().astype(np.int64) if samples else np.zeros(0, np.int64),
             "values": (torch.cat(values).numpy() if values else np.zeros((0, k), np.float32)).astype(self.values_dtype),
             "indices": (torch.cat(classes).numpy() if classes else np.zeros((0, k), np.int64)).astype(index_dtype),
-            "compute_s": time.perf_counter() - start, "teacher_s": teacher_s,
+            "compute_s": time.perf_counter() - start, "teacher_s": teacher_s, "teacher_cpu_s": teacher_cpu_s,
         }
 
 
@@ -238,7 +239,8 @@ def build_soft_label_cache(
 
     Returns:
         The cache's meta: key, settings, "actors" (actor_id, pid, node_id per actor), "shards"
-        (epoch, shard, actor_id, pid, batches, count, files with bytes and sha256, compute_s),
+        (epoch, shard, actor_id, pid, batches, count, files with bytes and sha256, compute_s, and the
+        wall and CPU seconds spent in the teachers: teacher_s, teacher_cpu_s),
         "timings" (actors_start_s, pass_s, total_s) and "reused" (True when nothing was computed).
 
     Raises:
@@ -325,7 +327,8 @@ def build_soft_label_cache(
             info = infos[r["shard"]]
             shards.append({"epoch": r["epoch"], "shard": r["shard"], "actor_id": info["actor_id"], "pid": info["pid"],
                            "node_id": info["node_id"], "batches": r["batches"], "count": int(len(r["samples"])),
-                           "files": files, "compute_s": round(r["compute_s"], 4), "teacher_s": round(r["teacher_s"], 4)})
+                           "files": files, "compute_s": round(r["compute_s"], 4), "teacher_s": round(r["teacher_s"], 4),
+                           "teacher_cpu_s": round(r["teacher_cpu_s"], 4)})
         pass_s = time.perf_counter() - actors_ready
     finally:
         for a in actors:
