@@ -126,9 +126,9 @@ def connect_ray(address: str | None, *, timeout_s: float = 30) -> None:
     """
     import ray
 
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local", "auto") and ray.is_initialized():
+        return
     # Ray's notice that token auth is on suggests switching it off; kesi_dist keeps it on, so the
     # notice is not repeated to users (auth itself is untouched).
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -154,6 +154,8 @@ def connect_ray(address: str | None, *, timeout_s: float = 30) -> None:
             "cluster.address or RAY_ADDRESS"
         ) from None
     _probe_gcs(f"{host}:{port}", deadline - time.monotonic())
+    if ray.is_initialized():  # already connected (the checks above still vetted the address)
+        return
     try:
         ray.init(address=f"{host}:{port}", **_QUIET)
     except ConnectionError as e:

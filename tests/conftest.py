@@ -27,14 +27,20 @@ def tiny_data(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A private local Ray (2 CPUs, no dashboard, worker logs kept off the test output)."""
+def _init_local_ray():
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="WARNING")
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private local Ray (2 CPUs, no dashboard, worker logs kept off the test output)."""
+    yield _init_local_ray()
+    import ray
+
     ray.shutdown()

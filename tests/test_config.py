@@ -66,7 +66,7 @@ BAD = [
     ("tune:\n  space:\n    momentum: [0.9]\n", [], ["tune.space", "unknown search key 'momentum'"]),
     ("", ["prune.iterations"], ["--set 'prune.iterations'", "dotted.key=value"]),
     ("", ["prune.nope=1"], ["prune.nope", "unknown key"]),
-    ("", ["seed.x=1"], ["seed", "not a section"]),
+    ("seed: 3\n", ["seed.x=1"], ["seed", "not a section"]),
 ]
 
 

@@ -192,7 +192,8 @@ def _device(gpus_per_worker: float, in_ray: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def _kd_hook(kd: dict | None, num_classes: int, device: torch.device, tmp: str):
+def _kd_hook(kd: dict | None, num_classes: int, device: torch.device, tmp: str, lspec: LoaderSpec, seed: int,
+             epochs: int):
     """The distillation hook a worker adds to its loss, or None (see `run_training`'s `kd`)."""
     if not kd:
         return None
@@ -203,7 +204,10 @@ def _kd_hook(kd: dict | None, num_classes: int, device: torch.device, tmp: str):
         teachers = load_teachers([_fetch(p, tmp) for p in kd["teachers"]], device=device)
         return OnlineKD(teachers, **common)
     if kd["mode"] == "cached":
-        return CachedKD(SoftLabelCache(kd["cache_dir"]), **common)
+        cache = SoftLabelCache(kd["cache_dir"])
+        # The labels are only valid for the augmentation this worker will replay.
+        cache.check(seed=seed, resolution=lspec.resolution, augment=lspec.augment, epochs=epochs)
+        return CachedKD(cache, **common)
     raise UsageError(f"distill.mode {kd['mode']!r}: must be online or cached")
 
 
@@ -278,7 +282,7 @@ def train_worker(config: dict, session: Any = None) -> None:
                       backend=lspec.backend, num_workers=lspec.num_workers, seed=run["seed"],
                       distributed=world > 1, device=device,
                       channels_last=espec.channels_last and device.type == "cuda")
-        kd_hook = _kd_hook(config.get("kd"), model.num_classes, device, tmp)
+        kd_hook = _kd_hook(config.get("kd"), model.num_classes, device, tmp, lspec, run["seed"], sched.epochs)
         # The cached KD hook finds a batch's soft labels by (epoch, sample index).
         train_loader = make_loader(lspec.data_dir, "train", return_indices=kd_hook is not None, **common)
         val_loader = make_loader(lspec.data_dir, "val", **common)
