@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 pytestmark = pytest.mark.slow
+WORKER_GROUP = ("--set", "train.num_workers=1")
 
 
 def kesi(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -141,7 +142,8 @@ def test_resume_of_a_different_config_is_refused(smoke_run):
 def test_driver_killed_mid_run_then_resume(tmp_path):
     """SIGKILL the driver (and the local Ray it started) during iteration 1, then --resume."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run)],
+    # With a TorchTrainer per branch, so Tune -> Ray Train is exercised end to end here.
+    proc = subprocess.Popen([sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run), *WORKER_GROUP],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 400
@@ -164,7 +166,7 @@ def test_driver_killed_mid_run_then_resume(tmp_path):
     baseline_end = before["stages"]["baseline"]["end"]
     registered = {n: s["end"] for n, s in before["snapshots"].items()}
 
-    done = kesi("run", SMOKE, "--output", str(run), "--resume")
+    done = kesi("run", SMOKE, "--output", str(run), "--resume", *WORKER_GROUP)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     after = manifest(run)
     assert after["status"] == "complete"
