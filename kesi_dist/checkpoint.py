@@ -9,16 +9,15 @@ needed: `(arch, widths, num_classes)` rebuilds the exact architecture.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kesi_dist.atomic import atomic_write
 from kesi_dist.errors import KesiError, RunError
 from kesi_dist.models import build_model
 from kesi_dist.pruning.mwp import apply_masks
@@ -52,18 +51,7 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         **extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:

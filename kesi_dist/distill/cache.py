@@ -35,7 +35,6 @@ import json
 import math
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from kesi_dist.distill.losses import dense_from_topk
+from kesi_dist.atomic import atomic_write
 from kesi_dist.errors import KesiError, RunError, UsageError
 from kesi_dist.pipeline.manifest import atomic_write_text
 
@@ -81,16 +81,7 @@ def _data_fingerprint(data_dir: str | Path) -> tuple[str, dict]:
 
 def _save_npy(path: Path, array: np.ndarray) -> dict:
     """np.save to a temp name in the same folder, fsync, rename; returns {name, bytes, sha256}."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 

@@ -8,12 +8,11 @@ snapshot is registered once under a unique name, so a re-run can neither lose no
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from kesi_dist.atomic import atomic_write_text
 from kesi_dist.errors import RunError
 
 __all__ = ["Manifest", "atomic_write_text", "now"]
@@ -23,22 +22,6 @@ FORMAT = "kesi_dist/manifest/v1"
 
 def now() -> float:
     return round(time.time(), 3)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Manifest:
