@@ -1,29 +1,89 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename; a reader never sees half a file."""
+"""Atomic file writes: a temp file in the same folder, fsync, then rename; a reader never sees half a file.
+
+A failed write (disk full, permission, a crash of the writer) leaves the previous file, if any,
+untouched and no temp file behind; an OS error surfaces as a one-line `RunError` naming the file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_text"]
+from kesi_dist.errors import RunError
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_path"]
+
+
+def _write_error(path: Path, e: OSError) -> RunError:
+    reason = (e.strerror or str(e)).lower() if e.strerror or str(e) else type(e).__name__
+    return RunError(f"{path}: cannot write it: {reason}; nothing was replaced (free space or fix the "
+                    "permissions, then re-run)")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to `path` for a writer that wants a file name (FFCV's DatasetWriter);
+    on a clean exit it is fsynced and renamed to `path`, on an error it is removed.
+
+    Raises:
+        RunError: an OS error while writing or renaming (ENOSPC, EACCES, ...), naming `path`.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _Tracked:
+    """A file proxy that remembers the first OS error of a write (writers may re-raise it as another type)."""
+
+    def __init__(self, f: IO):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> None:
-    """Call `write(f)` on a temp file next to `path`, then atomically rename it to `path`."""
+    """Call `write(f)` on a temp file next to `path`, then atomically rename it to `path`.
+
+    Raises:
+        RunError: an OS error while writing or renaming (ENOSPC, EACCES, ...), naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            tracked = _Tracked(f)
+            try:
+                write(tracked)
+            except Exception:
+                if tracked.error is not None:  # torch.save turns ENOSPC into an opaque RuntimeError
+                    raise tracked.error from None
+                raise
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

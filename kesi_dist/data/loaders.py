@@ -84,6 +84,11 @@ def read_meta(data_dir: str | Path) -> dict:
     for split in SPLITS:
         if not (d / f"{split}.beton").is_file():
             raise RunError(f"{d / f'{split}.beton'}: missing although meta.json exists; re-run `kesi data prepare`")
+        expected = (meta.get("bytes") or {}).get(f"{split}.beton")  # recorded since prepare wrote sizes
+        size = (d / f"{split}.beton").stat().st_size
+        if expected is not None and size != expected:
+            raise RunError(f"{d / f'{split}.beton'}: {size} bytes but meta.json says {expected} (truncated or "
+                           "replaced); re-run `kesi data prepare`")
     return meta
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from kesi_dist.data.sources import SampleError, SourceData, open_source
 from kesi_dist.errors import RunError, UsageError
-from kesi_dist.pipeline.manifest import atomic_write_text
+from kesi_dist.atomic import atomic_path, atomic_write_text
 
 __all__ = ["prepare_dataset", "dataset_fingerprint", "FORMAT_VERSION", "RAW_MAX_SIDE"]
 
@@ -127,25 +127,28 @@ def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunError(f"{out}: cannot create output folder ({e.strerror})") from None
-    meta_path.unlink(missing_ok=True)  # from here on the folder does not look complete
 
     workers = workers or min(os.cpu_count() or 1, 8)
     write_mode = "raw" if data.resolution <= RAW_MAX_SIDE else "jpg"
     tag = f"{os.getpid()}-{time.time_ns()}"
-    tmp = {name: out / f".{name}.beton.{tag}.tmp" for name in ("train", "val")}
     errors_path = out / f".prepare-errors.{tag}.txt"
     try:
-        for name, split in (("train", data.train), ("val", data.val)):
-            _write_beton(split, tmp[name], errors_path, write_mode, workers, f"{name}.beton")
-            if errors_path.exists():
-                lines = errors_path.read_text().splitlines()
-                more = f" (and {len(lines) - 1} more bad samples)" if len(lines) > 1 else ""
-                raise RunError(f"{lines[0]}{more}; fix or remove the file and re-run")
-        from kesi_dist.data.beton import BetonFile
+        # Both files under temp names until both are written and read back; meta.json comes last.
+        with atomic_path(out / "train.beton") as train_tmp, atomic_path(out / "val.beton") as val_tmp:
+            tmp = {"train": train_tmp, "val": val_tmp}
+            for name, split in (("train", data.train), ("val", data.val)):
+                _write_beton(split, tmp[name], errors_path, write_mode, workers, f"{name}.beton")
+                if errors_path.exists():
+                    lines = errors_path.read_text().splitlines()
+                    more = f" (and {len(lines) - 1} more bad samples)" if len(lines) > 1 else ""
+                    raise RunError(f"{lines[0]}{more}; fix or remove the file and re-run")
+            from kesi_dist.data.beton import BetonFile
 
-        mean, std = BetonFile(tmp["train"]).channel_stats(max_samples=_STATS_SAMPLES, seed=0)
-        for name in ("train", "val"):
-            os.replace(tmp[name], out / f"{name}.beton")
+            mean, std = BetonFile(tmp["train"]).channel_stats(max_samples=_STATS_SAMPLES, seed=0)
+            sizes = {f"{name}.beton": tmp[name].stat().st_size for name in ("train", "val")}
+            # A previous dataset stays complete and usable until here; from the renames on, the folder
+            # does not look complete until the new meta.json is written.
+            meta_path.unlink(missing_ok=True)
         meta = {
             "format": FORMAT_VERSION,
             "source": data.source,
@@ -162,10 +165,10 @@ def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: 
             "options": options,
             "write_mode": write_mode,
             "fields": ["image", "label", "index"],
+            "bytes": sizes,  # a reader refuses a .beton of another size (truncated, or half copied)
             **data.extra_meta,
         }
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
         return meta
     finally:
-        for p in (*tmp.values(), errors_path):
-            p.unlink(missing_ok=True)
+        errors_path.unlink(missing_ok=True)
