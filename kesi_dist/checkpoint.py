@@ -5,10 +5,14 @@ A checkpoint is a plain `torch.save` of
 Loading uses `torch.load(weights_only=True)`, so a file can only contain tensors and plain
 containers: a pickle that would run code is refused, never executed. The pruning history is not
 needed: `(arch, widths, num_classes)` rebuilds the exact architecture.
+
+Paths may be local or storage URIs (`kesi_dist.storage`): a URI is read into memory and loaded from
+bytes with the same `weights_only=True` checks, and written atomically through the storage helpers.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from pathlib import Path
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kesi_dist.atomic import atomic_write
+from kesi_dist import storage
 from kesi_dist.errors import KesiError, RunError
 from kesi_dist.models import build_model
 from kesi_dist.pruning.mwp import apply_masks
@@ -51,7 +55,7 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         **extra,
     }
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    storage.write_file(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -62,11 +66,16 @@ def load_checkpoint(path: str | Path) -> dict:
             call anything beyond tensors and plain containers, is not a kesi_dist/v1 checkpoint,
             or its state_dict does not fit `(arch, widths, num_classes)`.
     """
-    path = Path(path)
-    if not path.is_file():
+    path = path if storage.is_uri(path) else Path(path)
+    try:
+        found = storage.is_file(path)
+    except OSError as e:  # unreachable storage, missing credentials
+        raise RunError(f"{path}: cannot read checkpoint ({e})") from None
+    if not found:
         raise RunError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
         reason = f"unsupported {found.group(1)}" if found else "unsupported content"

@@ -6,6 +6,9 @@
     <run>/accuracy_vs_macs.png
     <run>/tensorboard/report summary scalars per iteration (chain, fixed arm, every branch)
 
+`run_root` may be a storage URI (`kesi_dist.storage`): files are written there atomically, the
+TensorBoard summary is staged locally and uploaded.
+
 Rows (as in KESI's Table 1): "fixed LR" is the comparison arm's last snapshot (conventional
 fine-tuning), "one-cycle" the last snapshot of the one-cycle chain before distillation, "KESI" the
 distilled student, which has the one-cycle snapshot's architecture.
@@ -13,11 +16,12 @@ distilled student, which has the one-cycle snapshot's architecture.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from kesi_dist.pipeline.manifest import atomic_write_text
+from kesi_dist import storage
 
 __all__ = ["build_report", "write_report"]
 
@@ -100,7 +104,7 @@ def _markdown(report: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: Path) -> None:
+def _plot(report: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,16 +138,16 @@ def _plot(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    storage.write_bytes(path, buf.getvalue())
 
 
-def _tensorboard(report: dict, logdir: Path) -> None:
+def _tensorboard(report: dict, logdir: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(logdir)) as w:
+    with storage.staged_dir(logdir) as local, SummaryWriter(local) as w:
         for r in report["chain"]:
             w.add_scalar("chain/val_acc", r["val_acc"], r["iteration"])
             w.add_scalar("chain/macs", r["macs"], r["iteration"])
@@ -157,10 +161,10 @@ def _tensorboard(report: dict, logdir: Path) -> None:
 
 def write_report(run_root: str | Path, manifest: dict, title: str) -> dict:
     """Write report.json, report.md, accuracy_vs_macs.png and TensorBoard summaries; return the report."""
-    root = Path(run_root)
+    root = run_root if storage.is_uri(run_root) else str(run_root)
     report = build_report(manifest)
-    atomic_write_text(root / "report.json", json.dumps(report, indent=1))
-    atomic_write_text(root / "report.md", _markdown(report, title))
-    _plot(report, root / "accuracy_vs_macs.png")
-    _tensorboard(report, root / "tensorboard" / "report")
+    storage.write_text(storage.join(root, "report.json"), json.dumps(report, indent=1))
+    storage.write_text(storage.join(root, "report.md"), _markdown(report, title))
+    _plot(report, storage.join(root, "accuracy_vs_macs.png"))
+    _tensorboard(report, storage.join(root, "tensorboard", "report"))
     return report

@@ -56,6 +56,7 @@ from kesi_dist.data.augment import (
     random_resized_crop_box,
     translate_offsets,
 )
+from kesi_dist import storage
 from kesi_dist.errors import RunError, UsageError
 
 __all__ = ["read_meta", "make_loader", "ImageLoader", "AUGMENTS", "BACKENDS", "SPLITS", "CIFAR_PAD"]
@@ -67,8 +68,35 @@ CIFAR_PAD = 4
 _META_KEYS = ("num_classes", "train_size", "val_size", "resolution", "mean", "std", "class_names")
 
 
+def _read_meta_uri(data_dir: str) -> dict:
+    """`read_meta` of a folder on a storage URI: meta.json is read there, the .beton files are only
+    checked to exist (with their recorded sizes); `make_loader` fetches them to the node-local cache."""
+    path = storage.join(data_dir, "meta.json")
+    if not storage.is_file(path):
+        raise RunError(f"{path}: missing; the dataset is not prepared or preparation did not finish")
+    try:
+        meta = json.loads(storage.read_text(path))
+    except ValueError as e:
+        raise RunError(f"{path}: not valid JSON ({e}); re-run `kesi data prepare`") from None
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise RunError(f"{path}: missing key {missing[0]!r}; re-run `kesi data prepare`")
+    for split in SPLITS:
+        beton = storage.join(data_dir, f"{split}.beton")
+        if not storage.is_file(beton):
+            raise RunError(f"{beton}: missing although meta.json exists; re-run `kesi data prepare`")
+        expected = (meta.get("bytes") or {}).get(f"{split}.beton")
+        if expected is not None and storage.size(beton) != expected:
+            raise RunError(f"{beton}: {storage.size(beton)} bytes but meta.json says {expected}; re-run "
+                           "`kesi data prepare`")
+    return meta
+
+
 def read_meta(data_dir: str | Path) -> dict:
-    """The `meta.json` of a prepared folder; RunError if the folder is missing or incomplete."""
+    """The `meta.json` of a prepared folder (a path or storage URI); RunError if the folder is missing
+    or incomplete."""
+    if storage.is_uri(data_dir):
+        return _read_meta_uri(data_dir)
     d = Path(data_dir)
     path = d / "meta.json"
     if not path.is_file():
@@ -389,7 +417,8 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
     """A loader over `data_dir/{split}.beton`; see the module docstring for what it yields.
 
     Args:
-        data_dir: a folder written by `prepare_dataset`.
+        data_dir: a folder written by `prepare_dataset`, or its storage URI (copied once into the
+            node-local cache, `kesi_dist.storage.local_copy`).
         split: "train" or "val".
         batch_size: samples per batch (per rank when distributed).
         resolution: side of the images the model sees.
@@ -416,7 +445,7 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
         raise UsageError(f"data.resolution {resolution}: must be between 8 and 1024")
     if num_workers < 0:
         raise UsageError(f"data.num_workers {num_workers}: must be >= 0")
-    data_dir = Path(data_dir)
+    data_dir = Path(storage.local_copy(data_dir))  # a URI is fetched once per node (FFCV maps local files)
     meta = read_meta(data_dir)
     train = split == "train"
     shuffle = train if shuffle is None else bool(shuffle)

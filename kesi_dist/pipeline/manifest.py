@@ -3,6 +3,7 @@
 `<run>/manifest.json` is the single source of truth for `--resume`: a stage is complete only once its
 outputs are on disk *and* the manifest says so (outputs are written first, the manifest last), and a
 snapshot is registered once under a unique name, so a re-run can neither lose nor duplicate one.
+The manifest may live on a storage URI (`kesi_dist.storage`); it is written atomically there too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kesi_dist import storage
 from kesi_dist.atomic import atomic_write_text
 from kesi_dist.errors import RunError
 
@@ -33,7 +35,7 @@ class Manifest:
     """
 
     def __init__(self, path: str | Path, data: dict[str, Any]):
-        self.path = Path(path)
+        self.path = path if storage.is_uri(path) else Path(path)  # a URI stays a string
         self.data = data
 
     # -- construction ---------------------------------------------------------------------------
@@ -48,9 +50,8 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
-        path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(storage.read_text(path))
         except FileNotFoundError:
             raise RunError(f"{path}: no manifest; is this a kesi_dist run directory?") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -61,7 +62,7 @@ class Manifest:
         return cls(path, data)
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+        storage.write_text(self.path, json.dumps(self.data, indent=1))
 
     # -- stages ---------------------------------------------------------------------------------
     @property

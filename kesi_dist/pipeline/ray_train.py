@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from kesi_dist.errors import RunError, UsageError
+from kesi_dist.storage import storage_fs  # re-exported: it lived here first
 from kesi_dist.train.loop import DivergedError
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
@@ -74,18 +75,6 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------
 # storage helpers (local path or pyarrow filesystem URI)
-
-def storage_fs(path: str):
-    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/runs."""
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except Exception as e:  # pyarrow raises ArrowInvalid/OSError with its own text
-            raise UsageError(f"storage {path!r}: not a usable filesystem URI ({e})") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
 
 def _exists(fs, path: str) -> bool:
     import pyarrow.fs as pafs

@@ -15,12 +15,12 @@ Every stage records itself in `<run>/manifest.json` only after its outputs are o
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+from kesi_dist import storage
 from kesi_dist.config import Config
 from kesi_dist.errors import KesiError, RunError, UsageError
 from kesi_dist.pipeline.branches import Branch, require_some, restart_grid, run_branches
@@ -46,21 +46,41 @@ def engine_spec(cfg: Config) -> EngineSpec:
                       channels_last=t.channels_last, max_failures=t.max_failures)
 
 
-def prepare_data(cfg: Config, default_dir: Path) -> tuple[Path, dict]:
-    """The prepared data folder for `cfg.data`, converting a raw source first when needed."""
+def prepare_data(cfg: Config, default_dir: str | Path) -> tuple[str, dict]:
+    """The prepared data folder for `cfg.data`, converting a raw source first when needed.
+
+    The folder may be a storage URI: the data is then prepared in a local temp folder and uploaded
+    (the .beton files first, meta.json last, so the folder looks complete only when it is); an
+    identical dataset already there (same fingerprint) is left as is. Loaders fetch it into a
+    node-local cache (`kesi_dist.storage.local_copy`) because FFCV memory-maps local files only.
+    """
+    import tempfile
+
     from kesi_dist.data.loaders import read_meta
     from kesi_dist.data.prepare import prepare_dataset
 
     d = cfg.data
     if d.source == "prepared":
-        return Path(d.prepared), read_meta(d.prepared)
-    out = Path(d.prepared) if d.prepared else default_dir
+        return str(d.prepared), read_meta(d.prepared)
+    out = str(d.prepared or default_dir)
     opts = d.synthetic.model_dump() if d.source == "synthetic" else {}
-    meta = prepare_dataset(d.source, d.root, out, resolution=d.store_resolution, seed=cfg.seed, **opts)
+    if not storage.is_uri(out):
+        return out, prepare_dataset(d.source, d.root, out, resolution=d.store_resolution, seed=cfg.seed, **opts)
+    with tempfile.TemporaryDirectory(prefix="kesi-prepare-") as tmp:
+        meta = prepare_dataset(d.source, d.root, tmp, resolution=d.store_resolution, seed=cfg.seed, **opts)
+        try:
+            there = read_meta(out)
+        except RunError:
+            there = None
+        if there is not None and there.get("fingerprint") == meta["fingerprint"]:
+            return out, there
+        storage.remove(storage.join(out, "meta.json"))  # from here on the folder does not look complete
+        for name in ("train.beton", "val.beton", "meta.json"):
+            storage.upload_file(Path(tmp) / name, storage.join(out, name))
     return out, meta
 
 
-def _describe(path: Path, resolution: int) -> dict:
+def _describe(path: str, resolution: int) -> dict:
     """Architecture and size of a saved snapshot (what the registry records)."""
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
     from kesi_dist.pruning import count_macs, count_nonzero_params, count_params
@@ -74,7 +94,7 @@ def _describe(path: Path, resolution: int) -> dict:
 
 def _register(manifest: Manifest, run: RunDir, name: str, resolution: int, **info) -> dict:
     entry = {**_describe(run.snapshot(name), resolution), **info,
-             "checkpoint": str(run.snapshot(name).relative_to(run.root))}
+             "checkpoint": RunDir.snapshot_rel(name)}
     manifest.add_snapshot(name, entry)
     return entry
 
@@ -114,18 +134,18 @@ def run_pipeline(cfg: Config, output: str, resume: bool = False, *, max_steps_pe
         manifest.data["status"] = "failed"
         manifest.log("run failed", error=str(e))
         raise
-    console.print(f"[green]done[/]: report in {run.root / 'report.md'}")
+    console.print(f"[green]done[/]: report in {run.path('report.md')}")
     return run
 
 
 # ----------------------------------------------------------------------------------------------
 # stages
 
-def _stage_data(cfg: Config, run: RunDir, manifest: Manifest) -> tuple[Path, dict]:
+def _stage_data(cfg: Config, run: RunDir, manifest: Manifest) -> tuple[str, dict]:
     from kesi_dist.data.loaders import read_meta
 
     if manifest.is_complete("data"):
-        data_dir = Path(manifest.stages["data"]["path"])
+        data_dir = manifest.stages["data"]["path"]
         return data_dir, read_meta(data_dir)
     manifest.start_stage("data")
     console.print(f"[bold]data[/]: {cfg.data.source}" + (f" from {cfg.data.root}" if cfg.data.root else ""))
@@ -156,7 +176,7 @@ def _stage_baseline(cfg: Config, run: RunDir, manifest: Manifest, num_classes: i
             model=ModelSpec(arch=cfg.model.arch, num_classes=num_classes), schedule=schedule_from(cfg.baseline),
             loader=loader, engine=engine, storage_path=str(run.train), name="baseline", seed=cfg.seed,
             resume=True, final_checkpoint=str(run.snapshot("baseline")),
-            tensorboard_dir=str(run.tensorboard / "baseline"), max_steps_per_epoch=max_steps,
+            tensorboard_dir=run.path("tensorboard", "baseline"), max_steps_per_epoch=max_steps,
         )
         val_acc, node_id, attempts = result.metrics["val/acc"], result.metrics.get("node_id"), result.attempts
     entry = _register(manifest, run, "baseline", cfg.data.resolution, arm="baseline", iteration=0, branch=None,
@@ -171,8 +191,6 @@ def _stage_baseline(cfg: Config, run: RunDir, manifest: Manifest, num_classes: i
 
 def _import_baseline(cfg: Config, run: RunDir, num_classes: int, loader: LoaderSpec) -> tuple[None, int]:
     """Use a given trained baseline: check it fits the config, copy it into the run."""
-    import shutil
-
     from kesi_dist.checkpoint import load_checkpoint
 
     path = cfg.baseline.checkpoint
@@ -182,15 +200,11 @@ def _import_baseline(cfg: Config, run: RunDir, num_classes: int, loader: LoaderS
     if ck["num_classes"] != num_classes:
         raise UsageError(f"baseline.checkpoint {path}: has {ck['num_classes']} classes, the data has {num_classes}")
     console.print(f"[bold]baseline[/]: using {path}")
-    dst = run.snapshot("baseline")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, dst)
+    storage.copy_file(path, run.snapshot("baseline"))  # either may be a URI; atomic at the destination
     return None, 0
 
 
-def _evaluate_snapshot(path: Path, loader: LoaderSpec) -> float:
+def _evaluate_snapshot(path: str, loader: LoaderSpec) -> float:
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
     from kesi_dist.data.loaders import make_loader
     from kesi_dist.train.loop import evaluate
@@ -201,13 +215,13 @@ def _evaluate_snapshot(path: Path, loader: LoaderSpec) -> float:
     return float(evaluate(model, val, "cpu")["val/acc"])
 
 
-def _prune_parent(cfg: Config, run: RunDir, parent: str, name: str, k: int) -> Path:
+def _prune_parent(cfg: Config, run: RunDir, parent: str, name: str, k: int) -> str:
     """Prune snapshot `parent` (iteration k) into `<run>/snapshots/<name>.pt`, once."""
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from kesi_dist.pruning import prune
 
     dst = run.snapshot(name)
-    if dst.exists():  # written atomically: present means complete; pruning is deterministic anyway
+    if storage.exists(dst):  # written atomically: present means complete; pruning is deterministic anyway
         return dst
     model, masks = model_from_checkpoint(load_checkpoint(run.snapshot(parent)))
     p = cfg.prune
@@ -264,8 +278,8 @@ def _stage_prune(cfg: Config, run: RunDir, manifest: Manifest, k: int, parent: s
             console.print(f"  {b.name} epoch {result['epoch']}/{b.schedule['epochs']}  "
                           f"val acc {100 * result['val/acc']:.1f}%  loss {result['train/loss']:.4f}")
 
-    run_branches(todo, loader=loader, engine=engine, storage=str(run.train / stage),
-                 tensorboard=str(run.tensorboard / stage), experiment="tune", seed=cfg.seed,
+    run_branches(todo, loader=loader, engine=engine, storage=run.path("train", stage),
+                 tensorboard=run.path("tensorboard", stage), experiment="tune", seed=cfg.seed,
                  asha=cfg.tune.asha, asha_grace_epochs=cfg.tune.asha_grace_epochs,
                  on_done=done, on_failed=failed, on_progress=progress, max_steps_per_epoch=max_steps)
     finished = [b.name for b in branches if b.arm == "onecycle" and b.name in manifest.snapshots]
@@ -328,7 +342,7 @@ def _stage_ensemble(cfg: Config, run: RunDir, manifest: Manifest, chain: list[st
     return teachers
 
 
-def _stage_distill(cfg: Config, run: RunDir, manifest: Manifest, student: str, teachers: list[str], data_dir: Path,
+def _stage_distill(cfg: Config, run: RunDir, manifest: Manifest, student: str, teachers: list[str], data_dir: str,
                    loader: LoaderSpec, engine: EngineSpec, max_steps: int | None) -> None:
     from kesi_dist.pipeline.ray_train import run_training
 
@@ -339,7 +353,7 @@ def _stage_distill(cfg: Config, run: RunDir, manifest: Manifest, student: str, t
     paths = [str(run.snapshot(n)) for n in teachers]
     kd = {"mode": d.mode, "temperature": d.temperature, "alpha": d.alpha}
     if d.mode == "cached":
-        kd["cache_dir"] = str(run.root / "soft_labels")
+        kd["cache_dir"] = run.path("soft_labels")
         if not manifest.is_complete("soft_labels"):
             from kesi_dist.distill import build_soft_label_cache
 
@@ -361,7 +375,7 @@ def _stage_distill(cfg: Config, run: RunDir, manifest: Manifest, student: str, t
     result = run_training(
         model=ModelSpec(arch="", init_checkpoint=str(run.snapshot(student))), schedule=schedule_from(d),
         loader=loader, engine=engine, storage_path=str(run.train), name="distill", seed=cfg.seed, resume=True,
-        final_checkpoint=str(run.snapshot("student")), tensorboard_dir=str(run.tensorboard / "distill"),
+        final_checkpoint=str(run.snapshot("student")), tensorboard_dir=run.path("tensorboard", "distill"),
         max_steps_per_epoch=max_steps, kd=kd,
     )
     entry = _register(manifest, run, "student", cfg.data.resolution, arm="student", iteration=cfg.prune.iterations,

@@ -6,18 +6,25 @@
     <run>/snapshots/<name>.pt  every snapshot, kesi_dist checkpoint format
     <run>/train/               Ray Train / Tune working storage (epoch checkpoints, trial state)
     <run>/tensorboard/         one subfolder per stage / snapshot / trial
+    <run>/soft_labels/         cached distillation: the teachers' top-k soft labels
+    <run>/report.{json,md}, accuracy_vs_macs.png
+
+The root is an absolute local (or shared NFS) path, or a storage URI (s3://, gs://, file://, ...; see
+`kesi_dist.storage`). Every location is a string (`RunDir.path`), readable from any node that can
+reach the root; the same refusal rules hold for both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
+from kesi_dist import storage
 from kesi_dist.config import Config, config_to_yaml
-from kesi_dist.errors import UsageError
-from kesi_dist.pipeline.manifest import Manifest, atomic_write_text
+from kesi_dist.errors import RunError, UsageError
+from kesi_dist.pipeline.manifest import Manifest
 
 __all__ = ["RunDir", "open_run", "config_fingerprint"]
 
@@ -32,30 +39,39 @@ def config_fingerprint(cfg: Config) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
-    root: Path
+    root: str  # absolute local path or storage URI
+
+    def path(self, *parts: str) -> str:
+        """`<root>/<parts...>` (a URI when the root is one)."""
+        return storage.join(self.root, *parts)
 
     @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
+    def manifest(self) -> str:
+        return self.path("manifest.json")
 
     @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
+    def config(self) -> str:
+        return self.path("config.yaml")
 
     @property
-    def data(self) -> Path:
-        return self.root / "data"
+    def data(self) -> str:
+        return self.path("data")
 
     @property
-    def train(self) -> Path:
-        return self.root / "train"
+    def train(self) -> str:
+        return self.path("train")
 
     @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
+    def tensorboard(self) -> str:
+        return self.path("tensorboard")
 
-    def snapshot(self, name: str) -> Path:
-        return self.root / "snapshots" / f"{name}.pt"
+    def snapshot(self, name: str) -> str:
+        return self.path("snapshots", f"{name}.pt")
+
+    @staticmethod
+    def snapshot_rel(name: str) -> str:
+        """A snapshot's path relative to the root (what the manifest records)."""
+        return f"snapshots/{name}.pt"
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -76,12 +92,13 @@ def open_run(output: str, cfg: Config, resume: bool) -> tuple[RunDir, Manifest]:
         UsageError: the folder holds another run (without --resume), is a non-empty folder that is not
             a run, or (with --resume) holds no run or a run of a different config.
     """
-    if "://" in output:
-        raise UsageError(f"--output {output}: storage URIs are not supported by kesi run yet; "
-                         "use a local or shared (NFS) path")
-    run = RunDir(Path(output).absolute())
+    run = RunDir(output.rstrip("/") if storage.is_uri(output) else os.path.abspath(output))
     fingerprint = config_fingerprint(cfg)
-    if run.manifest.exists():
+    try:
+        has_manifest = storage.exists(run.manifest)
+    except OSError as e:  # unreachable bucket, missing credentials, permission denied
+        raise RunError(f"--output {output}: cannot read the storage ({e}); check the URI and credentials") from None
+    if has_manifest:
         manifest = Manifest.load(run.manifest)
         status = manifest.data.get("status")
         if not resume:
@@ -92,7 +109,7 @@ def open_run(output: str, cfg: Config, resume: bool) -> tuple[RunDir, Manifest]:
         if manifest.data.get("config_fingerprint") != fingerprint:
             import yaml
 
-            old = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+            old = yaml.safe_load(storage.read_text(run.config)) if storage.exists(run.config) else {}
             changed = _changed_keys(old or {}, cfg.model_dump(mode="json"))
             changed = [k for k in changed if k not in ("output", "cluster.address")]
             raise UsageError(
@@ -105,8 +122,8 @@ def open_run(output: str, cfg: Config, resume: bool) -> tuple[RunDir, Manifest]:
         return run, manifest
     if resume:
         raise UsageError(f"--resume {output}: no run to resume there (no manifest.json); drop --resume to start one")
-    if run.root.exists() and any(run.root.iterdir()):
+    if storage.exists(run.root) and (not storage.is_dir(run.root) or storage.listdir(run.root)):
         raise UsageError(f"--output {output}: folder exists and is not a kesi_dist run; choose a new or empty folder")
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.config, config_to_yaml(cfg))
+    storage.makedirs(run.root)
+    storage.write_text(run.config, config_to_yaml(cfg))
     return run, Manifest.create(run.manifest, fingerprint)

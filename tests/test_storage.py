@@ -1,0 +1,281 @@
+"""Run storage on pyarrow URIs: kesi_dist.storage on file:// and an in-memory mock:// filesystem,
+checkpoints, manifest, run-directory rules, TensorBoard and loaders through URIs, and one `kesi run`
+whose every artefact lands under a file:// URI."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from kesi_dist import storage
+from kesi_dist.errors import RunError, UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def mockfs():
+    """pyarrow's in-memory filesystem, served as mock:// (in this process only)."""
+    import pyarrow.fs as pafs
+
+    fs = pafs._MockFileSystem(datetime.datetime.now())
+    storage.register_filesystem("mock", fs)
+    yield fs
+    storage._REGISTERED.pop("mock", None)
+
+
+@pytest.fixture(params=["file", "mock"])
+def root(request, tmp_path):
+    """A storage URI of an empty folder, on the local disk (file://) or in memory (mock://)."""
+    if request.param == "file":
+        return f"file://{tmp_path}/store"
+    request.getfixturevalue("mockfs")
+    return "mock://bucket/store"
+
+
+def _leftovers(uri: str) -> list[str]:
+    """Every temp file anywhere under `uri` (none may survive an atomic write)."""
+    import pyarrow.fs as pafs
+
+    fs, p = storage.storage_fs(uri)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    return [i.path for i in infos if i.base_name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------------
+# storage.py
+
+def test_read_write_list_on_uris(root):
+    f = storage.join(root, "a", "b.txt")
+    assert f == root + "/a/b.txt" and not storage.exists(f)
+    storage.write_text(f, "hello")
+    storage.write_bytes(storage.join(root, "a", "c.bin"), b"\x00\x01")
+    storage.write_text(f, "hello again")  # replaces
+    assert storage.read_text(f) == "hello again" and storage.size(f) == 11
+    assert storage.is_file(f) and storage.is_dir(storage.join(root, "a")) and not storage.is_file(root + "/a")
+    assert storage.listdir(storage.join(root, "a")) == ["b.txt", "c.bin"]
+    assert storage.listdir(storage.join(root, "nothing")) == []
+    assert _leftovers(root) == []
+    storage.remove(f)
+    assert not storage.exists(f)
+    with pytest.raises(FileNotFoundError, match="b.txt"):
+        storage.read_bytes(f)
+
+
+def test_failed_write_keeps_the_old_file(root):
+    f = storage.join(root, "x.pt")
+    storage.write_bytes(f, b"old")
+
+    def boom(out):
+        out.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_file(f, boom)
+    assert storage.read_bytes(f) == b"old" and _leftovers(root) == []
+
+
+def test_copy_upload_and_staged_dir(root, tmp_path):
+    local = tmp_path / "logs"
+    (local / "sub").mkdir(parents=True)
+    (local / "sub" / "events.1").write_bytes(b"e1")
+    (local / "top.txt").write_text("t")
+    storage.upload_dir(local, storage.join(root, "tb"))
+    assert storage.read_bytes(storage.join(root, "tb", "sub", "events.1")) == b"e1"
+    storage.copy_file(storage.join(root, "tb", "top.txt"), storage.join(root, "copy", "top.txt"))
+    storage.copy_file(storage.join(root, "copy", "top.txt"), str(tmp_path / "back.txt"))  # URI -> local
+    assert (tmp_path / "back.txt").read_text() == "t"
+    with storage.staged_dir(storage.join(root, "staged")) as d:
+        Path(d, "f").write_text("staged")
+        assert not storage.exists(storage.join(root, "staged", "f"))  # uploaded when the block ends
+    assert storage.read_text(storage.join(root, "staged", "f")) == "staged" and not Path(d).exists()
+
+
+def test_local_copy_is_cached_per_version(root, tmp_path):
+    cache = tmp_path / "cache"
+    src = storage.join(root, "data")
+    storage.write_bytes(storage.join(src, "train.beton"), b"x" * 100)
+    storage.write_text(storage.join(src, "meta.json"), "{}")
+    paths: list[str] = []
+    threads = [threading.Thread(target=lambda: paths.append(storage.local_copy(src, cache))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1 and sorted(os.listdir(paths[0])) == ["meta.json", "train.beton"]
+    copies = [p for p in os.listdir(cache) if not p.endswith(".lock")]
+    assert len(copies) == 1  # four concurrent callers, one download
+    assert Path(paths[0], "train.beton").read_bytes() == b"x" * 100
+    storage.write_bytes(storage.join(src, "train.beton"), b"y" * 50)  # a new version: a new copy
+    fresh = storage.local_copy(src, cache)
+    assert fresh != paths[0] and Path(fresh, "train.beton").read_bytes() == b"y" * 50
+    single = storage.local_copy(storage.join(src, "meta.json"), cache)
+    assert Path(single).read_text() == "{}"
+    assert storage.local_copy(str(tmp_path), cache) == str(tmp_path)  # local paths are used in place
+    with pytest.raises(FileNotFoundError):
+        storage.local_copy(storage.join(root, "missing"), cache)
+
+
+def test_bad_uri_is_a_usage_error():
+    with pytest.raises(UsageError, match="nosuch://x"):
+        storage.storage_fs("nosuch://x/y")
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints, manifest, run directory, TensorBoard
+
+def test_checkpoint_round_trip_and_refusal_via_uri(root, tmp_path):
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from kesi_dist.models import build_model
+    from kesi_dist.pruning import apply_masks, mwp_masks
+    from tests.test_checkpoint import FORMAT, _Evil
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 5)
+    masks = mwp_masks(model, 0.5)
+    apply_masks(model, masks)
+    path = storage.join(root, "snapshots", "m.pt")
+    save_checkpoint(path, model, masks, metrics={"val_acc": 0.5})
+    assert _leftovers(root) == []
+    rebuilt, rmasks = model_from_checkpoint(load_checkpoint(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x)) and set(rmasks) == set(masks)
+    marker = tmp_path / "pwned"
+    local = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "arch": "resnet20", "evil": _Evil(marker)}, local)
+    storage.upload_file(local, storage.join(root, "evil.pt"))
+    with pytest.raises(RunError, match=r"evil\.pt: refused to load.*unsupported global: GLOBAL io\.open"):
+        load_checkpoint(storage.join(root, "evil.pt"))
+    assert not marker.exists()
+    with pytest.raises(RunError, match=r"nope\.pt: no such checkpoint file"):
+        load_checkpoint(storage.join(root, "nope.pt"))
+    storage.write_bytes(storage.join(root, "trunc.pt"), storage.read_bytes(path)[:500])
+    with pytest.raises(RunError, match=r"trunc\.pt: not a readable checkpoint"):
+        load_checkpoint(storage.join(root, "trunc.pt"))
+
+
+def test_manifest_on_a_uri(root):
+    from kesi_dist.pipeline.manifest import Manifest
+
+    path = storage.join(root, "run", "manifest.json")
+    m = Manifest.create(path, "fp")
+    m.start_stage("baseline")
+    m.add_snapshot("baseline", {"checkpoint": "snapshots/baseline.pt"})
+    m.finish_stage("baseline")
+    again = Manifest.load(path)
+    assert again.is_complete("baseline") and again.snapshots["baseline"]["checkpoint"] == "snapshots/baseline.pt"
+    assert [e["event"] for e in again.data["events"]] == ["start baseline", "snapshot baseline", "complete baseline"]
+    assert _leftovers(root) == []
+    storage.write_text(path, "{not json")
+    with pytest.raises(RunError, match="manifest.json: corrupt manifest"):
+        Manifest.load(path)
+
+
+def test_open_run_rules_hold_on_uris(root):
+    from kesi_dist.config import load_config
+    from kesi_dist.pipeline.rundir import open_run
+
+    cfg = load_config(str(ROOT / "configs" / "smoke.yaml"))
+    out = storage.join(root, "run")
+    with pytest.raises(UsageError, match="no run to resume there"):
+        open_run(out, cfg, resume=True)
+    run, manifest = open_run(out + "/", cfg, resume=False)
+    assert run.root == out and run.snapshot("baseline") == out + "/snapshots/baseline.pt"
+    assert storage.listdir(out) == ["config.yaml", "manifest.json"]
+    with pytest.raises(UsageError, match="already holds a running run"):
+        open_run(out, cfg, resume=False)
+    other = load_config(str(ROOT / "configs" / "smoke.yaml"), ["prune.iterations=3"])
+    with pytest.raises(UsageError, match=r"different config \(changed: prune.iterations\)"):
+        open_run(out, other, resume=True)
+    run2, m2 = open_run(out, cfg, resume=True)
+    assert m2.data["events"][-1]["event"] == "resume"
+    storage.write_text(storage.join(root, "notarun", "x.txt"), "x")
+    with pytest.raises(UsageError, match="not a kesi_dist run"):
+        open_run(storage.join(root, "notarun"), cfg, resume=False)
+    assert storage.listdir(storage.join(root, "notarun")) == ["x.txt"]  # nothing touched
+
+
+def test_tensorboard_writer_uploads_to_a_uri(root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kesi_dist.storage import local_copy
+    from kesi_dist.train.tensorboard import ScalarWriter
+
+    logdir = storage.join(root, "tensorboard", "baseline")
+    w = ScalarWriter(logdir)
+    w.scalars({"val/acc": 0.5}, step=1)
+    assert any(n.startswith("events.out.tfevents") for n in storage.listdir(logdir))  # uploaded on flush
+    w.scalars({"val/acc": 0.75}, step=2)
+    local = w._local
+    w.close()
+    assert not os.path.exists(local)
+    acc = EventAccumulator(local_copy(logdir, os.path.join(os.path.dirname(local), "kesi-tb-check")))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("val/acc")] == [0.5, 0.75]
+
+
+def test_loaders_read_a_uri_through_the_node_local_cache(tiny_data, tmp_path, monkeypatch):
+    from kesi_dist.data.loaders import make_loader, read_meta
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KESI_CACHE_DIR", str(cache))
+    uri = f"file://{tiny_data}"
+    assert read_meta(uri) == read_meta(tiny_data)
+    # The torch backend reads the same .beton files and skips FFCV's compile step (slow to start).
+    kw = dict(batch_size=256, resolution=16, augment="cifar", backend="torch", num_workers=0, seed=3)
+    remote, local = make_loader(uri, "train", **kw), make_loader(tiny_data, "train", **kw)
+    make_loader(uri, "val", **kw)
+    copies = [p for p in os.listdir(cache) if not p.endswith(".lock")]
+    assert len(copies) == 1 and str(remote.data_dir).startswith(str(cache))  # one copy for both splits
+    batches = 0
+    for (xa, ya), (xb, yb) in zip(remote, local):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        batches += 1
+    assert batches == len(local) > 0
+    with pytest.raises(RunError, match="meta.json: missing"):
+        read_meta(f"file://{tmp_path}/nodata")
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole pipeline
+
+@pytest.mark.slow
+def test_kesi_run_writes_everything_under_a_file_uri(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "KESI_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["--output", f"file://{run}", "--set", "baseline.epochs=1", "--set", "retrain.epochs=1",
+            "--set", "fixed_lr.epochs=1", "--set", "distill.epochs=1", "--set", "prune.iterations=1"]
+    proc = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", str(ROOT / "configs" / "smoke.yaml"), *args],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["stages"]["soft_labels"]["status"] == "complete"
+    assert m["stages"]["data"]["path"] == f"file://{run}/data"
+    assert sorted(m["snapshots"]) == ["baseline", "iter1_b0", "iter1_b1", "iter1_fixed", "student"]
+    for s in m["snapshots"].values():
+        assert (run / s["checkpoint"]).is_file()
+    assert {"config.yaml", "report.json", "report.md", "accuracy_vs_macs.png"} <= set(os.listdir(run))
+    assert {"train.beton", "val.beton", "meta.json"} <= set(os.listdir(run / "data"))
+    assert (run / "soft_labels" / "meta.json").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert report["student"]["val_acc"] is not None and report["ensemble"]["teachers"]
+    for sub in ("baseline", "prune_1/iter1_b0", "prune_1/iter1_fixed", "distill", "report"):
+        assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tensorboard" / sub)), sub
+    assert any((run / "train").iterdir())  # Ray Tune / Train state under the URI too
+    # The data was fetched once into the node-local cache; nothing was written next to the config.
+    assert any(p for p in os.listdir(tmp_path / "cache") if not p.endswith(".lock"))
+    assert not (ROOT / "file:").exists()
+    # Resume of a complete URI run reuses everything.
+    again = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", str(ROOT / "configs" / "smoke.yaml"),
+                            *args, "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "baseline[/]" not in again.stdout and "complete, reused" in again.stdout
