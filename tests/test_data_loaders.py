@@ -45,6 +45,36 @@ def test_ffcv_and_torch_backends_yield_identical_batches(data_dir, augment, reso
             torch.testing.assert_close(xf, xt, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+def test_window_yields_exactly_those_batches_of_the_full_epoch(data_dir, backend):
+    """The soft-label pass splits an epoch by windows: a window's batches are the full epoch's."""
+    kw = dict(batch_size=8, resolution=16, augment="cifar", seed=3, shuffle=True, drop_last=False,
+              return_indices=True, backend=backend, num_workers=1 if backend == "ffcv" else 0)
+    ld = make_loader(data_dir, "train", **kw)
+    x, y, i = _epoch(ld, 1)
+    pieces = []
+    for first, stop in ((0, 3), (3, 7), (7, 12)):  # 90 samples: 12 batches, the last one partial
+        ld.set_window(first * 8, stop * 8)
+        assert len(ld) == stop - first
+        pieces.append(_epoch(ld, 1))
+    ld.set_window(None)
+    assert len(ld) == 12
+    assert torch.equal(torch.cat([p[2] for p in pieces]), i) and torch.equal(torch.cat([p[1] for p in pieces]), y)
+    torch.testing.assert_close(torch.cat([p[0] for p in pieces]), x, rtol=0, atol=0)
+
+
+def test_work_units_cover_each_epoch_once():
+    from kesi_dist.distill.cache import work_units
+
+    for batches, epochs, actors in ((8, 2, 2), (391, 30, 8), (3, 1, 4), (1, 5, 2)):
+        units = work_units(batches, epochs, actors)
+        for e in range(epochs):
+            runs = sorted((a, b) for ep, _, a, b in units if ep == e)
+            assert runs[0][0] == 0 and runs[-1][1] == batches and all(a < b for a, b in runs)
+            assert all(runs[k][1] == runs[k + 1][0] for k in range(len(runs) - 1))
+        assert len(units) >= min(batches * epochs, 8 * actors)  # enough units to balance the actors
+
+
 @pytest.mark.slow  # 10-35 s on the shared 2-core machine
 def test_epochs_replay_and_differ(data_dir):
     ld = make_loader(data_dir, "train", batch_size=10, resolution=16, augment="cifar", seed=0, return_indices=True)
@@ -165,4 +195,4 @@ def test_error_in_ffcv_thread_is_raised_not_hung(data_dir):
         "image": [CropResizeDecoder(16, "stored"), ToTensor(), Boom()], "label": [IntDecoder(), ToTensor()],
         "index": None})
     with pytest.raises(RunError, match="FFCV pipeline failed: ValueError: boom in the pipeline"):
-        list(_epoch_iterator(ld, 0))
+        list(_epoch_iterator(ld, 0, len(ld) * ld.batch_size))

@@ -164,6 +164,7 @@ class ImageLoader:
         self.shuffle, self.drop_last, self.device = shuffle, drop_last, device
         self.channels_last, self.return_indices = channels_last, return_indices
         self.split_size = int(meta[f"{split}_size"])
+        self.window: tuple[int, int] | None = None
         self.num_samples = len(self.order(0))  # this rank's samples per epoch
         self.resolution = plan.size
         self.num_classes = int(meta["num_classes"])
@@ -174,15 +175,24 @@ class ImageLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         """Sample indices (positions in the split) this rank visits in `epoch`, in order."""
-        return epoch_order(self.split_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
-                           world_size=self.world_size, drop_last=self.drop_last)
+        order = epoch_order(self.split_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
+                            world_size=self.world_size, drop_last=self.drop_last)
+        return order if self.window is None else order[self.window[0]:self.window[1]]
+
+    def set_window(self, start: int | None, stop: int | None = None) -> None:
+        """Visit only positions `start:stop` of each epoch's order (None: all of it).
+
+        Lets several processes split one epoch's work without each reading the whole epoch: with
+        both ends multiples of batch_size, the batches are exactly those of the full epoch.
+        """
+        self.window = None if start is None else (int(start), int(self.num_samples if stop is None else stop))
 
     def set_epoch(self, epoch: int) -> None:
         """The next iteration replays epoch `epoch` (order and augmentation)."""
         self._next_epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = self.num_samples
+        n = self.num_samples if self.window is None else len(range(self.num_samples)[slice(*self.window)])
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _start_epoch(self) -> int:
@@ -280,7 +290,7 @@ class FFCVLoader(ImageLoader):
             self._it.close()  # an abandoned previous epoch must stop before the cell changes
         epoch = self._start_epoch()
         self.cell.set(epoch)
-        self._it = _epoch_iterator(self._loader, epoch)
+        self._it = _epoch_iterator(self._loader, epoch, len(self) * self.batch_size)
         for batch in self._it:
             # CPU: NormalizeCHW already produced NCHW (or NHWC if channels_last); GPU: ToTorchImage did.
             nhwc = not self._on_gpu and (self.channels_last or not self.normalise_in_pipeline)
@@ -314,7 +324,7 @@ def _checked_iterator_class():
     return CheckedEpochIterator
 
 
-def _epoch_iterator(loader, epoch: int):
+def _epoch_iterator(loader, epoch: int, samples: int):
     """FFCV's `Loader.__iter__` for `epoch`, with an iterator whose worker-thread errors reach the caller.
 
     FFCV's own EpochIterator thread dies silently on an exception and leaves the consumer blocked
@@ -328,7 +338,7 @@ def _epoch_iterator(loader, epoch: int):
     loader.next_epoch = epoch + 1
     if loader.code is None or loader.recompile:
         loader.generate_code()
-    return _checked_iterator_class()(loader, order[: len(loader) * loader.batch_size])
+    return _checked_iterator_class()(loader, order[:samples])
 
 
 # -------------------------------------------------------------------------------------------------

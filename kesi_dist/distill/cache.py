@@ -8,11 +8,11 @@ of the ensemble's temperature-softened probabilities; during distillation `SoftL
 returns a batch's soft labels from its (epoch, indices) and no teacher runs.
 
 Work is split across a pool of Ray actors (the caller initialises Ray), each holding the whole
-ensemble: every epoch is read in sample order (no shuffling, no dropped samples) in batches, and
-batch b goes to actor b mod A. An actor reads the epoch's pixels in full (decoding is cheap next to
-the teachers; reading a subset would need a sampler the loaders do not offer) but runs the teachers
-only on its own batches; it returns them to the driver, which writes the shard files, so actors
-may live on other nodes as long as they can read the dataset folder.
+ensemble. Every epoch is read in sample order (no shuffling, no dropped samples) and cut into work
+units of consecutive batches; the driver hands the next unit to whichever actor is free (so a slow
+or busy node does less, not the same share late), and an actor's loader reads only its unit's
+samples. Results come back to the driver, which writes one shard per unit, so actors may live on
+other nodes as long as they can read the dataset folder.
 
 Layout of `out_dir`:
     meta.json                                   written last, atomically: its presence = complete
@@ -30,6 +30,7 @@ complete cache with the same key is reused as is.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -47,7 +48,7 @@ from kesi_dist.atomic import atomic_write
 from kesi_dist.errors import KesiError, RunError, UsageError
 from kesi_dist.pipeline.manifest import atomic_write_text
 
-__all__ = ["FORMAT", "build_soft_label_cache", "SoftLabelCache", "cache_key", "file_sha256"]
+__all__ = ["FORMAT", "build_soft_label_cache", "SoftLabelCache", "cache_key", "file_sha256", "work_units"]
 
 FORMAT = "kesi_dist/soft-labels/v1"
 _KINDS = ("samples", "values", "indices")
@@ -120,6 +121,15 @@ def _complete_meta(out_dir: Path, key: str) -> dict | None:
     return meta
 
 
+def work_units(batches: int, epochs: int, actors: int, per_actor: int = 8) -> list[tuple[int, int, int, int]]:
+    """(epoch, unit, first batch, stop batch) of the pass: each epoch cut into runs of consecutive
+    batches, about `per_actor` units per actor in all, so that handing units to free actors balances
+    the load to within one unit."""
+    per_epoch = max(1, min(batches, math.ceil(per_actor * actors / epochs)))
+    bounds = [round(i * batches / per_epoch) for i in range(per_epoch + 1)]
+    return [(e, u, bounds[u], bounds[u + 1]) for e in range(epochs) for u in range(per_epoch)]
+
+
 class _SoftLabelWorker:
     """A Ray actor body: the frozen ensemble and a train loader in sample order."""
 
@@ -150,18 +160,18 @@ class _SoftLabelWorker:
                 "batches": len(self.loader)}
 
     @torch.no_grad()
-    def compute(self, epoch: int, shard: int, num_shards: int) -> dict:
-        """Top-k ensemble probabilities for batches b of `epoch` with b % num_shards == shard."""
+    def compute(self, epoch: int, unit: int, first: int, stop: int) -> dict:
+        """Top-k ensemble probabilities of batches first..stop-1 of `epoch` (work unit `unit`)."""
         from kesi_dist.distill.ensemble import ensemble_probs
         from kesi_dist.distill.losses import topk_probs
 
         start = time.perf_counter()
         teacher_s = teacher_cpu_s = 0.0  # wall and this thread's CPU time in the teachers
-        samples, values, classes, batches = [], [], [], []
+        samples, values, classes = [], [], []
+        bs = self.loader.batch_size
+        self.loader.set_window(first * bs, stop * bs)
         self.loader.set_epoch(epoch)
-        for b, (images, _labels, indices) in enumerate(self.loader):
-            if b % num_shards != shard:
-                continue
+        for images, _labels, indices in self.loader:
             if torch.get_num_threads() != self.threads:  # FFCV resets it when an epoch starts
                 torch.set_num_threads(self.threads)
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -172,12 +182,12 @@ class _SoftLabelWorker:
             samples.append(indices.cpu())
             values.append(v.cpu())
             classes.append(c.cpu())
-            batches.append(b)
+        batches = list(range(first, stop))
         num_classes = self.teachers[0].num_classes
         k = min(self.topk, num_classes)
         index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
         return {
-            "epoch": epoch, "shard": shard, "batches": batches,
+            "epoch": epoch, "shard": unit, "batches": batches,
             "samples": torch.cat(samples).numpy().astype(np.int64) if samples else np.zeros(0, np.int64),
             "values": (torch.cat(values).numpy() if values else np.zeros((0, k), np.float32)).astype(self.values_dtype),
             "indices": (torch.cat(classes).numpy() if classes else np.zeros((0, k), np.int64)).astype(index_dtype),
@@ -211,8 +221,8 @@ def build_soft_label_cache(
 ) -> dict:
     """Compute (or reuse) the soft labels of `epochs` epochs of the train split on a pool of Ray actors.
 
-    Ray must already be initialised. Each actor loads the whole ensemble and runs it on its share
-    of every epoch's batches (see the module docstring); torch uses int(cpus_per_actor) threads
+    Ray must already be initialised. Each actor loads the whole ensemble and runs it on the work
+    units (runs of consecutive batches) handed to it while it is free (see the module docstring); torch uses int(cpus_per_actor) threads
     in each actor; the loader uses `loader_workers` FFCV threads (at least 1) or, with backend
     "torch", DataLoader processes (0 = in the actor itself).
 
@@ -225,12 +235,12 @@ def build_soft_label_cache(
         batch_size: batch of the teacher pass (does not change the labels: teachers are in eval mode).
         temperature: T of the softened probabilities.
         topk: probabilities kept per sample (>= num_classes keeps the full distribution).
-        num_actors: actors in the pool (at most one per batch of an epoch).
+        num_actors: actors in the pool (at most one per batch of the pass).
         values_dtype: "float32" (exact) or "float16" (half the space, ~1e-3 relative error).
 
     Returns:
-        The cache's meta: key, settings, "actors" (actor_id, pid, node_id per actor), "shards"
-        (epoch, shard, actor_id, pid, batches, count, files with bytes and sha256, compute_s, and the
+        The cache's meta: key, settings, "actors" (actor index, actor_id, pid, node_id), "shards" (one per
+        work unit: epoch, shard, the actor that computed it, batches, count, files with bytes and sha256, compute_s, and the
         wall and CPU seconds spent in the teachers: teacher_s, teacher_cpu_s),
         "timings" (actors_start_s, pass_s, total_s) and "reused" (True when nothing was computed).
 
@@ -282,7 +292,7 @@ def build_soft_label_cache(
         old.unlink()
 
     n_batches = math.ceil(int(data_meta["train_size"]) / batch_size)
-    used = min(num_actors, n_batches)  # an actor with no batch would only cost a process
+    used = min(num_actors, n_batches * epochs)  # an actor with no batch would only cost a process
     threads = max(1, int(cpus_per_actor))
     use_gpu = gpus_per_actor > 0
     Worker = ray.remote(_SoftLabelWorker)
@@ -302,24 +312,33 @@ def build_soft_label_cache(
             raise RunError(f"{data_dir}: the loader yields {infos[0]['batches']} batches per epoch, expected "
                            f"{n_batches} for {data_meta['train_size']} images; re-run `kesi data prepare`")
         actors_ready = time.perf_counter()
-        pending = {actors[s].compute.remote(e, s, used): (e, s) for e in range(epochs) for s in range(used)}
+        todo = collections.deque(work_units(n_batches, epochs, used))
+        pending: dict = {}
+
+        def submit(actor: int) -> None:
+            epoch, unit, first, stop = todo.popleft()
+            pending[actors[actor].compute.remote(epoch, unit, first, stop)] = actor
+
+        for a in range(min(used, len(todo))):
+            submit(a)
         shards = []
         prefix = key[:12]
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            pending.pop(ref)
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ref)
             try:
                 r = ray.get(ref)
             except ray.exceptions.RayError as e:
                 raise _ray_cause(e) from None
+            if todo:  # keep the actor busy while this unit's files are written
+                submit(actor)
             stem = f"{prefix}-e{r['epoch']:04d}-s{r['shard']:03d}"
             files = {kind: _save_npy(out / f"{stem}-{kind}.npy", r[kind]) for kind in _KINDS}
-            info = infos[r["shard"]]
-            shards.append({"epoch": r["epoch"], "shard": r["shard"], "actor_id": info["actor_id"], "pid": info["pid"],
-                           "node_id": info["node_id"], "batches": r["batches"], "count": int(len(r["samples"])),
-                           "files": files, "compute_s": round(r["compute_s"], 4), "teacher_s": round(r["teacher_s"], 4),
-                           "teacher_cpu_s": round(r["teacher_cpu_s"], 4)})
+            info = infos[actor]
+            shards.append({"epoch": r["epoch"], "shard": r["shard"], "actor": actor, "actor_id": info["actor_id"],
+                           "pid": info["pid"], "node_id": info["node_id"], "batches": r["batches"],
+                           "count": int(len(r["samples"])), "files": files, "compute_s": round(r["compute_s"], 4),
+                           "teacher_s": round(r["teacher_s"], 4), "teacher_cpu_s": round(r["teacher_cpu_s"], 4)})
         pass_s = time.perf_counter() - actors_ready
     finally:
         for a in actors:
@@ -333,7 +352,7 @@ def build_soft_label_cache(
         "data_dir": str(Path(data_dir).resolve()), "data_fingerprint": data_fp,
         "teachers": [{"path": str(p), "sha256": h} for p, h in zip(teacher_paths, teacher_hashes)],
         "num_actors": used, "batches_per_epoch": n_batches,
-        "actors": [{"shard": i, **infos[i]} for i in range(used)],
+        "actors": [{"actor": i, **infos[i]} for i in range(used)],
         "shards": shards,
         "timings": {"actors_start_s": round(actors_ready - start, 4), "pass_s": round(pass_s, 4),
                     "total_s": round(time.perf_counter() - start, 4)},
