@@ -204,6 +204,29 @@ def test_open_run_rules_hold_on_uris(root):
     assert storage.listdir(storage.join(root, "notarun")) == ["x.txt"]  # nothing touched
 
 
+def test_soft_label_cache_on_a_uri(root):
+    import numpy as np
+
+    from kesi_dist.distill.cache import FORMAT, SoftLabelCache, _save_npy
+
+    out = storage.join(root, "soft_labels")
+    n, k = 8, 2
+    arrays = {"samples": np.arange(n, dtype=np.int64)[::-1].copy(),
+              "values": np.random.default_rng(0).random((n, k), dtype=np.float32),
+              "indices": np.tile(np.arange(k, dtype=np.int16), (n, 1))}
+    files = {kind: _save_npy(storage.join(out, f"abc-e0000-s000-{kind}.npy"), a) for kind, a in arrays.items()}
+    meta = {"format": FORMAT, "epochs": 1, "num_classes": 4, "train_size": n, "topk_stored": k, "seed": 0,
+            "resolution": 16, "augment": "none", "shards": [{"epoch": 0, "shard": 0, "files": files}]}
+    storage.write_text(storage.join(out, "meta.json"), json.dumps(meta))
+    assert _leftovers(root) == []
+    values, classes = SoftLabelCache(out).lookup(0, torch.tensor([7, 0]))
+    assert torch.equal(values, torch.from_numpy(arrays["values"][[0, 7]])) and classes.shape == (2, k)
+    shard = storage.join(out, "abc-e0000-s000-values.npy")
+    storage.write_bytes(shard, storage.read_bytes(shard)[:-4])
+    with pytest.raises(RunError, match=r"abc-e0000-s000-values\.npy: soft-label shard is truncated"):
+        SoftLabelCache(out).lookup(0, torch.arange(n))
+
+
 def test_tensorboard_writer_uploads_to_a_uri(root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -19,6 +19,8 @@ Layout of `out_dir`:
     <key12>-e<epoch>-s<shard>-samples.npy       int64 [n]       sample indices of the shard
     <key12>-e<epoch>-s<shard>-values.npy        float32 [n, k]  top-k probabilities (or float16)
     <key12>-e<epoch>-s<shard>-indices.npy       int16/int32 [n, k]  their classes
+`out_dir` may be a storage URI (`kesi_dist.storage`): shards and meta.json are then written and read
+through it, atomically as on a local disk.
 Every file is written to a temp name and renamed; meta.json records each file's size and sha256,
 and a reader checks both before trusting a file (a truncated or altered shard is an error, never
 read as complete). Files load with `allow_pickle=False`.
@@ -31,7 +33,9 @@ complete cache with the same key is reused as is.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import hashlib
+import io
 import json
 import math
 import os
@@ -43,10 +47,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kesi_dist import storage
 from kesi_dist.distill.losses import dense_from_topk
-from kesi_dist.atomic import atomic_write
 from kesi_dist.errors import KesiError, RunError, UsageError
-from kesi_dist.pipeline.manifest import atomic_write_text
 
 __all__ = ["FORMAT", "build_soft_label_cache", "SoftLabelCache", "cache_key", "file_sha256", "work_units"]
 
@@ -56,11 +59,18 @@ _VALUE_DTYPES = ("float32", "float16")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a local file or a storage URI, streamed."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fs, p = storage.storage_fs(path)
+    with fs.open_input_stream(p) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _abs(path: str | Path) -> str:
+    """What actors on any node are given: a URI as is, a local path made absolute."""
+    return path if storage.is_uri(path) else str(Path(path).resolve())
 
 
 def cache_key(*, teacher_hashes: list[str], data_fingerprint: str, seed: int, epochs: int, resolution: int,
@@ -76,41 +86,46 @@ def _data_fingerprint(data_dir: str | Path) -> tuple[str, dict]:
     from kesi_dist.data.loaders import read_meta
 
     meta = read_meta(data_dir)
-    fp = meta.get("fingerprint") or hashlib.sha256((Path(data_dir) / "meta.json").read_bytes()).hexdigest()
+    fp = meta.get("fingerprint") or hashlib.sha256(storage.read_bytes(storage.join(data_dir, "meta.json"))).hexdigest()
     return fp, meta
 
 
-def _save_npy(path: Path, array: np.ndarray) -> dict:
-    """np.save to a temp name in the same folder, fsync, rename; returns {name, bytes, sha256}."""
-    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+def _save_npy(path: str | Path, array: np.ndarray) -> dict:
+    """np.save, written atomically (local or URI, see kesi_dist.storage); returns {name, bytes, sha256}."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    data = buf.getvalue()
+    storage.write_bytes(path, data)
+    return {"name": os.path.basename(str(path)), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _verified(out_dir: Path, entry: dict, check_hash: bool = True) -> Path:
-    path = out_dir / entry["name"]
-    if not path.is_file():
-        raise RunError(f"{path}: soft-label shard missing; delete {out_dir} to rebuild the cache")
-    size = path.stat().st_size
-    if size != entry["bytes"] or (check_hash and file_sha256(path) != entry["sha256"]):
-        what = f"{size} bytes, expected {entry['bytes']}" if size != entry["bytes"] else "content hash differs"
-        raise RunError(f"{path}: soft-label shard is truncated or corrupt ({what}); delete {out_dir} to rebuild")
-    return path
-
-
-def _load_npy(path: Path) -> np.ndarray:
+def _verified(out_dir: str | Path, entry: dict) -> tuple[str, bytes]:
+    """(path, content) of a shard whose size and sha256 match its meta.json entry (read once)."""
+    path = storage.join(out_dir, entry["name"])
     try:
-        return np.load(path, allow_pickle=False)
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise RunError(f"{path}: soft-label shard missing; delete {out_dir} to rebuild the cache") from None
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        what = f"{len(data)} bytes, expected {entry['bytes']}" if len(data) != entry["bytes"] else "content hash differs"
+        raise RunError(f"{path}: soft-label shard is truncated or corrupt ({what}); delete {out_dir} to rebuild")
+    return path, data
+
+
+def _load_npy(path: str, data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise RunError(f"{path}: not a readable .npy soft-label shard ({e})") from None
 
 
-def _complete_meta(out_dir: Path, key: str) -> dict | None:
+def _complete_meta(out_dir: str | Path, key: str) -> dict | None:
     """The meta of a complete, intact cache with `key` in `out_dir`, else None."""
-    path = out_dir / "meta.json"
-    if not path.is_file():
+    path = storage.join(out_dir, "meta.json")
+    if not storage.is_file(path):
         return None
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(storage.read_text(path))
         if meta.get("format") != FORMAT or meta.get("key") != key:
             return None
         for shard in meta["shards"]:
@@ -265,7 +280,7 @@ def build_soft_label_cache(
         raise UsageError(f"soft-label cache: cpus_per_actor {cpus_per_actor} must be > 0, gpus_per_actor >= 0")
     if not ray.is_initialized():
         raise RunError("build_soft_label_cache needs Ray initialised first (ray.init or kesi's connect_ray)")
-    missing = [p for p in teacher_paths if not Path(p).is_file()]
+    missing = [p for p in teacher_paths if not storage.is_file(p)]
     if missing:
         raise RunError(f"{missing[0]}: no such teacher checkpoint")
     data_fp, data_meta = _data_fingerprint(data_dir)
@@ -281,15 +296,15 @@ def build_soft_label_cache(
                 "temperature": float(temperature), "topk": int(topk), "values_dtype": values_dtype}
     teacher_hashes = [file_sha256(p) for p in teacher_paths]
     key = cache_key(teacher_hashes=teacher_hashes, data_fingerprint=data_fp, **settings)
-    out = Path(out_dir)
+    out = out_dir if storage.is_uri(out_dir) else str(out_dir)
     found = _complete_meta(out, key)
     if found is not None:
         return {**found, "reused": True}
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # from here on the folder does not look complete
-    for old in out.glob("*-e*-s*-*.npy"):
-        old.unlink()
+    storage.makedirs(out)
+    storage.remove(storage.join(out, "meta.json"))  # from here on the folder does not look complete
+    for old in fnmatch.filter(storage.listdir(out), "*-e*-s*-*.npy"):
+        storage.remove(storage.join(out, old))
 
     n_batches = math.ceil(int(data_meta["train_size"]) / batch_size)
     used = min(num_actors, n_batches * epochs)  # an actor with no batch would only cost a process
@@ -298,7 +313,7 @@ def build_soft_label_cache(
     Worker = ray.remote(_SoftLabelWorker)
     actors = [
         Worker.options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor).remote(
-            [str(Path(p).resolve()) for p in teacher_paths], str(Path(data_dir).resolve()), batch_size=batch_size,
+            [_abs(p) for p in teacher_paths], _abs(data_dir), batch_size=batch_size,
             resolution=resolution, augment=augment, seed=seed, temperature=temperature, topk=topk, backend=backend,
             loader_workers=loader_workers, threads=threads, use_gpu=use_gpu, values_dtype=values_dtype)
         for _ in range(used)
@@ -333,7 +348,7 @@ def build_soft_label_cache(
             if todo:  # keep the actor busy while this unit's files are written
                 submit(actor)
             stem = f"{prefix}-e{r['epoch']:04d}-s{r['shard']:03d}"
-            files = {kind: _save_npy(out / f"{stem}-{kind}.npy", r[kind]) for kind in _KINDS}
+            files = {kind: _save_npy(storage.join(out, f"{stem}-{kind}.npy"), r[kind]) for kind in _KINDS}
             info = infos[actor]
             shards.append({"epoch": r["epoch"], "shard": r["shard"], "actor": actor, "actor_id": info["actor_id"],
                            "pid": info["pid"], "node_id": info["node_id"], "batches": r["batches"],
@@ -345,11 +360,11 @@ def build_soft_label_cache(
             ray.kill(a)
     shards.sort(key=lambda s: (s["epoch"], s["shard"]))
     first = shards[0]["files"]["values"]
-    k = int(np.load(out / first["name"], mmap_mode="r", allow_pickle=False).shape[1])
+    k = int(_load_npy(*_verified(out, first)).shape[1])
     meta = {
         "format": FORMAT, "key": key, **settings, "topk_stored": k, "batch_size": int(batch_size),
         "num_classes": int(data_meta["num_classes"]), "train_size": int(data_meta["train_size"]),
-        "data_dir": str(Path(data_dir).resolve()), "data_fingerprint": data_fp,
+        "data_dir": _abs(data_dir), "data_fingerprint": data_fp,
         "teachers": [{"path": str(p), "sha256": h} for p, h in zip(teacher_paths, teacher_hashes)],
         "num_actors": used, "batches_per_epoch": n_batches,
         "actors": [{"actor": i, **infos[i]} for i in range(used)],
@@ -358,7 +373,7 @@ def build_soft_label_cache(
                     "total_s": round(time.perf_counter() - start, 4)},
         "created": time.time(),
     }
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+    storage.write_text(storage.join(out, "meta.json"), json.dumps(meta, indent=1) + "\n")
     return {**meta, "reused": False}
 
 
@@ -370,13 +385,13 @@ class SoftLabelCache:
     """
 
     def __init__(self, out_dir: str | Path):
-        self.dir = Path(out_dir)
-        path = self.dir / "meta.json"
-        if not path.is_file():
+        self.dir = out_dir if storage.is_uri(out_dir) else Path(out_dir)
+        path = storage.join(self.dir, "meta.json")
+        if not storage.is_file(path):
             raise RunError(f"{path}: missing; the soft-label cache is not built or did not finish "
                            "(build_soft_label_cache writes it last)")
         try:
-            meta = json.loads(path.read_text())
+            meta = json.loads(storage.read_text(path))
         except ValueError as e:
             raise RunError(f"{path}: not valid JSON ({e}); delete {self.dir} to rebuild the cache") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -411,7 +426,7 @@ class SoftLabelCache:
         for shard in self.meta["shards"]:
             if shard["epoch"] != epoch:
                 continue
-            arrays = {kind: _load_npy(_verified(self.dir, shard["files"][kind])) for kind in _KINDS}
+            arrays = {kind: _load_npy(*_verified(self.dir, shard["files"][kind])) for kind in _KINDS}
             s, v, c = arrays["samples"], arrays["values"], arrays["indices"]
             if s.ndim != 1 or v.shape != (len(s), self.k) or c.shape != (len(s), self.k) or (
                     len(s) and (s.min() < 0 or s.max() >= self.size)):
