@@ -163,6 +163,12 @@ class FixedLRCfg(Schedule):
     schedule: Literal["multistep", "constant", "onecycle"] = "constant"
 
 
+# (exclusive lower bound, inclusive upper bound, what a value must be) of each searchable field
+_SPACE_RANGES = {"lr": (0, float("inf"), "> 0"), "pct_start": (0, 0.999999, "in (0, 1)"),
+                 "epochs": (0, 1e6, ">= 1"), "div_factor": (0.999999, float("inf"), ">= 1"),
+                 "final_div_factor": (0.999999, float("inf"), ">= 1"), "weight_decay": (0, float("inf"), ">= 0")}
+
+
 class TuneCfg(_Strict):
     branches: int = Field(2, ge=1, description="parallel LR-restart trials per iteration")
     search: Literal["grid", "random"] = "grid"
@@ -182,6 +188,12 @@ class TuneCfg(_Strict):
                 raise ValueError(f"unknown search key {k!r}; allowed: {', '.join(sorted(allowed))}")
             if not vals:
                 raise ValueError(f"{k}: needs at least one value")
+            lo, hi, what = _SPACE_RANGES[k]
+            for x in vals:
+                if not (x > lo if k != "weight_decay" else x >= lo) or x > hi:
+                    raise ValueError(f"{k}: {x} is not {what}")
+                if k == "epochs" and x != int(x):
+                    raise ValueError(f"epochs: {x} is not a whole number of epochs")
         return v
 
 
@@ -232,6 +244,16 @@ class Config(_Strict):
     distill: DistillCfg = DistillCfg()
     train: TrainCfg = TrainCfg()
     cluster: ClusterCfg = ClusterCfg()
+
+    @model_validator(mode="after")
+    def _asha_grace_fits(self) -> "Config":
+        t = self.tune
+        epochs = int(max(t.space.get("epochs") or [self.retrain.epochs]))
+        if t.asha and t.asha_grace_epochs > epochs:
+            raise ValueError(f"tune.asha_grace_epochs: {t.asha_grace_epochs} is more than the {epochs} epoch(s) a "
+                             "branch trains (retrain.epochs / tune.space.epochs), so ASHA could never stop one; "
+                             "lower it or train longer")
+        return self
 
 
 def _parse_value(text: str) -> Any:

@@ -101,7 +101,7 @@ def read_meta(data_dir: str | Path) -> dict:
     path = d / "meta.json"
     if not path.is_file():
         raise RunError(f"{path}: missing; the dataset is not prepared or preparation did not finish "
-                       "(run `kesi data prepare --source ... --out {d}`)")
+                       f"(run `kesi data prepare --source ... --out {d}`)")
     try:
         meta = json.loads(path.read_text())
     except ValueError as e:

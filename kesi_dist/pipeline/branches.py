@@ -73,6 +73,7 @@ def _trial(config: dict) -> None:
     from ray import tune
 
     from kesi_dist.pipeline.ray_train import run_training
+    from kesi_dist.train.loop import DivergedError
 
     b = Branch(**config["branch"])
     metric_key = ASHA_METRIC if b.arm == "onecycle" else "fixed/val_acc"
@@ -82,22 +83,29 @@ def _trial(config: dict) -> None:
         tune.report({"epoch": m["epoch"] + 1, "val/acc": m["val/acc"], "train/loss": m["train/loss"],
                      metric_key: m["val/acc"]})
 
-    result = run_training(
-        model=ModelSpec(arch="", init_checkpoint=b.init_checkpoint),
-        schedule=ScheduleSpec(**b.schedule),
-        loader=LoaderSpec(**config["loader"]),
-        engine=EngineSpec(**config["engine"]),
-        storage_path=config["storage"],
-        name=b.name,
-        seed=config["seed"],
-        resume=True,  # a branch restarted after a driver crash continues from its last epoch
-        final_checkpoint=b.checkpoint,
-        tensorboard_dir=f"{config['tensorboard']}/{b.name}",
-        hparams={"arm": b.arm, **b.hparams},
-        on_epoch=on_epoch,
-        progress=False,
-        max_steps_per_epoch=config.get("max_steps_per_epoch"),
-    )
+    try:
+        result = run_training(
+            model=ModelSpec(arch="", init_checkpoint=b.init_checkpoint),
+            schedule=ScheduleSpec(**b.schedule),
+            loader=LoaderSpec(**config["loader"]),
+            engine=EngineSpec(**config["engine"]),
+            storage_path=config["storage"],
+            name=b.name,
+            seed=config["seed"],
+            resume=True,  # a branch restarted after a driver crash continues from its last epoch
+            final_checkpoint=b.checkpoint,
+            tensorboard_dir=f"{config['tensorboard']}/{b.name}",
+            hparams={"arm": b.arm, **b.hparams},
+            on_epoch=on_epoch,
+            progress=False,
+            max_steps_per_epoch=config.get("max_steps_per_epoch"),
+        )
+    except DivergedError as e:
+        # The trial's final result, not an error: Tune would retry an error (max_failures), and the
+        # same branch would diverge again.
+        tune.report({"diverged": str(e), "node_id": ray.get_runtime_context().get_node_id(),
+                     "start": start, "end": time.time()})
+        return
     tune.report({
         "epoch": result.metrics["epoch"] + 1, "val/acc": result.metrics["val/acc"],
         metric_key: result.metrics["val/acc"], "snapshot": b.checkpoint,
@@ -176,13 +184,15 @@ class _Driver(Callback):
         return self.by_name[trial.config["branch"]["name"]]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if self.on_progress is not None and "snapshot" not in result:
+        if self.on_progress is not None and "snapshot" not in result and "diverged" not in result:
             self.on_progress(self._branch(trial), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         if "snapshot" in last:
             self.on_done(self._branch(trial), last)
+        elif "diverged" in last:  # reported by the trial, not raised, so that Tune does not retry it
+            self.on_failed(self._branch(trial), last["diverged"])
         else:  # stopped early by ASHA: not a finished branch, so not a snapshot
             self.on_failed(self._branch(trial), f"stopped early by ASHA after {last.get('epoch', 0)} epoch(s)")
 

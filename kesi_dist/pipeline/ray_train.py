@@ -321,9 +321,12 @@ def train_worker(config: dict, session: Any = None) -> None:
                 loader = _FailOnce(train_loader, run["run_dir"].rstrip("/") + f"/.kesi_injected_failure_epoch{epoch}",
                                   steps_per_epoch)
             lr = current_lr(optimizer)
-            m = train_epoch(w.model, loader, optimizer, scheduler, masks=masks, device=device,
-                            autocast_bf16=espec.bf16, channels_last=espec.channels_last,
-                            max_steps=max_steps, engine=w.engine, kd_loss_fn=kd_hook)
+            try:
+                m = train_epoch(w.model, loader, optimizer, scheduler, masks=masks, device=device,
+                                autocast_bf16=espec.bf16, channels_last=espec.channels_last,
+                                max_steps=max_steps, engine=w.engine, kd_loss_fn=kd_hook)
+            except DivergedError as e:
+                raise DivergedError(f"diverged at epoch {epoch + 1}: {e}") from None
             m.update(evaluate(w.model, val_loader, device, autocast_bf16=espec.bf16,
                               channels_last=espec.channels_last))
             m.update({"epoch": epoch, "lr": lr, "lr_end": current_lr(optimizer), "world_size": world,

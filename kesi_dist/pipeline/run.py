@@ -104,10 +104,30 @@ def _fmt_size(entry: dict) -> str:
            f"{entry['macs'] / 1e6:.1f} M MACs"
 
 
+def _preflight(cfg: Config) -> None:
+    """Mistakes found from the config alone, before Ray starts or the run folder is touched: a search
+    space that cannot yield the branches, a given baseline that is unreadable or of another model."""
+    restart_grid(cfg.tune.space, cfg.tune.branches, cfg.tune.search, cfg.seed)
+    path = cfg.baseline.checkpoint
+    if path:
+        from kesi_dist.checkpoint import load_checkpoint
+
+        try:
+            ck = load_checkpoint(path)
+        except RunError as e:
+            raise RunError(f"baseline.checkpoint: {e}") from None
+        if ck["arch"] != cfg.model.arch:
+            raise UsageError(f"baseline.checkpoint {path}: holds a {ck['arch']}, but model.arch is {cfg.model.arch}")
+        if cfg.model.num_classes and ck["num_classes"] != cfg.model.num_classes:
+            raise UsageError(f"baseline.checkpoint {path}: has {ck['num_classes']} classes, but model.num_classes "
+                             f"is {cfg.model.num_classes}")
+
+
 def run_pipeline(cfg: Config, output: str, resume: bool = False, *, max_steps_per_epoch: int | None = None) -> RunDir:
     """Run (or resume) the whole pipeline for `cfg` into the run directory `output`."""
     from kesi_dist.cluster import connect_ray
 
+    _preflight(cfg)
     run, manifest = open_run(output, cfg, resume)
     console.rule(f"kesi run · {cfg.model.arch} · {cfg.prune.method} x{cfg.prune.iterations} · {run.root}")
     try:

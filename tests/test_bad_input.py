@@ -1,0 +1,314 @@
+"""The bad-input catalogue: every case exits 2 (usage) or 1 (runtime) with one `error:` line naming the
+culprit, no traceback, and nothing saved before it damaged.
+
+Cases run in-process through `kesi_dist.cli.main` (fast); those marked `sub` run the real `kesi`
+command in a subprocess as well, for the real exit code and stderr. A case that gets as far as Ray
+uses the session's local Ray and fails before any training. The finished-run and resume refusals on a
+real (not fabricated) run are in tests/test_pipeline.py (test_refuses_to_overwrite_a_run,
+test_resume_of_a_different_config_is_refused).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import ray  # noqa: F401 - imported at collection, so Ray's log handler never holds a closed per-test capture stream
+
+from kesi_dist.checkpoint import save_checkpoint
+from kesi_dist.cli import main
+from kesi_dist.models import build_model
+from tests.datafiles import write_cifar10, write_tiny_imagenet
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    data: str  # a private copy of the session's prepared tiny dataset (4 classes, 16 px)
+
+    @property
+    def out(self) -> str:
+        return str(self.tmp / "run")
+
+    def run(self, *sets: str, config: str = SMOKE, extra: tuple[str, ...] = ()) -> list[str]:
+        return ["run", config, "--output", self.out, *extra, *[a for s in sets for a in ("--set", s)]]
+
+    def on_data(self, *sets: str, **kw) -> list[str]:
+        """`kesi run` on the tiny prepared dataset (cheap: nothing reaches training in these cases)."""
+        return self.run("data.source=prepared", f"data.prepared={self.data}", "data.resolution=16", *sets, **kw)
+
+    def yaml(self, text: str) -> str:
+        p = self.tmp / "bad.yaml"
+        p.write_text(text)
+        return str(p)
+
+    def checkpoint(self, arch: str, classes: int) -> str:
+        p = self.tmp / f"{arch}_{classes}.pt"
+        save_checkpoint(p, build_model(arch, classes))
+        return str(p)
+
+    def fabricated_run(self, status: str = "running") -> Path:
+        """A run folder as `kesi run` leaves it (config.yaml + manifest.json), without running anything."""
+        from kesi_dist.config import load_config
+        from kesi_dist.pipeline.rundir import open_run
+
+        cfg = load_config(SMOKE, ["data.source=prepared", f"data.prepared={self.data}", "data.resolution=16"])
+        _, manifest = open_run(self.out, cfg, resume=False)
+        manifest.finish_stage("data", path=self.data)
+        manifest.data["status"] = status
+        manifest.log(f"run {status}")
+        return Path(self.out)
+
+
+@dataclass
+class Case:
+    id: str
+    setup: Callable[[Ctx], list[str]]  # -> argv
+    code: int
+    culprit: Callable[[Ctx], str] | str  # text the one error line must contain
+    ray: bool = False  # reaches connect_ray (uses the session's local Ray)
+    sub: bool = False  # also run as a real subprocess
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    no_output_dir: bool = True  # refused before the run folder was created
+    extra_check: Callable[[Ctx], None] | None = field(default=None)
+
+
+def _corrupt_jpeg(c: Ctx) -> list[str]:
+    ds = write_tiny_imagenet(c.tmp / "src")
+    ds.files["first_train"].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return ["data", "prepare", "--source", "tiny-imagenet", "--root", str(ds.root), "--out", str(c.tmp / "prep")]
+
+
+def _wrong_layout(c: Ctx) -> list[str]:
+    ds = write_tiny_imagenet(c.tmp / "src")
+    ds.files["wnids"].unlink()
+    return ["data", "prepare", "--source", "tiny-imagenet", "--root", str(ds.root), "--out", str(c.tmp / "prep")]
+
+
+def _truncated_pickle(c: Ctx) -> list[str]:
+    ds = write_cifar10(c.tmp / "src", train_per_batch=4, test=4)
+    data = ds.files["data_batch_2"].read_bytes()
+    ds.files["data_batch_2"].write_bytes(data[: len(data) // 3])
+    return ["data", "prepare", "--source", "cifar10", "--root", str(ds.root), "--out", str(c.tmp / "prep")]
+
+
+class _Payload:
+    """Pickles into a call of `open(marker, "w")`: unpickling it would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.open, (self.marker, "w"))
+
+
+def _pickle_with_code(c: Ctx) -> list[str]:
+    ds = write_cifar10(c.tmp / "src", train_per_batch=4, test=4)
+    with open(ds.files["test_batch"], "wb") as f:
+        pickle.dump({"data": _Payload(c.tmp / "pwned"), "labels": [0]}, f)
+    return ["data", "prepare", "--source", "cifar10", "--root", str(ds.root), "--out", str(c.tmp / "prep")]
+
+
+def _no_marker(c: Ctx) -> None:
+    assert not (c.tmp / "pwned").exists(), "the pickle's code ran"
+
+
+def _truncated_beton(c: Ctx) -> list[str]:
+    beton = Path(c.data) / "train.beton"
+    beton.write_bytes(beton.read_bytes()[:4096])
+    return c.on_data()
+
+
+def _disk_full(mp: pytest.MonkeyPatch) -> None:
+    from kesi_dist import atomic
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mp.setattr(atomic._Tracked, "write", full)
+
+
+def _corrupt_manifest(c: Ctx) -> list[str]:
+    run = c.fabricated_run()
+    text = (run / "manifest.json").read_text()
+    (run / "manifest.json").write_text(text[: len(text) // 2])
+    return c.on_data(extra=("--resume",))
+
+
+CASES = [
+    # -- the config file and --set ------------------------------------------------------------
+    Case("malformed_yaml", lambda c: c.run(config=c.yaml("model:\n  arch: [resnet20\n")), 2,
+         lambda c: f"{c.tmp / 'bad.yaml'}: malformed YAML at line", sub=True),
+    Case("yaml_not_a_mapping", lambda c: c.run(config=c.yaml("- model\n- data\n")), 2, "expected a mapping"),
+    Case("config_missing", lambda c: c.run(config=str(c.tmp / "nope.yaml")), 2,
+         lambda c: f"{c.tmp / 'nope.yaml'}: no such config file"),
+    Case("unknown_section", lambda c: c.run(config=c.yaml("modle:\n  arch: resnet20\n")), 2, "modle: unknown key"),
+    Case("unknown_key", lambda c: c.run("prune.ratio=0.5"), 2, "prune.ratio: unknown key"),
+    Case("wrong_type_in_yaml", lambda c: c.run(config=c.yaml("prune:\n  iterations: three\n")), 2,
+         "prune.iterations"),
+    Case("wrong_type_in_set", lambda c: c.run("data.batch_size=abc"), 2, "data.batch_size"),
+    Case("ratio_above_one", lambda c: c.run("prune.stage_ratios=[0.1,1.5,0.3]"), 2,
+         "prune.stage_ratios: must be in [0, 1), got 1.5"),
+    Case("ratio_negative", lambda c: c.run("prune.layer_ratios={layer1.0: -0.2}"), 2, "prune.layer_ratios"),
+    Case("mwp_targets_decreasing", lambda c: c.run("prune.method=mwp", "prune.targets=[0.5,0.3,0.6]",
+                                                   "prune.iterations=3"), 2, "prune.targets"),
+    Case("unknown_model", lambda c: c.run("model.arch=resnet57"), 2, "unknown model 'resnet57'", sub=True),
+    Case("unknown_method", lambda c: c.run("prune.method=snip"), 2, "prune.method"),
+    Case("unknown_source", lambda c: c.run("data.source=imagenet21k"), 2, "data.source"),
+    Case("source_without_root", lambda c: c.run("data.source=cifar10"), 2, "data.root is required"),
+    Case("set_without_value", lambda c: c.run("prune.iterations"), 2, "--set 'prune.iterations'"),
+    Case("set_into_a_value", lambda c: c.run("seed.x=1"), 2, "seed is not a section"),
+    Case("iterations_zero", lambda c: c.run("prune.iterations=0"), 2, "prune.iterations"),
+    # -- the Tune search space ------------------------------------------------------------------
+    Case("tune_space_empty", lambda c: c.run("tune.space.lr=[]"), 2, "lr: needs at least one value"),
+    Case("tune_more_branches_than_grid", lambda c: c.run("tune.branches=3"), 2,
+         "tune.branches=3 but tune.space has only 2 grid combination(s)", sub=True),
+    Case("tune_space_unknown_key", lambda c: c.run("tune.space.momentum=[0.9]"), 2, "unknown search key 'momentum'"),
+    Case("tune_space_negative_lr", lambda c: c.run("tune.space.lr=[0.1,-1]"), 2, "lr: -1.0 is not > 0"),
+    Case("tune_space_warmup_over_one", lambda c: c.run("tune.space.pct_start=[1.5]"), 2, "pct_start: 1.5"),
+    Case("asha_grace_above_epochs", lambda c: c.run("tune.asha=true", "tune.asha_grace_epochs=5"), 2,
+         "tune.asha_grace_epochs: 5 is more than the 2 epoch(s)"),
+    # -- datasets ------------------------------------------------------------------------------
+    Case("dataset_root_missing", lambda c: ["data", "prepare", "--source", "cifar10", "--root",
+                                            str(c.tmp / "no-such-dir"), "--out", str(c.tmp / "prep")], 1,
+         lambda c: str(c.tmp / "no-such-dir")),
+    Case("dataset_wrong_layout", _wrong_layout, 1, "wnids.txt"),
+    Case("corrupt_jpeg", _corrupt_jpeg, 1, "images/n01443537_0.JPEG: cannot decode image", sub=True),
+    Case("truncated_cifar_pickle", _truncated_pickle, 1, "data_batch_2"),
+    Case("cifar_pickle_with_code", _pickle_with_code, 1, "test_batch", extra_check=_no_marker),
+    Case("prepare_zero_workers", lambda c: ["data", "prepare", "--source", "digits", "--out", str(c.tmp / "prep"),
+                                            "--workers", "0"], 2, "--workers 0"),
+    Case("prepared_folder_missing", lambda c: c.run("data.source=prepared", f"data.prepared={c.tmp / 'nodata'}"), 1,
+         lambda c: str(c.tmp / "nodata" / "meta.json"), ray=True, no_output_dir=False),
+    Case("truncated_beton", _truncated_beton, 1, lambda c: f"{c.data}/train.beton", ray=True, no_output_dir=False),
+    Case("num_classes_differs_from_data", lambda c: c.on_data("model.num_classes=10"), 2,
+         "model.num_classes is 10 but the data has 4", ray=True, no_output_dir=False),
+    # -- checkpoints ---------------------------------------------------------------------------
+    Case("baseline_of_another_arch", lambda c: c.on_data(f"baseline.checkpoint={c.checkpoint('resnet32', 4)}"), 2,
+         "holds a resnet32, but model.arch is resnet20", sub=True),
+    Case("baseline_of_another_class_count",
+         lambda c: c.on_data(f"baseline.checkpoint={c.checkpoint('resnet20', 10)}"), 2,
+         "has 10 classes, the data has 4", ray=True, no_output_dir=False),
+    Case("baseline_missing", lambda c: c.on_data(f"baseline.checkpoint={c.tmp / 'gone.pt'}"), 1,
+         lambda c: f"baseline.checkpoint: {c.tmp / 'gone.pt'}: no such checkpoint file"),
+    Case("baseline_truncated", lambda c: c.on_data(f"baseline.checkpoint={_truncate(c.checkpoint('resnet20', 4))}"),
+         1, "truncated or corrupt"),
+    # -- run folders ---------------------------------------------------------------------------
+    Case("output_of_a_finished_run", lambda c: (c.fabricated_run("complete"), c.on_data())[1], 2,
+         "already holds a complete run; pass --resume", ray=True, no_output_dir=False),
+    Case("resume_with_another_config", lambda c: (c.fabricated_run(), c.on_data("prune.iterations=3",
+                                                                                 extra=("--resume",)))[1], 2,
+         "different config (changed: prune.iterations)", ray=True, no_output_dir=False),
+    Case("resume_without_a_run", lambda c: c.on_data(extra=("--resume",)), 2, "no run to resume there",
+         ray=True),
+    Case("output_is_another_folder", lambda c: ((c.tmp / "run").mkdir(), (c.tmp / "run" / "notes.txt").write_text(
+        "mine"), c.on_data())[2], 2, "folder exists and is not a kesi_dist run", ray=True, no_output_dir=False),
+    Case("corrupt_manifest_on_resume", _corrupt_manifest, 1, "manifest.json: corrupt manifest", ray=True,
+         no_output_dir=False),
+    Case("disk_full_while_writing", lambda c: (c.fabricated_run(), c.on_data(extra=("--resume",)))[1], 1,
+         lambda c: f"{c.tmp / 'run' / 'manifest.json'}: cannot write it: no space left on device", ray=True,
+         patch=_disk_full, no_output_dir=False),
+]
+
+
+def _truncate(path: str) -> str:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _files(*roots: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for r in roots for p in Path(r).rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_data):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (tmp_path / "work").mkdir()
+    return Ctx(tmp_path / "work", str(data))
+
+
+def _check_error(err: str, culprit: str) -> None:
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err
+    assert culprit in lines[0], (culprit, lines[0])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, ctx: Ctx, request, monkeypatch, capsys):
+    if case.ray:
+        request.getfixturevalue("ray_local")
+    argv = case.setup(ctx)
+    before = _files(ctx.tmp, Path(ctx.data))
+    if case.patch:
+        case.patch(monkeypatch)
+    code = main(argv)
+    out = capsys.readouterr()
+    culprit = case.culprit(ctx) if callable(case.culprit) else case.culprit
+    assert code == case.code, (code, out.err[-2000:])
+    _check_error(out.err, culprit)
+    assert "Traceback" not in out.out
+    after = _files(ctx.tmp, Path(ctx.data))
+    changed = [p for p, data in before.items() if after.get(p) != data]
+    assert not changed, f"saved files damaged: {changed}"
+    if case.no_output_dir:
+        assert not (ctx.tmp / "run").exists(), "a run folder was created for a refused config"
+    if case.extra_check:
+        case.extra_check(ctx)
+
+
+SUB = [c for c in CASES if c.sub]
+
+
+@pytest.mark.parametrize("case", SUB, ids=[c.id for c in SUB])
+def test_bad_input_real_command(case: Case, ctx: Ctx):
+    """The real `kesi` process: exit code and stderr as a user sees them (no Ray is started)."""
+    argv = case.setup(ctx)
+    proc = subprocess.run([sys.executable, "-m", "kesi_dist.cli", *argv], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == case.code, proc.stderr[-2000:]
+    _check_error(proc.stderr, case.culprit(ctx) if callable(case.culprit) else case.culprit)
+    assert "Traceback" not in proc.stdout
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+    assert {c.code for c in CASES} == {1, 2}
+
+
+def test_resume_manifest_unchanged_byte_for_byte_when_refused(ctx: Ctx, ray_local, capsys):
+    """The finished-run refusal leaves its manifest exactly as it was (not just 'unchanged files')."""
+    run = ctx.fabricated_run("complete")
+    before = (run / "manifest.json").read_bytes()
+    assert main(ctx.on_data()) == 2
+    assert main(ctx.on_data("prune.iterations=3", extra=("--resume",))) == 2
+    assert (run / "manifest.json").read_bytes() == before
+    capsys.readouterr()
+
+
+def test_disk_full_leaves_the_manifest_readable(ctx: Ctx, ray_local, monkeypatch, capsys):
+    from kesi_dist.pipeline.manifest import Manifest
+
+    run = ctx.fabricated_run()
+    _disk_full(monkeypatch)
+    assert main(ctx.on_data(extra=("--resume",))) == 1
+    monkeypatch.undo()
+    m = Manifest.load(run / "manifest.json")
+    assert m.is_complete("data") and json.loads((run / "manifest.json").read_text())["status"] == "running"
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert "no space left" in capsys.readouterr().err
