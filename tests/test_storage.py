@@ -246,6 +246,34 @@ def test_tensorboard_writer_uploads_to_a_uri(root):
     assert [e.value for e in acc.Scalars("val/acc")] == [0.5, 0.75]
 
 
+def test_prepared_data_is_uploaded_meta_last(mockfs, tiny_data, capsys, monkeypatch):
+    """The upload half of `prepare_dataset(out=URI)` (the whole of it runs in the `kesi run` test below)."""
+    import shutil
+
+    from kesi_dist.data.loaders import read_meta
+    from kesi_dist.data.prepare import _prepare_remote
+
+    out, order = "mock://bucket/data", []
+    real_upload = storage.upload_file
+
+    def upload(src, dst):
+        order.append(os.path.basename(dst))
+        real_upload(src, dst)
+
+    def prepare(local):  # stands in for the FFCV writer: the files it would write
+        for name in ("train.beton", "val.beton", "meta.json"):
+            shutil.copy(os.path.join(tiny_data, name), local)
+        return read_meta(local)
+
+    fingerprint = read_meta(tiny_data)["fingerprint"]
+    monkeypatch.setattr(storage, "upload_file", upload)
+    meta = _prepare_remote(out, fingerprint, prepare)
+    assert order == ["train.beton", "val.beton", "meta.json"]  # the folder looks complete only at the end
+    assert read_meta(out) == meta == read_meta(tiny_data) and _leftovers(out) == []
+    assert _prepare_remote(out, fingerprint, prepare) == meta and len(order) == 3  # up to date: no upload
+    assert "up to date" in capsys.readouterr().err
+
+
 def test_loaders_read_a_uri_through_the_node_local_cache(tiny_data, tmp_path, monkeypatch):
     from kesi_dist.data.loaders import make_loader, read_meta
 

@@ -18,11 +18,14 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from kesi_dist import storage
 from kesi_dist.data.sources import SampleError, SourceData, open_source
 from kesi_dist.errors import RunError, UsageError
 from kesi_dist.atomic import atomic_path, atomic_write_text
@@ -86,6 +89,28 @@ def _read_existing(meta_path: Path) -> dict | None:
         return None
 
 
+def _prepare_remote(out: str, fingerprint: str, prepare: Callable[[str], dict]) -> dict:
+    """`out` is a storage URI: prepare into a local temp folder, then upload the .beton files and
+    meta.json last (the folder looks complete only when it is). Kept as is when the dataset there
+    already has this fingerprint."""
+    from kesi_dist.data.loaders import read_meta
+
+    try:
+        there = read_meta(out)
+    except RunError:
+        there = None
+    if there is not None and there.get("fingerprint") == fingerprint:
+        print(f"{out}: up to date (fingerprint {fingerprint[:12]}), nothing to do", file=sys.stderr)
+        return there
+    with tempfile.TemporaryDirectory(prefix="kesi-prepare-") as tmp:
+        meta = prepare(tmp)
+        storage.remove(storage.join(out, "meta.json"))  # from here on the folder does not look complete
+        for name in ("train.beton", "val.beton", "meta.json"):
+            print(f"uploading {name} -> {out}", file=sys.stderr, flush=True)
+            storage.upload_file(Path(tmp) / name, storage.join(out, name))
+    return meta
+
+
 def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: int | None = None, seed: int = 0,
                     *, workers: int | None = None, **source_options) -> dict:
     """Convert `source` into `out/{train,val}.beton` + `out/meta.json` and return the meta dict.
@@ -93,7 +118,8 @@ def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: 
     Args:
         source: one of cifar10, cifar100, tiny-imagenet, imagefolder, digits, synthetic.
         root: the folder torchvision would take (unused for digits and synthetic).
-        out: output folder, created if needed.
+        out: output folder, created if needed, or a storage URI (s3://, gs://, file://; prepared in a
+            local temp folder, then uploaded).
         resolution: stored side; default the source's own (32 CIFAR/digits/synthetic, 64
             Tiny-ImageNet, first training image's shorter side for imagefolder).
         seed: synthetic generator seed (other sources are deterministic).
@@ -105,7 +131,8 @@ def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: 
         RunError: missing or malformed input; the message names the file. Nothing that looks
             complete (meta.json) is left behind.
     """
-    out = Path(out)
+    remote = storage.is_uri(out)
+    out = out if remote else Path(out)
     if workers is not None and workers < 1:
         raise UsageError(f"--workers {workers}: must be >= 1")
     data = open_source(source, root, resolution=resolution, seed=seed, **source_options)
@@ -113,6 +140,9 @@ def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: 
     if source == "synthetic":
         options["seed"] = int(seed)
     fingerprint = dataset_fingerprint(data, options)
+    if remote:
+        return _prepare_remote(out, fingerprint, lambda local: prepare_dataset(
+            source, root, local, resolution, seed, workers=workers, **source_options))
     meta_path = out / "meta.json"
     existing = _read_existing(meta_path) if meta_path.is_file() else None
     if (existing and existing.get("fingerprint") == fingerprint

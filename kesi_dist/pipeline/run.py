@@ -49,13 +49,9 @@ def engine_spec(cfg: Config) -> EngineSpec:
 def prepare_data(cfg: Config, default_dir: str | Path) -> tuple[str, dict]:
     """The prepared data folder for `cfg.data`, converting a raw source first when needed.
 
-    The folder may be a storage URI: the data is then prepared in a local temp folder and uploaded
-    (the .beton files first, meta.json last, so the folder looks complete only when it is); an
-    identical dataset already there (same fingerprint) is left as is. Loaders fetch it into a
-    node-local cache (`kesi_dist.storage.local_copy`) because FFCV memory-maps local files only.
+    The folder may be a storage URI (prepared locally and uploaded, see `prepare_dataset`); loaders
+    fetch it into a node-local cache (`kesi_dist.storage.local_copy`): FFCV memory-maps local files.
     """
-    import tempfile
-
     from kesi_dist.data.loaders import read_meta
     from kesi_dist.data.prepare import prepare_dataset
 
@@ -64,20 +60,7 @@ def prepare_data(cfg: Config, default_dir: str | Path) -> tuple[str, dict]:
         return str(d.prepared), read_meta(d.prepared)
     out = str(d.prepared or default_dir)
     opts = d.synthetic.model_dump() if d.source == "synthetic" else {}
-    if not storage.is_uri(out):
-        return out, prepare_dataset(d.source, d.root, out, resolution=d.store_resolution, seed=cfg.seed, **opts)
-    with tempfile.TemporaryDirectory(prefix="kesi-prepare-") as tmp:
-        meta = prepare_dataset(d.source, d.root, tmp, resolution=d.store_resolution, seed=cfg.seed, **opts)
-        try:
-            there = read_meta(out)
-        except RunError:
-            there = None
-        if there is not None and there.get("fingerprint") == meta["fingerprint"]:
-            return out, there
-        storage.remove(storage.join(out, "meta.json"))  # from here on the folder does not look complete
-        for name in ("train.beton", "val.beton", "meta.json"):
-            storage.upload_file(Path(tmp) / name, storage.join(out, name))
-    return out, meta
+    return out, prepare_dataset(d.source, d.root, out, resolution=d.store_resolution, seed=cfg.seed, **opts)
 
 
 def _describe(path: str, resolution: int) -> dict:
