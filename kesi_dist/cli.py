@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the KESI pipeline: baseline, prune + retrain branches, ...")
     _add_config_args(p)
-    p.add_argument("--output", help="run directory (default: output: in the config)")
+    p.add_argument("--output", help="run directory or storage URI (s3://, gs://, file://; default: output: in "
+                                    "the config)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run in --output")
     p.set_defaults(func=_cmd_run)
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True,
                    choices=["cifar10", "cifar100", "tiny-imagenet", "imagefolder", "digits", "synthetic"])
     p.add_argument("--root", help="source folder as torchvision takes it (not needed for digits/synthetic)")
-    p.add_argument("--out", required=True, help="output folder for train.beton, val.beton, meta.json")
+    p.add_argument("--out", required=True, help="output folder or storage URI for train.beton, val.beton, meta.json")
     p.add_argument("--resolution", type=int, default=None, help="stored image side (default: the source's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-train", type=int, default=2000, help="synthetic: training images")
