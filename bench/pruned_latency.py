@@ -1,0 +1,175 @@
+"""CPU inference latency of a pruning chain: is the MACs reduction a measured speed-up?
+
+    ./dev bench pruned_latency --json
+    .venv/bin/python bench/pruned_latency.py --json --config configs/cifar10_resnet56_pfec.yaml --threads 2
+
+The baseline of `--config`'s architecture gets random weights (timing does not depend on their
+values), the config's prune schedule is applied `--iterations` times (PFEC: physically smaller nets),
+and every model of the chain plus the student (the last snapshot's architecture, built again from its
+(arch, widths) as a distilled student would be) is timed at batch 1 and batch 64 in PyTorch eager
+(`torch.no_grad`, eval) and in onnxruntime (the model exported by `kesi_dist.export`, i.e. what
+`kesi export --format onnx` writes, graph optimisation level `--ort-opt`). Latency is the median of
+`--repeats` timed runs after `--warmup` runs; torch and onnxruntime use the same number of intra-op
+threads (`--threads`). Engines and models are interleaved round by round so that load drifting on a
+shared machine hits every row alike; the ratios (`macs_speedup`, `*_speedup`) are what to read.
+
+Prints {"rows": [{"name", "macs", "macs_speedup", "torch_b1_ms", "torch_b64_ms", "ort_b1_ms",
+"ort_b64_ms", "ort_b64_speedup", ...}], "config", "threads", "load_avg_1min_*", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BATCHES = (1, 64)
+
+
+def build_chain(config: str, iterations: int | None, overrides: list[str]) -> tuple[list[tuple[str, object]], int]:
+    """[(name, model)] for the baseline, every snapshot and the student; and the input resolution."""
+    import torch
+
+    from kesi_dist.config import load_config
+    from kesi_dist.models import build_model
+    from kesi_dist.plan import _randomize, default_num_classes
+    from kesi_dist.pruning import prune
+
+    cfg = load_config(config, overrides)
+    p = cfg.prune
+    n = p.iterations if iterations is None else iterations
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.arch, default_num_classes(cfg))
+    _randomize(model, cfg.seed)
+    chain, masks = [("baseline", model.eval())], None
+    for it in range(1, n + 1):
+        model, masks = prune(model, masks, method=p.method, iteration=it, stage_ratios=p.stage_ratios, skip=p.skip,
+                             layer_ratios=p.layer_ratios, targets=p.targets)
+        chain.append((f"iter{it}", model.eval()))
+    student = build_model(model.arch, model.num_classes, list(model.widths))
+    student.load_state_dict(model.state_dict())
+    chain.append(("student", student.eval()))
+    return chain, cfg.data.resolution
+
+
+def ort_session(path: str, threads: int, level: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle ORT threads otherwise spin-wait after every run, stealing the CPU from whatever is timed next
+    # (the other engine, the next model): with seven sessions alive that inflated torch's times ~10x.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def time_ms(fn, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(1000 * (time.perf_counter() - t))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/cifar10_resnet56_pfec.yaml", help="experiment YAML (schedule, arch)")
+    ap.add_argument("--arch", default=None, help="override model.arch of the config")
+    ap.add_argument("--method", default=None, choices=["pfec", "mwp"], help="override prune.method of the config")
+    ap.add_argument("--iterations", type=int, default=None, help="pruning iterations (default: the config's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--repeats", type=int, default=15, help="timed runs per (model, engine, batch)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
+    ap.add_argument("--ort-opt", default="all", choices=["disable", "basic", "extended", "all"],
+                    help="onnxruntime graph optimisation level")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from kesi_dist.export import export_model
+    from kesi_dist.pruning import count_macs, count_params
+
+    torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    if args.arch:
+        overrides.append(f"model.arch={args.arch}")
+    if args.method:
+        overrides.append(f"prune.method={args.method}")
+    load_start = os.getloadavg()[0]
+    chain, res = build_chain(args.config, args.iterations, overrides)
+    rows, runners = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in chain:
+            x = {b: torch.randn(b, 3, res, res, generator=torch.Generator().manual_seed(b)) for b in BATCHES}
+            path = os.path.join(tmp, f"{name}.onnx")
+            info = export_model(model, "onnx", path, sample=x[1])
+            sess = ort_session(path, args.threads, args.ort_opt)
+            rows.append({"name": name, "params": count_params(model), "macs": count_macs(model, (3, res, res)),
+                         "widths": list(model.widths), "onnx_max_abs_diff": info["max_abs_diff"]})
+
+            def torch_fn(b, m=model, x=x):
+                with torch.no_grad():
+                    m(x[b])
+
+            def ort_fn(b, s=sess, x={b: v.numpy() for b, v in x.items()}):
+                s.run(None, {"input": x[b]})
+
+            runners.append({"torch": torch_fn, "ort": ort_fn})
+        # Warm up everything first, then interleave: round r times every (model, engine, batch) once.
+        for r in runners:
+            for fn in r.values():
+                for b in BATCHES:
+                    time_ms(lambda: fn(b), args.warmup)
+        samples = [{(e, b): [] for e in ("torch", "ort") for b in BATCHES} for _ in runners]
+        for _ in range(args.repeats):
+            for r, s in zip(runners, samples):
+                for (e, b), lst in s.items():
+                    lst += time_ms(lambda: r[e](b), 1)
+    base = rows[0]
+    for row, s in zip(rows, samples):
+        for (e, b), lst in s.items():
+            row[f"{e}_b{b}_ms"] = round(statistics.median(lst), 3)
+        row["macs_speedup"] = round(base["macs"] / row["macs"], 3)
+    for row in rows:
+        for e in ("torch", "ort"):
+            for b in BATCHES:
+                row[f"{e}_b{b}_speedup"] = round(rows[0][f"{e}_b{b}_ms"] / row[f"{e}_b{b}_ms"], 3)
+        row["ort_b64_vs_macs"] = round(row["ort_b64_speedup"] / row["macs_speedup"], 3)
+    import onnxruntime as ort
+
+    result = {
+        "rows": rows, "config": args.config, "overrides": overrides, "resolution": res, "threads": args.threads,
+        "ort_opt": args.ort_opt, "repeats": args.repeats, "warmup": args.warmup,
+        "torch": torch.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
+        "cpu_count": os.cpu_count(), "load_avg_1min_at_start": round(load_start, 2),
+        "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{'name':>10} {'MACs M':>8} {'MACs x':>7} {'torch b1':>9} {'torch b64':>10} {'ort b1':>8} {'ort b64':>9} {'ort b64 x':>9}")
+    for r in rows:
+        print(f"{r['name']:>10} {r['macs'] / 1e6:8.1f} {r['macs_speedup']:7.2f} {r['torch_b1_ms']:9.2f} "
+              f"{r['torch_b64_ms']:10.1f} {r['ort_b1_ms']:8.2f} {r['ort_b64_ms']:9.1f} {r['ort_b64_speedup']:9.2f}")
+    print(f"load average {result['load_avg_1min_at_start']} -> {result['load_avg_1min_at_end']}")
+
+
+if __name__ == "__main__":
+    main()

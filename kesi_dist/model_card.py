@@ -1,0 +1,194 @@
+"""`<run>/MODEL_CARD.md`: what a user ships, in one page.
+
+The card describes the distilled student (or the last snapshot when distillation was off): the
+config the run used (its resolved `config.yaml`, embedded), the data, size and *measured* CPU latency
+next to the baseline, the accuracy of every arm of the paper's comparison, the teachers, and the exact
+commands to reproduce the run and to export and load the model without kesi_dist.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kesi_dist import storage
+
+__all__ = ["write_model_card", "measure_latency"]
+
+_ARMS = (("baseline", "baseline"), ("pruned + fixed LR", "fixed_lr"), ("pruned + one-cycle", "one_cycle"),
+         ("ensemble of snapshots", "ensemble"), ("pruned + KESI (student)", "student"))
+
+
+def measure_latency(model: nn.Module, resolution: int, batches: tuple[int, ...] = (1, 64), repeats: int = 3,
+                    warmup: int = 1) -> dict[int, float]:
+    """Median wall time in ms of an eval-mode, no-grad forward pass per batch size (PyTorch eager, CPU).
+
+    Quick by design (a model card, not a benchmark: `bench/pruned_latency.py` is the careful one).
+    """
+    model = model.eval()
+    out = {}
+    with torch.no_grad():
+        for b in batches:
+            x = torch.randn(b, 3, resolution, resolution)
+            for _ in range(warmup):
+                model(x)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                model(x)
+                times.append(1000 * (time.perf_counter() - t))
+            out[b] = statistics.median(times)
+    return out
+
+
+def _latencies(run_root: str, manifest: dict, names: list[str], resolution: int) -> dict[str, dict[int, float]]:
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+
+    out = {}
+    for name in names:
+        entry = manifest["snapshots"].get(name)
+        if not entry or not entry.get("checkpoint"):
+            continue
+        path = storage.join(run_root, entry["checkpoint"])
+        if not storage.exists(path):
+            continue
+        model, _ = model_from_checkpoint(load_checkpoint(path))
+        out[name] = measure_latency(model, resolution)
+    return out
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def _m(x) -> str:
+    return "–" if x is None else f"{x / 1e6:.3f} M"
+
+
+def _card(run_root: str, manifest: dict, report: dict, config_text: str, config_path: str,
+          cfg: dict, lat: dict) -> str:
+    model_cfg, data_cfg, prune_cfg = cfg.get("model", {}), cfg.get("data", {}), cfg.get("prune", {})
+    arch = model_cfg.get("arch", "?")
+    res = int(data_cfg.get("resolution", 32))
+    student_key = "student" if report.get("student") else "one_cycle"
+    student, base = report.get(student_key), report.get("baseline")
+    sname = student["snapshot"] if student else "?"
+    data = manifest.get("stages", {}).get("data", {})
+    lines = [
+        f"# Model card: {arch} pruned with {prune_cfg.get('method', '?').upper()} "
+        f"x{prune_cfg.get('iterations', '?')}" + (" + KESI ensemble distillation" if student_key == "student" else ""),
+        "",
+        f"The deliverable is the snapshot `{sname}` (`{storage.join(run_root, 'snapshots', sname + '.pt')}`), "
+        f"a {arch} with pruned widths, {report['status'] or 'unknown'} run.",
+        "",
+        "## Size and measured speed (CPU)", "",
+        f"PyTorch eager, eval mode, {torch.get_num_threads()} intra-op thread(s), {res}x{res} px input, median of 3 "
+        "runs after a warm-up, measured on the machine that wrote this card when the run finished (other "
+        "work on it inflates absolute times; the ratios are what to read; `bench/pruned_latency.py` measures "
+        "onnxruntime too).", "",
+        "| model | params | nonzero params | MACs | batch-1 latency | batch-64 latency |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key in (("baseline", "baseline"), ("student", student_key)):
+        r = report.get(key)
+        if not r:
+            continue
+        t = lat.get(r["snapshot"], {})
+        lines.append(f"| {label} (`{r['snapshot']}`) | {_m(r['params'])} | {_m(r['nonzero_params'])} | "
+                     f"{r['macs'] / 1e6:.1f} M | {t[1]:.2f} ms | {t[64]:.1f} ms |" if t else
+                     f"| {label} (`{r['snapshot']}`) | {_m(r['params'])} | {_m(r['nonzero_params'])} | "
+                     f"{r['macs'] / 1e6:.1f} M | – | – |")
+    if base and student:
+        speed = []
+        tb, ts = lat.get(base["snapshot"]), lat.get(student["snapshot"])
+        if tb and ts:
+            speed = [f"measured speed-up {tb[1] / ts[1]:.2f}x at batch 1 and {tb[64] / ts[64]:.2f}x at batch 64"]
+        lines += ["", "; ".join([f"Student vs baseline: {base['params'] / student['params']:.2f}x fewer parameters",
+                                 f"{base['macs'] / student['macs']:.2f}x fewer MACs "
+                                 f"({100 * (1 - student['macs'] / base['macs']):.1f} % reduction)", *speed]) + "."]
+    lines += ["", "## Accuracy of every arm", "",
+              f"Validation top-1 on {data_cfg.get('source', '?')} (`report.json`).", "",
+              "| arm | top-1 | params | MACs | snapshot |", "|---|---|---|---|---|"]
+    for label, key in _ARMS:
+        r = report.get(key)
+        if not r:
+            lines.append(f"| {label} | – | – | – | – |")
+            continue
+        snap = r.get("snapshot") or f"{len(r.get('teachers', []))} teachers (sums)"
+        lines.append(f"| {label} | {_pct(r['val_acc'])} | {_m(r['params'])} | {r['macs'] / 1e6:.1f} M | {snap} |")
+    ens = report.get("ensemble")
+    lines += ["", "## Teachers", ""]
+    if ens:
+        members = {s["name"]: s for s in report.get("snapshots", [])}
+        lines += [f"The student was distilled from {len(ens['teachers'])} teachers "
+                  f"(ensemble top-1 {_pct(ens['val_acc'])}):", ""]
+        for t in ens["teachers"]:
+            m = members.get(t, {})
+            lines.append(f"- `{t}`: top-1 {_pct(m.get('val_acc'))}, {_m(m.get('params'))} params, "
+                         f"{(m.get('macs') or 0) / 1e6:.1f} M MACs")
+    else:
+        lines.append("No ensemble stage completed (distillation off or the run stopped early).")
+    lines += ["", "## Data", "",
+              f"- source: `{data_cfg.get('source', '?')}`" + (f" from `{data_cfg['root']}`" if data_cfg.get("root") else ""),
+              f"- prepared data: `{data.get('path', '?')}`",
+              f"- {data.get('train_size', '?')} training / {data.get('val_size', '?')} validation images, "
+              f"{data.get('num_classes', '?')} classes",
+              f"- input resolution: {res}x{res} px, augmentation `{data_cfg.get('augment', '?')}`; inputs are "
+              "normalised with the dataset's mean/std (`meta.json` of the prepared data)",
+              "", "## Reproduce", "",
+              f"The run's resolved config is `{config_path}` (every key, defaults filled in):", "",
+              "```bash", f"kesi run {config_path} --output NEW_RUN_DIR", "```", "",
+              "<details><summary>config.yaml</summary>", "", "```yaml", config_text.rstrip(), "```", "", "</details>",
+              "", "## Export and load", "",
+              "```bash",
+              f"kesi export {run_root} --format onnx --out student.onnx                # needs onnxruntime only",
+              f"kesi export {run_root} --format torchscript --out student.ts           # needs torch only",
+              f"kesi export {run_root} --format safetensors --out student.safetensors  # + student.safetensors.widths.json",
+              "```", "",
+              "Each export runs the written model on a batch of validation images and checks it matches PyTorch "
+              "(max |diff| <= 1e-4). Loading:", "",
+              "```python",
+              "import numpy as np, onnxruntime as ort, torch",
+              f"x = np.random.rand(1, 3, {res}, {res}).astype(np.float32)  # normalised NCHW images; any batch size",
+              "logits = ort.InferenceSession(\"student.onnx\").run(None, {\"input\": x})[0]",
+              "ts = torch.jit.load(\"student.ts\").eval()",
+              "logits_ts = ts(torch.from_numpy(x))",
+              "```", "",
+              "The safetensors file holds weights only; the architecture is rebuilt from the widths file:", "",
+              "```python",
+              "import json; from safetensors.torch import load_file; from kesi_dist.models import build_model",
+              "spec = json.load(open(\"student.safetensors.widths.json\"))",
+              "model = build_model(spec[\"arch\"], spec[\"num_classes\"], spec[\"widths\"])",
+              "model.load_state_dict(load_file(\"student.safetensors\")); model.eval()",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(run_root: str | Path, manifest: dict, report: dict, config_path: str | Path) -> str | Path:
+    """Write `<run_root>/MODEL_CARD.md` for the student of a run; return its path.
+
+    Args:
+        run_root: the run directory (local path or storage URI).
+        manifest: the run's manifest data (snapshot registry, stages).
+        report: `kesi_dist.report.build_report`'s dict for that manifest.
+        config_path: the run's resolved `config.yaml`; embedded in the card and used in the commands.
+
+    Latency is measured here (PyTorch eager, batch 1 and 64, a few repeats) for the baseline and the
+    student checkpoints found in the run; a missing checkpoint leaves its latency cells empty.
+    """
+    import yaml
+
+    root = run_root if storage.is_uri(run_root) else str(run_root)
+    config_path = config_path if storage.is_uri(config_path) else str(config_path)
+    config_text = storage.read_text(config_path) if storage.exists(config_path) else ""
+    cfg = yaml.safe_load(config_text) or {}
+    res = int(cfg.get("data", {}).get("resolution", 32))
+    names = [r["snapshot"] for r in (report.get("baseline"), report.get("student") or report.get("one_cycle")) if r]
+    lat = _latencies(root, manifest, names, res)
+    path = storage.join(root, "MODEL_CARD.md")
+    storage.write_text(path, _card(root, manifest, report, config_text, config_path, cfg, lat))
+    return path if storage.is_uri(path) else Path(path)
