@@ -95,6 +95,17 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kesi_dist.export import export_run
+
+    info = export_run(args.run, args.format, args.out, snapshot=args.snapshot)
+    extra = f" + {info['widths_file']}" if info.get("widths_file") else ""
+    print(f"{info['format']}: {info['path']}{extra}  ({info['snapshot']}: {info['params'] / 1e6:.3f} M params, "
+          f"{info['macs'] / 1e6:.1f} M MACs)  verified on {info['verified_batch']} {info['sample']}: "
+          f"max |diff| = {info['max_abs_diff']:.2g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kesi", description="Distributed iterative pruning with ensemble distillation (KESI) on Ray."
@@ -118,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: output: in the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --output")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a run's student (or any snapshot) to onnx, torchscript or safetensors")
+    p.add_argument("run", help="run directory (holds manifest.json)")
+    p.add_argument("--snapshot", default="student", help="snapshot name from the manifest (default: student)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--out", required=True, help="file to write (safetensors also writes OUT.widths.json)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config (every key, defaults filled in)")
     p.add_argument("config", nargs="?", help="experiment YAML; omit to print the defaults")

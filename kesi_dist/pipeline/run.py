@@ -390,10 +390,12 @@ def _stage_distill(cfg: Config, run: RunDir, manifest: Manifest, student: str, t
 
 
 def _stage_report(cfg: Config, run: RunDir, manifest: Manifest) -> None:
+    from kesi_dist.model_card import write_model_card
     from kesi_dist.report import write_report
 
     title = f"{cfg.model.arch} · {cfg.prune.method} x{cfg.prune.iterations} · {cfg.data.source}"
     report = write_report(run.root, manifest.data, title)
+    write_model_card(run.root, manifest.data, report, run.config)
     rows = [("baseline", "baseline"), ("fixed LR", "fixed_lr"), ("one-cycle", "one_cycle"),
             ("ensemble", "ensemble"), ("KESI student", "student")]
     base = report["baseline"]
