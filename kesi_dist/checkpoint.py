@@ -26,7 +26,7 @@ from kesi_dist.errors import KesiError, RunError
 from kesi_dist.models import build_model
 from kesi_dist.pruning.mwp import apply_masks
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_tensors", "model_from_checkpoint"]
 
 FORMAT = "kesi_dist/v1"
 _CORE = ("format", "arch", "widths", "num_classes", "state_dict", "masks", "metrics")
@@ -58,6 +58,30 @@ def save_checkpoint(
     storage.write_file(path, lambda f: torch.save(ckpt, f))
 
 
+def load_tensors(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU: the one place kesi_dist reads a torch file.
+
+    Model checkpoints, training state and optimizer state all come through here, so a file that would
+    import or call anything beyond tensors and plain containers is refused, never executed.
+
+    Raises:
+        RunError: one line naming the file: refused (it holds code), or truncated/corrupt.
+    """
+    try:
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
+        reason = f"unsupported {found.group(1)}" if found else "unsupported content"
+        raise RunError(
+            f"{path}: refused to load: it holds more than tensors and plain containers ({reason}); "
+            "only load checkpoints written by kesi_dist"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - the unpickler raises anything on garbage (IndexError, EOFError, ...)
+        detail = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:160]
+        raise RunError(f"{path}: not a readable checkpoint (truncated or corrupt: {detail})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read and validate a checkpoint written by `save_checkpoint` (safe: `weights_only=True`).
 
@@ -73,19 +97,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise RunError(f"{path}: cannot read checkpoint ({e})") from None
     if not found:
         raise RunError(f"{path}: no such checkpoint file")
-    try:
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
-        reason = f"unsupported {found.group(1)}" if found else "unsupported content"
-        raise RunError(
-            f"{path}: refused to load: it holds more than tensors and plain containers ({reason}); "
-            "only load checkpoints written by kesi_dist"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - the unpickler raises anything on garbage (IndexError, EOFError, ...)
-        detail = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:160]
-        raise RunError(f"{path}: not a readable checkpoint (truncated or corrupt: {detail})") from None
+    ckpt = load_tensors(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise RunError(f"{path}: not a kesi_dist checkpoint (expected format {FORMAT!r}, got {got!r})")

@@ -143,6 +143,6 @@ def test_save_is_atomic_on_failure(pruned, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunError, match=r"model\.pt: cannot write it: disk full; nothing was replaced"):
         save_checkpoint(path, model)
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.pt"]

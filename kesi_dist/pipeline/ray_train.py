@@ -238,7 +238,7 @@ def train_worker(config: dict, session: Any = None) -> None:
     """
     import contextlib
 
-    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from kesi_dist.checkpoint import load_checkpoint, load_tensors, model_from_checkpoint, save_checkpoint
     from kesi_dist.data.loaders import make_loader
     from kesi_dist.models import build_model
     from kesi_dist.train.engines import load_engine_state, save_engine_state, wrap_model
@@ -284,7 +284,7 @@ def train_worker(config: dict, session: Any = None) -> None:
             ck = load_checkpoint(os.path.join(resume_dir, "model.pt"))
             model.load_state_dict(ck["state_dict"])
             masks = ck.get("masks") or masks
-            state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location="cpu", weights_only=True)
+            state = load_tensors(os.path.join(resume_dir, "train_state.pt"))
         model.to(device)
         if masks:
             masks = {k: v.to(device) for k, v in masks.items()}

@@ -109,7 +109,9 @@ def load_engine_state(w: Wrapped, directory: str | Path, rank: int) -> None:
     if not path.is_file():
         raise RunError(f"{path}: missing from the checkpoint (was it written with another engine or "
                        "number of workers?); start without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from kesi_dist.checkpoint import load_tensors
+
+    state = load_tensors(path)  # weights_only: an optimizer file that would run code is refused
     if w.engine is None:
         w.optimizer.load_state_dict(state)
         return
