@@ -24,13 +24,25 @@ _ARMS = (("baseline", "baseline"), ("pruned + fixed LR", "fixed_lr"), ("pruned +
 
 
 def measure_latency(model: nn.Module, resolution: int, batches: tuple[int, ...] = (1, 64), repeats: int = 3,
-                    warmup: int = 1) -> dict[int, float]:
+                    warmup: int = 1, threads: int = 1) -> dict[int, float]:
     """Median wall time in ms of an eval-mode, no-grad forward pass per batch size (PyTorch eager, CPU).
 
     Quick by design (a model card, not a benchmark: `bench/pruned_latency.py` is the careful one).
+    One thread by default: on a shared machine two OpenMP threads wait for each other at every op and
+    times swing by 10x or more, while a single thread's time only stretches with the load.
     """
     model = model.eval()
     out = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _time(model, resolution, batches, repeats, warmup, out)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _time(model: nn.Module, resolution: int, batches, repeats: int, warmup: int, out: dict) -> None:
     with torch.no_grad():
         for b in batches:
             x = torch.randn(b, 3, resolution, resolution)
@@ -42,7 +54,6 @@ def measure_latency(model: nn.Module, resolution: int, batches: tuple[int, ...] 
                 model(x)
                 times.append(1000 * (time.perf_counter() - t))
             out[b] = statistics.median(times)
-    return out
 
 
 def _latencies(run_root: str, manifest: dict, names: list[str], resolution: int) -> dict[str, dict[int, float]]:
@@ -86,7 +97,7 @@ def _card(run_root: str, manifest: dict, report: dict, config_text: str, config_
         f"a {arch} with pruned widths, {report['status'] or 'unknown'} run.",
         "",
         "## Size and measured speed (CPU)", "",
-        f"PyTorch eager, eval mode, {torch.get_num_threads()} intra-op thread(s), {res}x{res} px input, median of 3 "
+        f"PyTorch eager, eval mode, 1 intra-op thread, {res}x{res} px input, median of 3 "
         "runs after a warm-up, measured on the machine that wrote this card when the run finished (other "
         "work on it inflates absolute times; the ratios are what to read; `bench/pruned_latency.py` measures "
         "onnxruntime too).", "",
