@@ -108,6 +108,8 @@ def test_distillation_report_and_tensorboard(smoke_run):
         acc.Reload()
         assert tag in acc.Tags()["scalars"], (sub, acc.Tags()["scalars"])
     assert "KESI student" in proc.stdout and "report.md" in proc.stdout
+    card = (run / "MODEL_CARD.md").read_text()  # the deliverable's card names the student's accuracy
+    assert f"| pruned + KESI (student) | {100 * student['val_acc']:.2f} %" in card and "## Export and load" in card
 
 
 def test_branches_ran_in_parallel(smoke_run):
