@@ -111,8 +111,10 @@ def is_dir(path) -> bool:
 
 def size(path) -> int:
     """Size in bytes of a file; FileNotFoundError if there is none."""
+    import pyarrow.fs as pafs
+
     info = _info(path)
-    if info.size is None or not is_file(path):
+    if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{path}: no such file")
     return int(info.size)
 
