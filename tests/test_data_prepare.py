@@ -92,19 +92,25 @@ def test_rerun_is_a_noop_and_changed_options_rebuild(tmp_path):
     assert m3["train_size"] == 48 and m3["fingerprint"] != m1["fingerprint"]
 
 
-def test_corrupt_jpeg_names_the_file_and_leaves_nothing_complete(tmp_path):
+def test_corrupt_jpeg_names_the_file_and_keeps_the_previous_dataset(tmp_path):
     ds = write_tiny_imagenet(tmp_path / "raw", num_classes=2, train_per_class=3, val_per_class=2)
     out = tmp_path / "tin"
     prepare_dataset("tiny-imagenet", str(ds.root), out, workers=1)
     assert (out / "meta.json").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = ds.files["first_val"]
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 3])  # truncated JPEG
     with pytest.raises(RunError, match=r"val_0.JPEG: cannot decode image"):
         prepare_dataset("tiny-imagenet", str(ds.root), out, workers=1)
-    assert not (out / "meta.json").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    # The failed conversion replaced nothing: the previous, complete dataset is still there as it was.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files left either
+    assert read_meta(out)["val_size"] == 4
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RunError, match=r"val_0.JPEG: cannot decode image"):
+        prepare_dataset("tiny-imagenet", str(ds.root), fresh, workers=1)
+    assert not [p for p in fresh.iterdir()]  # a new folder is left with nothing that looks complete
     with pytest.raises(RunError, match="meta.json: missing"):
-        read_meta(out)
+        read_meta(fresh)
 
 
 def test_cli_prepare_success_and_one_line_error(tmp_path, capsys):
