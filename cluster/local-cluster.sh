@@ -14,7 +14,8 @@
 # Layout of DIR (default /tmp/kesi-cluster-$UID; keep it short, Ray's unix sockets live under it):
 #   auth_token   the cluster's token (mode 600; reused by a later `up` so exports stay valid)
 #   state.json   pids, session ids, start times, GCS address, dashboard URL (written atomically)
-#   env.sh       the exports above;   logs/   one log per `ray start`;   ray/   Ray's --temp-dir
+#   env.sh       the exports above;   logs/   one log per `ray start`
+#   ray/, r1/, r2/...   Ray's --temp-dir of the head and of each worker node
 #
 # Why it is built this way (Ray 2.60):
 # - `ray stop` kills every Ray process on the machine, other people's included, so `down` signals
@@ -168,7 +169,7 @@ cmd_down() {
   if [ -s "$dir/starting.pid" ]; then
     read -r pid name <"$dir/starting.pid"
     t0=$(start_time "$pid")
-    if [ -n "$t0" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--temp-dir $tmpdir " \
+    if [ -n "$t0" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--temp-dir $(node_tmp "$name") " \
         && [ "$(ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ]; then
       sids+=("$pid"); t0s+=("$t0")
       kill -TERM "$pid" 2>/dev/null || true
@@ -202,6 +203,13 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
+# Ray's --temp-dir of a node: DIR/ray for the head, DIR/rN for workerN. One per node, as on separate
+# machines: nodes sharing one would share runtime_resources/, and a worker node's runtime-env agent
+# would delete a job's unpacked working_dir (the driver's cwd on the head) once its tasks there end.
+node_tmp() {
+  if [ "$1" = head ]; then echo "$tmpdir"; else echo "$dir/r${1#worker}"; fi
+}
+
 # Start one `ray start --block` in a new session; sets node_info="pid sid starttime".
 # Runs in the main shell (not in $(...)) so an INT/TERM trap fires at once, not after the node is up.
 start_node() {
@@ -209,7 +217,7 @@ start_node() {
   local logf=$logdir/$name.log pid sid t deadline
   : >"$logf"
   # A plain command (no function, no subshell) so $! is the pid that setsid makes a session leader.
-  "${ray_env[@]}" setsid "$ray_bin" start --block --disable-usage-stats --temp-dir "$tmpdir" \
+  "${ray_env[@]}" setsid "$ray_bin" start --block --disable-usage-stats --temp-dir "$(node_tmp "$name")" \
     --object-store-memory $((obj_mb * 1024 * 1024)) --min-worker-port 0 --max-worker-port 0 \
     "$@" </dev/null >>"$logf" 2>&1 &
   pid=$!

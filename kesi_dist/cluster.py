@@ -3,7 +3,8 @@
 `ray.init` on a bad address or a missing token either retries for 20-40 s and then raises a bare
 `ConnectionError`, or (token mode on, token file missing) aborts the whole process inside Ray's C++
 token loader. `connect_ray` checks those cases first, within a time bound, and raises `RunError`
-saying what to fix. `check_resources` turns "the trial never starts" into an error up front.
+saying what to fix. `check_resources` turns "the trial never starts" into an error up front, and
+`check_shared_path` refuses a local output path that some node of a multi-node cluster cannot see.
 
 Token authentication in Ray 2.60: a client sends a token only when RAY_AUTH_MODE=token, and takes
 it from RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token.
@@ -16,11 +17,13 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Callable
 
 from kesi_dist.errors import RunError, UsageError
 
-__all__ = ["connect_ray", "check_resources", "token_source"]
+__all__ = ["connect_ray", "check_resources", "check_shared_path", "token_source"]
 
 _TOKEN_HELP = (
     "Ray sends a token only when RAY_AUTH_MODE=token and reads it from RAY_AUTH_TOKEN, else the file "
@@ -190,3 +193,110 @@ def check_resources(num_gpus_needed: float, num_cpus_needed: float) -> None:
             f"config asks for {num_cpus_needed:g} CPUs per trial but the cluster has {cpus:g}: "
             "lower train.num_workers or train.cpus_per_worker, or add nodes"
         )
+
+
+def _sees_marker(marker: str, token: str) -> str | None:
+    """Runs on one node: None when `marker` holds `token` and a file can be written next to it."""
+    try:
+        with open(marker) as f:
+            if f.read() != token:
+                return "it holds a different file at that path"
+    except FileNotFoundError:
+        return "the path does not exist there"
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
+    probe = f"{marker}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "w") as f:
+            f.write(token)
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return None
+
+
+def _probe_nodes(marker: str, token: str, nodes: list[dict], timeout_s: float) -> dict[str, str | None]:
+    """Ask every node in `nodes` (a 0-CPU task pinned to each) whether it sees the marker."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(_sees_marker)
+    refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(marker, token) for n in nodes}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    out: dict[str, str | None] = {}
+    for node_id, ref in refs.items():
+        if ref not in ready:
+            out[node_id] = f"no answer within {timeout_s:.0f} s"
+            ray.cancel(ref, force=True)
+            continue
+        try:
+            out[node_id] = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - e.g. the node died meanwhile: it cannot be used either
+            out[node_id] = f"the check failed there ({type(e).__name__})"
+    return out
+
+
+Probe = Callable[[str, str, list[dict], float], dict[str, "str | None"]]
+
+
+def check_shared_path(path: str | os.PathLike, *, timeout_s: float = 60, probe: Probe | None = None) -> list[str]:
+    """Fail early when a local output path is not the same folder on every node that runs work.
+
+    A run's snapshots, checkpoints and data are written by one node and read by others, so on a
+    multi-node cluster a local `--output` must be a shared filesystem mounted at the same path
+    everywhere. The driver writes a marker file under `path` (creating the folder if needed; it
+    removes both again), then a 0-CPU task pinned to every other alive node with CPUs or GPUs checks
+    that it reads the same marker and can write next to it. Storage URIs (s3://, gs://, file://...)
+    and single-node clusters skip the check.
+
+    Args:
+        path: the run's output path.
+        timeout_s: how long to wait for every node's answer.
+        probe: how nodes are asked: ``probe(marker, token, nodes, timeout_s) -> {node_id: None if
+            it sees the marker, else why not}``; default a pinned Ray task on each node.
+
+    Returns:
+        The ids of the nodes that were asked (empty when the check was skipped).
+
+    Raises:
+        RunError: a node cannot see or write the path (the message names the node and the fix), or
+            the folder cannot be created here.
+    """
+    import ray
+
+    path = os.fspath(path)
+    if "://" in path:
+        return []
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here
+             and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+    if not nodes:
+        return []
+    folder = Path(path).absolute()
+    created = not folder.exists()
+    token = uuid.uuid4().hex
+    marker = folder / f".kesi-shared-check-{token[:12]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    except OSError as e:
+        raise RunError(f"--output {path}: cannot write there ({e.strerror or e}); choose a writable folder") from None
+    try:
+        answers = (probe or _probe_nodes)(str(marker), token, nodes, timeout_s)
+    finally:
+        marker.unlink(missing_ok=True)
+        if created:
+            try:
+                folder.rmdir()
+            except OSError:  # something else appeared in it meanwhile: leave it
+                pass
+    for n in nodes:
+        why = answers.get(n["NodeID"], "no answer")
+        if why is not None:
+            raise RunError(
+                f"--output {path}: not visible from node {n.get('NodeManagerAddress', '?')} ({n['NodeID']}): "
+                f"{why}; use a shared filesystem (NFS) mounted at the same path on every node, or a storage "
+                "URI such as s3://bucket/runs"
+            )
+    return [n["NodeID"] for n in nodes]

@@ -152,14 +152,16 @@ def test_runtime_env_is_valid_and_excludes_heavy_paths(tmp_path):
     from ray._private.runtime_env.packaging import _zip_files
 
     src = tmp_path / "repo"
-    for rel in ("kesi_dist/cli.py", "configs/a.yaml", ".venv/bin/python", ".git/HEAD",
-                "runs/qs/manifest.json", "data/train.beton", "cache/val.beton", "x.egg-info/PKG-INFO"):
+    for rel in ("kesi_dist/cli.py", "kesi_dist/data/loaders.py", "configs/a.yaml", ".venv/bin/python", ".git/HEAD",
+                "runs/qs/manifest.json", "data/train.beton", "cache/val.beton", "x.egg-info/PKG-INFO",
+                "kesi_dist/data/__pycache__/loaders.cpython-311.pyc"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text("x")
     out = tmp_path / "pkg.zip"
     _zip_files(str(src), env["excludes"], str(out), include_gitignore=False)
     names = {n for n in zipfile.ZipFile(out).namelist() if not n.endswith("/")}
-    assert names == {"kesi_dist/cli.py", "configs/a.yaml"}
+    # The repo's data/ and runs/ go, the kesi_dist/data package stays (anchored patterns).
+    assert names == {"kesi_dist/cli.py", "kesi_dist/data/loaders.py", "configs/a.yaml"}
 
 
 def test_local_cluster_script_usage_errors(tmp_path):

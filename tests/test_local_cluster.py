@@ -21,65 +21,18 @@ import pytest
 from kesi_dist.cluster import connect_ray, token_source
 from kesi_dist.errors import RunError, UsageError
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "cluster" / "local-cluster.sh"
-BIN = Path(sys.executable).parent
-RAY = BIN / "ray"
-_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any Ray address/auth settings, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in _AUTH_VARS}
-    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY=str(RAY), **extra)
-    return env
-
-
-def _sh(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          env=env or _env(), cwd=REPO)
-
-
-def _sessions(state: dict) -> dict[int, set[int]]:
-    """Live pids per recorded session id."""
-    out: dict[int, set[int]] = {n["sid"]: set() for n in state["nodes"]}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                sid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[3])
-            except (OSError, IndexError):
-                continue
-            if sid in out:
-                out[sid].add(int(d.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return "Z" not in (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
-    except OSError:
-        return False
+from tests.localcluster import AUTH_VARS as _AUTH_VARS
+from tests.localcluster import RAY, REPO, SCRIPT, local_cluster
+from tests.localcluster import alive as _alive
+from tests.localcluster import client_env as _env
+from tests.localcluster import sessions as _sessions
+from tests.localcluster import sh as _sh
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Short path: Ray's unix sockets live under it (107-byte limit).
-    d = Path(tempfile.mkdtemp(prefix="kc", dir="/tmp"))
-    try:
-        r = _sh(SCRIPT, "up", "--workers", "2", "--dir", d, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
-        state = json.loads((d / "state.json").read_text())
-        yield {"dir": d, "state": state, "up_stdout": r.stdout,
-               "auth": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(d / "auth_token")}}
-    finally:
-        _sh(SCRIPT, "down", "--dir", d, timeout=120)
-        # Last resort if `down` itself failed: kill what is left of the recorded sessions only.
-        state_file = d / "state.json"
-        if state_file.exists():
-            for pids in _sessions(json.loads(state_file.read_text())).values():
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(d, ignore_errors=True)
+    with local_cluster(workers=2) as c:
+        yield c
 
 
 @pytest.mark.slow

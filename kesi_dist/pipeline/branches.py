@@ -128,18 +128,23 @@ def run_branches(
     on_done: Callable[[Branch, dict], None],
     on_failed: Callable[[Branch, str], None],
     on_progress: Callable[[Branch, dict], None] | None = None,
+    on_retry: Callable[[Branch, str, int], None] | None = None,
     max_steps_per_epoch: int | None = None,
 ) -> None:
     """Run `branches` as parallel Tune trials; call `on_done(branch, final_result)` as each finishes.
 
-    A trial that errors (e.g. diverged) is reported through `on_failed` and does not stop the others.
+    A trial whose actor is lost (its node died, its process was killed) is restarted up to
+    `engine.max_failures` times, possibly on another node, and continues from its last epoch
+    checkpoint; `on_retry(branch, why, attempt)` is called each time, and the final result's
+    "attempts" counts every start. A trial that still errors (e.g. diverged) is reported through
+    `on_failed` and does not stop the others.
     """
     if not branches:
         return
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    driver = _Driver({b.name: b for b in branches}, on_done, on_failed, on_progress)
+    driver = _Driver({b.name: b for b in branches}, on_done, on_failed, on_progress, on_retry)
 
     # The trial function only drives a TorchTrainer, whose workers hold the CPUs/GPUs; in-process
     # training (num_workers == 0) runs inside the trial, which then needs the resources itself.
@@ -164,7 +169,7 @@ def run_branches(
         },
         tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=False),
         run_config=tune.RunConfig(name=experiment, storage_path=storage, callbacks=[driver], verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=engine.max_failures)),
     )
     tuner.fit()
 
@@ -172,8 +177,10 @@ def run_branches(
 class _Driver(Callback):
     """Tune callback in the driver: progress lines, and each branch registered as it finishes."""
 
-    def __init__(self, by_name: dict[str, Branch], on_done, on_failed, on_progress):
+    def __init__(self, by_name: dict[str, Branch], on_done, on_failed, on_progress, on_retry=None):
         self.by_name, self.on_done, self.on_failed, self.on_progress = by_name, on_done, on_failed, on_progress
+        self.on_retry = on_retry
+        self.retries: dict[str, int] = {}  # restarts per branch (Tune does not count preempted nodes)
 
     # Tune pickles callbacks into its experiment state; the handlers (closures over the manifest)
     # only make sense in this driver process, so they are not part of that state.
@@ -190,11 +197,19 @@ class _Driver(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         if "snapshot" in last:
-            self.on_done(self._branch(trial), last)
+            # A trial Tune restarted (lost node) reports only its own last process's starts.
+            b = self._branch(trial)
+            self.on_done(b, {**last, "attempts": last.get("attempts", 1) + self.retries.get(b.name, 0)})
         elif "diverged" in last:  # reported by the trial, not raised, so that Tune does not retry it
             self.on_failed(self._branch(trial), last["diverged"])
         else:  # stopped early by ASHA: not a finished branch, so not a snapshot
             self.on_failed(self._branch(trial), f"stopped early by ASHA after {last.get('epoch', 0)} epoch(s)")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        b = self._branch(trial)
+        self.retries[b.name] = self.retries.get(b.name, 0) + 1
+        if self.on_retry is not None:
+            self.on_retry(b, _trial_error(trial), self.retries[b.name] + 1)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.on_failed(self._branch(trial), _trial_error(trial))

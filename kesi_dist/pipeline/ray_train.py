@@ -507,12 +507,16 @@ def _run_ray(config: dict, engine: EngineSpec, storage_path: str, name: str, han
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not ray.is_initialized():
         raise RunError("Ray is not initialised: call ray.init (or kesi_dist.cluster.connect_ray) before "
                        "run_training with train.num_workers > 0")
     use_gpu = engine.gpus_per_worker > 0
-    events = Queue(actor_options={"num_cpus": 0})
+    # The queue lives on this (the driver's) node, like Ray Train's controller: losing a worker node
+    # must not take the epoch events with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     config["run"]["events"] = events
     resources = {"CPU": engine.cpus_per_worker}
     if use_gpu:

@@ -108,13 +108,21 @@ def _preflight(cfg: Config) -> None:
 
 def run_pipeline(cfg: Config, output: str, resume: bool = False, *, max_steps_per_epoch: int | None = None) -> RunDir:
     """Run (or resume) the whole pipeline for `cfg` into the run directory `output`."""
-    from kesi_dist.cluster import connect_ray
+    from kesi_dist.cluster import check_resources, check_shared_path, connect_ray
 
     _preflight(cfg)
+    # Cluster checks come before the run folder is created: a config the cluster cannot run (GPUs it
+    # lacks, an output path some node cannot see) fails in seconds and leaves nothing to clean up.
+    connect_ray(cfg.cluster.address)
+    t = cfg.train
+    workers = max(t.num_workers, 1)  # num_workers == 0: a branch trial holds one worker's resources
+    check_resources(workers * t.gpus_per_worker, workers * t.cpus_per_worker)
+    shared_with = check_shared_path(output)
     run, manifest = open_run(output, cfg, resume)
     console.rule(f"kesi run · {cfg.model.arch} · {cfg.prune.method} x{cfg.prune.iterations} · {run.root}")
+    if shared_with:
+        console.print(f"output {output}: visible from all {len(shared_with)} other node(s) with CPUs/GPUs")
     try:
-        connect_ray(cfg.cluster.address)
         data_dir, meta = _stage_data(cfg, run, manifest)
         num_classes = cfg.model.num_classes or meta["num_classes"]
         if num_classes != meta["num_classes"]:
@@ -281,10 +289,16 @@ def _stage_prune(cfg: Config, run: RunDir, manifest: Manifest, k: int, parent: s
             console.print(f"  {b.name} epoch {result['epoch']}/{b.schedule['epochs']}  "
                           f"val acc {100 * result['val/acc']:.1f}%  loss {result['train/loss']:.4f}")
 
+    def retry(b: Branch, why: str, attempt: int) -> None:
+        manifest.log(f"branch {b.name} retried", attempt=attempt, error=why)
+        console.print(f"  [yellow]{b.name} lost[/] ({why}); restarting from its last epoch checkpoint "
+                      f"(attempt {attempt})")
+
     run_branches(todo, loader=loader, engine=engine, storage=run.path("train", stage),
                  tensorboard=run.path("tensorboard", stage), experiment="tune", seed=cfg.seed,
                  asha=cfg.tune.asha, asha_grace_epochs=cfg.tune.asha_grace_epochs,
-                 on_done=done, on_failed=failed, on_progress=progress, max_steps_per_epoch=max_steps)
+                 on_done=done, on_failed=failed, on_progress=progress, on_retry=retry,
+                 max_steps_per_epoch=max_steps)
     finished = [b.name for b in branches if b.arm == "onecycle" and b.name in manifest.snapshots]
     require_some(finished, k, failures)
     chosen = max(finished, key=lambda n: manifest.snapshots[n]["val_acc"])
@@ -385,6 +399,8 @@ def _stage_distill(cfg: Config, run: RunDir, manifest: Manifest, student: str, t
                       branch=None, parent=student, hparams={"teachers": teachers, "mode": d.mode},
                       val_acc=result.metrics["val/acc"], node_id=result.metrics.get("node_id"), start=start,
                       end=time.time(), attempts=result.attempts)
+    if result.attempts > 1:
+        manifest.log("distill retried", attempts=result.attempts)
     console.print(f"  student: val acc {100 * entry['val_acc']:.2f}%, {_fmt_size(entry)}")
     manifest.finish_stage("distill")
 
