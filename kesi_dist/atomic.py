@@ -2,19 +2,42 @@
 
 A failed write (disk full, permission, a crash of the writer) leaves the previous file, if any,
 untouched and no temp file behind; an OS error surfaces as a one-line `RunError` naming the file.
+A writer killed outright (SIGKILL) cannot clean up: its temp file is removed by the next write of
+the same file on the same host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
 from kesi_dist.errors import RunError
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_path"]
+
+
+_HOST = socket.gethostname().replace(".", "-") or "host"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of `path` left by a writer on this host that was killed (SIGKILL, power loss)
+    mid-write; a temp of a live process, or of another host of a shared folder, is left alone."""
+    prefix = f".{path.name}.{_HOST}."
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _write_error(path: Path, e: OSError) -> RunError:
@@ -34,8 +57,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
         # Not mkstemp: its files are 0600, and a run folder is read by other users' nodes; this honours the umask.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as e:
         raise _write_error(path, e) from None

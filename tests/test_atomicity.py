@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -219,3 +220,18 @@ def test_shard_crash_mid_write_keeps_the_previous_shard(tmp_path, monkeypatch):
     assert shard.read_bytes() == before and not temp_files(tmp_path)
     values, _ = cache.SoftLabelCache(tmp_path).lookup(0, torch.arange(8))
     assert values.shape == (8, 2)
+
+
+def test_temp_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "manifest.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".manifest.json.{atomic._HOST}.{int(dead.stdout)}.0badc0de.tmp"  # SIGKILLed mid-write
+    live = tmp_path / f".manifest.json.{atomic._HOST}.{os.getppid()}.0badc0de.tmp"  # a writer still at work
+    other = tmp_path / f".manifest.json.otherhost.{int(dead.stdout)}.0badc0de.tmp"  # shared folder, other node
+    for p in (stale, live, other):
+        p.write_text("half")
+    atomic.atomic_write_text(path, "{}")
+    assert path.read_text() == "{}" and not stale.exists() and live.exists() and other.exists()
