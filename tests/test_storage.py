@@ -296,6 +296,29 @@ def test_loaders_read_a_uri_through_the_node_local_cache(tiny_data, tmp_path, mo
         read_meta(f"file://{tmp_path}/nodata")
 
 
+def test_training_resumes_from_checkpoints_on_a_uri(tiny_data, tmp_path, monkeypatch):
+    """run_training with storage, data, TensorBoard and final checkpoint all on file:// URIs: a run that
+    fails in epoch 1 resumes from the epoch-0 checkpoint it left there."""
+    from kesi_dist.checkpoint import load_checkpoint
+    from kesi_dist.pipeline.ray_train import InjectedFailure, run_training
+    from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
+
+    monkeypatch.setenv("KESI_CACHE_DIR", str(tmp_path / "cache"))
+    root = f"file://{tmp_path}/run"
+    kw = dict(model=ModelSpec("resnet20", num_classes=4), engine=EngineSpec(num_workers=0),
+              loader=LoaderSpec(f"file://{tiny_data}", batch_size=64, resolution=16, backend="torch", num_workers=0),
+              schedule=ScheduleSpec(epochs=2, lr=0.05), storage_path=f"{root}/train", name="r", progress=False,
+              max_steps_per_epoch=2, tensorboard_dir=f"{root}/tensorboard/r")
+    with pytest.raises(InjectedFailure):
+        run_training(**kw, inject_failure_at_epoch=1)
+    assert storage.listdir(f"{root}/train/r") == [".kesi_injected_failure_epoch1", "checkpoint_000000"]
+    resumed = run_training(**kw, inject_failure_at_epoch=1, resume=True, final_checkpoint=f"{root}/snapshots/r.pt")
+    assert resumed.started == [1] and [m["epoch"] for m in resumed.history] == [0, 1]
+    assert load_checkpoint(f"{root}/snapshots/r.pt")["metrics"]["epoch"] == 1
+    assert len([n for n in storage.listdir(f"{root}/tensorboard/r") if n.startswith("events.out")]) == 2
+    assert _leftovers(root) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # the whole pipeline
 
