@@ -1,16 +1,14 @@
-"""`kesi run` end to end on a local Ray: the manifest, parallel branches, refusal to overwrite, resume.
+"""`kesi run` end to end on a local Ray: the manifest, parallel branches, refusal to overwrite or resume.
 
-Each test runs the real CLI in a subprocess (its own local Ray), as a user would.
+Each test runs the real CLI in a subprocess (its own local Ray), as a user would. The uninterrupted
+run (`smoke_run`) lives in conftest.py: tests/test_resume.py compares its kill/resume chain with it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 pytestmark = pytest.mark.slow
-WORKER_GROUP = ("--set", "train.num_workers=1")
 
 
 def kesi(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -34,15 +31,6 @@ def manifest(run: Path) -> dict:
 def stage_widths(entry: dict) -> int:
     """Total width of the pruned units, a single number that must shrink with every iteration."""
     return sum(w if isinstance(w, int) else sum(w) for w in entry["widths"])
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("smoke") / "run"
-    started = time.time()
-    proc = kesi("run", SMOKE, "--output", str(run))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run, proc, time.time() - started
 
 
 def test_smoke_run_registers_every_snapshot(smoke_run):
@@ -139,42 +127,3 @@ def test_resume_of_a_different_config_is_refused(smoke_run):
     assert proc.returncode == 2
     assert "different config (changed: prune.iterations)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_driver_killed_mid_run_then_resume(tmp_path):
-    """SIGKILL the driver (and the local Ray it started) during iteration 1, then --resume."""
-    run = tmp_path / "run"
-    # With a TorchTrainer per branch, so Tune -> Ray Train is exercised end to end here.
-    proc = subprocess.Popen([sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run), *WORKER_GROUP],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            time.sleep(0.5)
-            try:
-                m = manifest(run)
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue
-            if any(n.startswith("iter1_") and not n.endswith("init") for n in m["snapshots"]):
-                break  # at least one branch of iteration 1 is registered, others may be in flight
-            assert proc.poll() is None, "run ended before it could be interrupted"
-        else:
-            pytest.fail("iteration 1 never registered a branch")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    before = manifest(run)
-    assert before["status"] == "running"
-    baseline_end = before["stages"]["baseline"]["end"]
-    registered = {n: s["end"] for n, s in before["snapshots"].items()}
-
-    done = kesi("run", SMOKE, "--output", str(run), "--resume", *WORKER_GROUP)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    after = manifest(run)
-    assert after["status"] == "complete"
-    assert "baseline: complete, reused" in done.stdout
-    assert after["stages"]["baseline"]["end"] == baseline_end  # not re-run
-    for name, end in registered.items():  # finished branches were kept, not retrained
-        assert after["snapshots"][name]["end"] == end, name
-    assert len(after["snapshots"]) == 8  # no duplicates, nothing lost
-    assert sum(e["event"] == "resume" for e in after["events"]) == 1

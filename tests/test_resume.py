@@ -1,0 +1,202 @@
+"""Driver loss: SIGKILL `kesi run` at four points of one run, `--resume` each time, then finish.
+
+One chain on one run directory (to pay for one pipeline, not four): the driver and everything it
+started (its local Ray: GCS, raylet, workers, Tune trials, soft-label actors) are killed as a crash
+would leave them, at
+    1. the baseline, after its first epoch checkpoint;
+    2. between iterations: prune_1 complete, prune_2's branches still training;
+    3. the soft-label pass, after the first shard file appeared;
+    4. distillation, after its first epoch checkpoint;
+then a last `--resume` runs to completion. Stages completed before a kill must be reused (same
+recorded end time, snapshot files untouched), nothing registered twice, and the final report must
+have the structure, snapshot names, widths, params and MACs of an uninterrupted run (`smoke_run`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+pytestmark = pytest.mark.slow
+
+# Fewer epochs than the smoke config wherever no kill point needs them: the baseline needs 2 (kill
+# after the first), distillation 2 (likewise); retraining 1. Branches train inside their Tune trials
+# as in the smoke config (a TorchTrainer per branch costs minutes on 2 cores).
+CHAIN_SET = ("--set", "baseline.epochs=2", "--set", "retrain.epochs=1", "--set", "fixed_lr.epochs=1")
+EXPECTED = {"baseline", "iter1_b0", "iter1_b1", "iter1_fixed", "iter2_b0", "iter2_b1", "iter2_fixed", "student"}
+
+
+def _manifest(run: Path) -> dict | None:
+    try:
+        return json.loads((run / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes still alive in session `sid` (the killed driver's, started with start_new_session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3] is the session id, fields[0] the state
+            pids.append(int(entry.name))
+    return pids
+
+
+def _run_until(run: Path, when: Callable[[Path, dict], bool], what: str, resume: bool,
+               timeout: float = 600) -> dict:
+    """Start `kesi run` (its own session), SIGKILL its whole process group once `when` holds.
+
+    Returns the manifest as it was at the kill. Asserts that nothing of the killed run survives
+    (Ray's processes die with the driver: same group, or fate-shared with their parent).
+    """
+    log = run.parent / f"{run.name}-{what.replace(' ', '_')}.log"
+    args = [sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run), *CHAIN_SET]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args + (["--resume"] if resume else []), cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            time.sleep(0.2)
+            m = _manifest(run)
+            if m is not None and when(run, m):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"run ended (rc {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+            if time.time() > deadline:
+                pytest.fail(f"{what} not reached in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    at_kill = _manifest(run)
+    deadline = time.time() + 30
+    while (left := _session_pids(proc.pid)) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in left:  # ours: report them below, but do not leave them running
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the killed run survived it: {left}"
+    assert at_kill["status"] == "running", what
+    return at_kill
+
+
+def _checkpoints(run: Path, name: str) -> list[Path]:
+    return sorted((run / "train" / name).glob("**/checkpoint_*/model.pt"))
+
+
+def _files(run: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in (run / "snapshots").glob("*")}
+
+
+def _reused(before: dict, files_before: dict, after: dict, files_after: dict) -> None:
+    """What was complete before a kill is untouched after the resume."""
+    for stage, st in before["stages"].items():
+        if st["status"] == "complete":
+            assert after["stages"][stage]["end"] == st["end"], f"stage {stage} was redone"
+            assert after["stages"][stage]["attempts"] == st["attempts"], stage
+    for name, entry in before["snapshots"].items():
+        assert after["snapshots"][name]["end"] == entry["end"], f"snapshot {name} re-registered"
+    for name, mtime in files_before.items():
+        assert files_after[name] == mtime, f"{name} rewritten"
+
+
+@pytest.mark.timeout(2400)  # ~6 min on an idle 2-core machine; several times that when it is shared
+def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
+    run = tmp_path / "run"
+    started = time.time()
+
+    # 1. during the baseline, once its first epoch checkpoint is on disk
+    m1 = _run_until(run, lambda r, m: bool(_checkpoints(r, "baseline")), "baseline epoch 1", resume=False)
+    assert m1["stages"]["baseline"]["status"] == "running" and not m1["snapshots"]
+    f1 = _files(run)
+
+    # 2. between iterations: prune_1 complete, prune_2 retraining (kill before all its branches finish)
+    def in_prune_2(r: Path, m: dict) -> bool:
+        return m["stages"].get("prune_2", {}).get("status") == "running" and any(
+            n.startswith("iter2_") for n in m["snapshots"])
+
+    m2 = _run_until(run, in_prune_2, "prune_2 branches", resume=True)
+    assert m2["stages"]["baseline"]["attempts"] == 2  # resumed from its epoch checkpoint, then complete
+    assert m2["stages"]["prune_1"]["status"] == "complete" and m2["stages"]["prune_2"]["status"] != "complete"
+    assert not {"iter2_b0", "iter2_b1", "iter2_fixed"} <= set(m2["snapshots"]), "prune_2 finished before the kill"
+    _reused(m1, f1, m2, _files(run))
+    f2 = _files(run)
+
+    # 3. during the soft-label pass, after the first shard was written
+    def in_soft_labels(r: Path, m: dict) -> bool:
+        return (m["stages"].get("soft_labels", {}).get("status") == "running"
+                and any((r / "soft_labels").glob("*-values.npy")))
+
+    m3 = _run_until(run, in_soft_labels, "soft-label pass", resume=True)
+    assert m3["stages"]["prune_2"]["status"] == "complete" and not (run / "soft_labels" / "meta.json").exists()
+    _reused(m2, f2, m3, _files(run))
+    f3 = _files(run)
+
+    # 4. during distillation, once its first epoch checkpoint is on disk
+    def in_distill(r: Path, m: dict) -> bool:
+        return m["stages"].get("distill", {}).get("status") == "running" and bool(_checkpoints(r, "distill"))
+
+    m4 = _run_until(run, in_distill, "distillation epoch 1", resume=True)
+    assert m4["stages"]["soft_labels"]["status"] == "complete" and "student" not in m4["snapshots"]
+    _reused(m3, f3, m4, _files(run))
+    f4 = _files(run)
+
+    # 5. to completion
+    done = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run), *CHAIN_SET,
+                           "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    final = _manifest(run)
+    assert final["status"] == "complete"
+    _reused(m4, f4, final, _files(run))
+    for text in ("baseline: complete, reused", "prune_1: complete, reused", "prune_2: complete, reused"):
+        assert text in done.stdout, text
+    assert sum(e["event"] == "resume" for e in final["events"]) == 4
+    assert final["stages"]["distill"]["attempts"] == 2 and final["stages"]["soft_labels"]["attempts"] == 2
+
+    # Nothing lost, nothing registered twice, no half-written file left.
+    assert set(final["snapshots"]) == EXPECTED
+    on_disk = {p.stem for p in (run / "snapshots").glob("*.pt")}
+    assert on_disk == EXPECTED | {"iter1_init", "iter1_fixed_init", "iter2_init", "iter2_fixed_init"}
+    # A write the kill interrupted left a temp file; the next write of that file removed it.
+    assert not [p for p in (run, run / "snapshots", run / "soft_labels", run / "data")
+                for p in p.glob(".*.tmp") if p.is_file()]
+    assert sum(e["event"] == "snapshot iter1_b0" for e in final["events"]) == 1
+
+    # The report matches an uninterrupted run of the same config (structure and sizes; the
+    # accuracies differ: fewer epochs here).
+    ref_run, _, _ = request.getfixturevalue("smoke_run")  # after the chain: its failures show first
+    report = json.loads((run / "report.json").read_text())
+    ref = json.loads((ref_run / "report.json").read_text())
+    assert set(report) == set(ref)
+    assert [r["snapshot"] is None for r in (report[k] for k in ("baseline", "fixed_lr", "one_cycle", "student"))] \
+        == [False] * 4
+    assert [row["iteration"] for row in report["chain"]] == [row["iteration"] for row in ref["chain"]]
+    mine = {s["name"]: s for s in report["snapshots"]}
+    theirs = {s["name"]: s for s in ref["snapshots"]}
+    assert set(mine) == set(theirs)
+    for name in mine:
+        for key in ("arch", "widths", "params", "macs", "parent" if name.endswith("fixed") else "arch"):
+            assert mine[name][key] == theirs[name][key], (name, key)
+    for key in ("baseline", "one_cycle", "fixed_lr", "student"):
+        assert report[key]["macs"] == ref[key]["macs"] and report[key]["params"] == ref[key]["params"], key
+    assert report["ensemble"]["teachers"][0] == "baseline" and len(report["ensemble"]["teachers"]) == 3
+    for s in report["snapshots"]:  # sane: digits has 10 classes, so chance is 0.1
+        assert 0.15 < s["val_acc"] <= 1.0, (s["name"], s["val_acc"])
+    print(f"\nchain of 4 kills + resume: {time.time() - started:.0f} s")
