@@ -119,10 +119,13 @@ def main() -> None:
         for name, model in chain:
             x = {b: torch.randn(b, 3, res, res, generator=torch.Generator().manual_seed(b)) for b in BATCHES}
             path = os.path.join(tmp, f"{name}.onnx")
-            info = export_model(model, "onnx", path, sample=x[1])
+            with torch.no_grad():  # random weights give large logits: float32 error is relative to them
+                scale = max(1.0, float(model(x[1]).abs().max()))
+            info = export_model(model, "onnx", path, sample=x[1], atol=1e-4 * scale)
             sess = ort_session(path, args.threads, args.ort_opt)
             rows.append({"name": name, "params": count_params(model), "macs": count_macs(model, (3, res, res)),
-                         "widths": list(model.widths), "onnx_max_abs_diff": info["max_abs_diff"]})
+                         "widths": list(model.widths), "onnx_max_abs_diff": info["max_abs_diff"],
+                         "max_abs_logit": scale})
 
             def torch_fn(b, m=model, x=x):
                 with torch.no_grad():

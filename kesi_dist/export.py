@@ -224,7 +224,8 @@ def _validation_sample(run: str, manifest: dict, config_text: str) -> tuple[torc
         return None, f"random inputs: the run's data folder {data_dir} is gone"
     # The torch backend in-process: same pixels as FFCV for the (never augmented) val split, without
     # compiling FFCV's pipeline for a single batch.
-    loader = make_loader(data_dir, "val", batch_size=int(data.get("batch_size", 64)),
+    # At most 64 images: enough to compare outputs, and three passes of a 224 px batch of 256 would be slow.
+    loader = make_loader(data_dir, "val", batch_size=min(64, int(data.get("batch_size", 64))),
                          resolution=int(data.get("resolution", 32)), augment=data.get("augment", "cifar"),
                          backend="torch", num_workers=0)
     return next(iter(loader))[0], "validation images"
@@ -233,7 +234,8 @@ def _validation_sample(run: str, manifest: dict, config_text: str) -> tuple[torc
 def export_run(run: str, fmt: str, out: str | Path, *, snapshot: str = "student", atol: float = 1e-4) -> dict:
     """`kesi export`: export snapshot `snapshot` of run directory `run`, verified on validation images.
 
-    The sample is the first validation batch of the run's data (falling back to random inputs at the
+    The sample is the first validation batch (at most 64 images) of the run's data, at the run's
+    `data.resolution` (falling back to random inputs at the
     run's resolution, said in `info["sample"]`, when the data folder is gone).
 
     Returns:
