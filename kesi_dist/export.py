@@ -151,13 +151,12 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, *, sample: torch.T
     with torch.no_grad():
         expected = model(sample)
     with warnings.catch_warnings():
-        # torch.jit's and the legacy exporter's deprecation notices and the exporter's "Slice with steps > 1 is not folded" (the
-        # option-A shortcut's subsampling) are noise to a user exporting a model.
+        # Deprecation notices of torch.jit and of the TorchScript-based ONNX exporter, and "Slice with
+        # steps > 1 is not folded" (the option-A shortcut's subsampling), are noise to a user exporting.
         warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based ONNX exporter, chosen above
+        warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding")
         data, got = _build_and_run(model, fmt, sample)
-
     if got.shape != expected.shape:
         raise RunError(f"{out}: verification failed: the exported {fmt} model returns shape "
                        f"{tuple(got.shape)}, PyTorch {tuple(expected.shape)}; nothing was written")
