@@ -177,7 +177,7 @@ def test_connect_ray_to_a_port_that_is_not_a_gcs_fails_fast(cluster):
     line = next((x for x in r.stdout.splitlines() if x.startswith("RUNERROR")), None)
     assert line, r.stdout[-2000:] + r.stderr[-2000:]
     _, seconds, msg = line.split(" ", 2)
-    assert float(seconds) < 6 and "not as a Ray GCS" in msg and address in msg
+    assert float(seconds) < 10 and "not as a Ray GCS" in msg and address in msg  # 3 s + a loaded machine
 
 
 @pytest.mark.slow

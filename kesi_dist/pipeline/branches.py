@@ -10,6 +10,7 @@ trial completes (a Tune callback), so a driver crash loses at most the trials in
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import time
@@ -160,6 +161,9 @@ def run_branches(
     # Tune's own reporter prints tables and paths between our progress lines; the legacy reporter
     # honours verbose=0, the new one does not.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A failed trial is reported in one line by _Driver (retried or failed, with its root cause; the
+    # traceback stays in the trial's error file); Tune's controller would print the traceback too.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     tuner = tune.Tuner(
         tune.with_resources(_trial, resources),
         param_space={
