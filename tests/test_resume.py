@@ -114,7 +114,10 @@ def _reused(before: dict, files_before: dict, after: dict, files_after: dict) ->
     for name, entry in before["snapshots"].items():
         assert after["snapshots"][name]["end"] == entry["end"], f"snapshot {name} re-registered"
     for name, mtime in files_before.items():
-        assert files_after[name] == mtime, f"{name} rewritten"
+        # A branch whose trial wrote its file but was killed before the driver registered it is not
+        # complete: its trial runs again on resume (from its last epoch checkpoint) and rewrites it.
+        if name.removesuffix(".pt") in before["snapshots"] or name.endswith("_init.pt"):
+            assert files_after[name] == mtime, f"{name} rewritten"
 
 
 @pytest.mark.timeout(2400)  # ~6 min on an idle 2-core machine; several times that when it is shared
