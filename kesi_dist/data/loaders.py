@@ -68,12 +68,14 @@ CIFAR_PAD = 4
 _META_KEYS = ("num_classes", "train_size", "val_size", "resolution", "mean", "std", "class_names")
 
 
-def _read_meta_uri(data_dir: str) -> dict:
-    """`read_meta` of a folder on a storage URI: meta.json is read there, the .beton files are only
-    checked to exist (with their recorded sizes); `make_loader` fetches them to the node-local cache."""
+def read_meta(data_dir: str | Path) -> dict:
+    """The `meta.json` of a prepared folder (a path or storage URI); RunError if the folder is missing
+    or incomplete. On a URI the .beton files are only checked (recorded sizes); `make_loader` fetches
+    them to the node-local cache."""
     path = storage.join(data_dir, "meta.json")
     if not storage.is_file(path):
-        raise RunError(f"{path}: missing; the dataset is not prepared or preparation did not finish")
+        hint = "" if storage.is_uri(data_dir) else f" (run `kesi data prepare --source ... --out {data_dir}`)"
+        raise RunError(f"{path}: missing; the dataset is not prepared or preparation did not finish{hint}")
     try:
         meta = json.loads(storage.read_text(path))
     except ValueError as e:
@@ -85,38 +87,11 @@ def _read_meta_uri(data_dir: str) -> dict:
         beton = storage.join(data_dir, f"{split}.beton")
         if not storage.is_file(beton):
             raise RunError(f"{beton}: missing although meta.json exists; re-run `kesi data prepare`")
-        expected = (meta.get("bytes") or {}).get(f"{split}.beton")
-        if expected is not None and storage.size(beton) != expected:
-            raise RunError(f"{beton}: {storage.size(beton)} bytes but meta.json says {expected}; re-run "
-                           "`kesi data prepare`")
-    return meta
-
-
-def read_meta(data_dir: str | Path) -> dict:
-    """The `meta.json` of a prepared folder (a path or storage URI); RunError if the folder is missing
-    or incomplete."""
-    if storage.is_uri(data_dir):
-        return _read_meta_uri(data_dir)
-    d = Path(data_dir)
-    path = d / "meta.json"
-    if not path.is_file():
-        raise RunError(f"{path}: missing; the dataset is not prepared or preparation did not finish "
-                       f"(run `kesi data prepare --source ... --out {d}`)")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise RunError(f"{path}: not valid JSON ({e}); re-run `kesi data prepare`") from None
-    missing = [k for k in _META_KEYS if k not in meta]
-    if missing:
-        raise RunError(f"{path}: missing key {missing[0]!r}; re-run `kesi data prepare`")
-    for split in SPLITS:
-        if not (d / f"{split}.beton").is_file():
-            raise RunError(f"{d / f'{split}.beton'}: missing although meta.json exists; re-run `kesi data prepare`")
         expected = (meta.get("bytes") or {}).get(f"{split}.beton")  # recorded since prepare wrote sizes
-        size = (d / f"{split}.beton").stat().st_size
+        size = storage.size(beton)
         if expected is not None and size != expected:
-            raise RunError(f"{d / f'{split}.beton'}: {size} bytes but meta.json says {expected} (truncated or "
-                           "replaced); re-run `kesi data prepare`")
+            raise RunError(f"{beton}: {size} bytes but meta.json says {expected} (truncated or replaced); "
+                           "re-run `kesi data prepare`")
     return meta
 
 
