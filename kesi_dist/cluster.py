@@ -233,7 +233,8 @@ def _probe_nodes(marker: str, token: str, nodes: list[dict], timeout_s: float) -
         try:
             out[node_id] = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - e.g. the node died meanwhile: it cannot be used either
-            out[node_id] = f"the check failed there ({type(e).__name__})"
+            cause = str(getattr(e, "cause", None) or e).strip().splitlines()
+            out[node_id] = f"the check failed there ({type(e).__name__}: {cause[-1][:200] if cause else 'no message'})"
     return out
 
 
