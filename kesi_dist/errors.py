@@ -1,6 +1,11 @@
-"""User-facing errors: the CLI prints them as one `error: ...` line, no traceback."""
+"""User-facing errors: the CLI prints them as one `error: ...` line, no traceback.
 
-__all__ = ["KesiError", "UsageError", "RunError"]
+Library code (models/, pruning/, train/, distill/, data/) knows arguments, not config keys: it raises
+`BadValue(arg, what)` about a value it was given. The config layer, which knows which key of the
+user's file or `--set` the argument came from, turns it into a `UsageError` naming that key.
+"""
+
+__all__ = ["KesiError", "UsageError", "RunError", "BadValue"]
 
 
 class KesiError(Exception):
@@ -19,3 +24,14 @@ class RunError(KesiError):
     """A failure at run time: bad data file, diverged training, unreachable cluster (exit code 1)."""
 
     exit_code = 1
+
+
+class BadValue(ValueError):
+    """A library function's argument `arg` has a value it cannot use; `what` says why.
+
+    `str(e)` is "<arg>: <what>"; the config layer re-raises it as a UsageError naming the config key.
+    """
+
+    def __init__(self, arg: str, what: str):
+        super().__init__(f"{arg}: {what}")
+        self.arg, self.what = arg, what
