@@ -24,7 +24,7 @@ from torch import nn
 from kesi_dist import storage
 from kesi_dist.errors import KesiError, RunError
 from kesi_dist.models import build_model
-from kesi_dist.pruning.mwp import apply_masks
+from kesi_dist.pruning.masks import apply_masks
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_tensors", "model_from_checkpoint"]
 

@@ -37,36 +37,30 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _config_and_output(args: argparse.Namespace):
     from kesi_dist.config import load_config
-    from kesi_dist.pipeline.run import run_pipeline
+    from kesi_dist.errors import UsageError
 
     cfg = load_config(args.config, args.overrides)
     output = args.output or cfg.output
     if not output:
-        from kesi_dist.errors import UsageError
-
         raise UsageError(f"{args.config}: no output folder; pass --output DIR or set output: in the config")
-    run_pipeline(cfg, output, resume=args.resume)
+    return cfg, output
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kesi_dist.launch import run_method
+
+    cfg, output = _config_and_output(args)
+    run_method(cfg, output, resume=args.resume)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from kesi_dist.config import load_config
-    from kesi_dist.pipeline.train_stage import train_baseline
+    from kesi_dist.launch import train_baseline
 
-    cfg = load_config(args.config, args.overrides)
-    output = args.output or cfg.output
-    if not output:
-        from kesi_dist.errors import UsageError
-
-        raise UsageError(f"{args.config}: no output folder; pass --output DIR or set output: in the config")
-    result = train_baseline(cfg, output, resume=args.resume)
-    if result is None:
-        print(f"baseline already in place: {output}/baseline.pt")
-    else:
-        m = result.metrics
-        print(f"baseline: val acc {100 * m['val/acc']:.2f}% after {m['epoch'] + 1} epochs -> {result.checkpoint}")
+    cfg, output = _config_and_output(args)
+    train_baseline(cfg, output, resume=args.resume)
     return 0
 
 
@@ -106,28 +100,36 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_names() -> list[str]:
+    from kesi_dist.methods import METHODS
+
+    return list(METHODS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kesi", description="Distributed iterative pruning with ensemble distillation (KESI) on Ray."
+        prog="kesi", description="Distributed model compression on Ray: pruning whose by-products become "
+                                 "teachers (methods: " + ", ".join(_method_names()) + ")."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plan", help="preview widths, params and MACs of every pruning iteration")
+    p = sub.add_parser("plan", help="preview widths, params and MACs of every step of the method's pruning")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("run", help="run the KESI pipeline: baseline, prune + retrain branches, ...")
+    p = sub.add_parser("run", help="run the config's method end to end (method.name; default kesi)")
     _add_config_args(p)
     p.add_argument("--output", help="run directory or storage URI (s3://, gs://, file://; default: output: in "
                                     "the config)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run in --output")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("train", help="train the baseline of a config and write <output>/baseline.pt")
+    p = sub.add_parser("train", help="only the data and baseline stages: <output>/snapshots/baseline.pt "
+                                     "(`kesi run --resume` on the same folder continues from it)")
     _add_config_args(p)
-    p.add_argument("--output", help="run directory (default: output: in the config)")
-    p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --output")
+    p.add_argument("--output", help="run directory or storage URI (default: output: in the config)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped `kesi train` in --output")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="export a run's student (or any snapshot) to onnx, torchscript or safetensors")

@@ -1,45 +1,38 @@
-"""Experiment configuration: one pydantic object flows from the CLI to every stage.
+"""Experiment configuration: one pydantic object flows from the CLI to the method's recipe.
+
+Common sections (seed, output, model, data, baseline, train, cluster) and `method:`, the section of the
+method that runs (`name: kesi`, ...; a discriminated union over `kesi_dist.methods.METHODS`). Only the
+CLI and a method's recipe see this object; stages and library code get flat specs (`loader_spec`, ...).
 
 YAML is read with `yaml.safe_load`; `--set dotted.key=value` overrides are applied to the raw mapping
-before validation, so an override is checked exactly like a value in the file. Every error names the
-file, the dotted key and what is allowed, and is raised as `UsageError` (exit code 2).
+before validation, so an override is checked exactly like a value in the file. A key whose first part
+is a section of the selected method may leave out `method.` (`--set prune.iterations=3`). Every error
+names the file, the dotted key and what is allowed, and is raised as `UsageError` (exit code 2).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kesi_dist.errors import UsageError
+from kesi_dist.errors import BadValue, UsageError
+from kesi_dist.methods import METHODS
+from kesi_dist.schema import Schedule, Strict
+
+METHOD_CONFIGS = {name: m.config for name, m in METHODS.items()}
 
 __all__ = [
-    "Config",
-    "ModelCfg",
-    "DataCfg",
-    "PruneCfg",
-    "Schedule",
-    "BaselineCfg",
-    "FixedLRCfg",
-    "TuneCfg",
-    "DistillCfg",
-    "TrainCfg",
-    "ClusterCfg",
-    "load_config",
-    "apply_overrides",
-    "config_to_yaml",
+    "Config", "ModelCfg", "DataCfg", "BaselineCfg", "TrainCfg", "ClusterCfg", "MethodCfg",
+    "load_config", "apply_overrides", "config_to_yaml", "loader_spec", "engine_spec", "data_spec", "num_classes",
 ]
 
 SOURCES = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "digits", "synthetic", "prepared")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelCfg(_Strict):
+class ModelCfg(Strict):
     arch: str = Field("resnet56", description="model name from the zoo (`kesi plan --list` shows them)")
     num_classes: int | None = Field(None, ge=2, description="default: taken from the data")
 
@@ -53,14 +46,14 @@ class ModelCfg(_Strict):
         return v
 
 
-class SyntheticCfg(_Strict):
+class SyntheticCfg(Strict):
     num_train: int = Field(2000, ge=1)
     num_val: int = Field(500, ge=1)
     num_classes: int = Field(10, ge=2)
     difficulty: float = Field(0.5, ge=0.0, le=1.0, description="0 = trivially separable, 1 = hard")
 
 
-class DataCfg(_Strict):
+class DataCfg(Strict):
     source: Literal["cifar10", "cifar100", "tiny-imagenet", "imagefolder", "digits", "synthetic", "prepared"] = "digits"
     root: str | None = Field(None, description="raw source folder (torchvision layout); unused for digits/synthetic")
     prepared: str | None = Field(None, description="folder with train.beton, val.beton, meta.json; default <run>/data")
@@ -81,23 +74,6 @@ class DataCfg(_Strict):
         return self
 
 
-class Schedule(_Strict):
-    """How one model is trained: optimizer, learning-rate schedule, epochs."""
-
-    epochs: int = Field(40, ge=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.1, gt=0, description="base LR (multistep/constant) or max LR (onecycle)")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0)
-    schedule: Literal["multistep", "constant", "onecycle"] = "onecycle"
-    milestones: list[int] = Field(default_factory=list, description="multistep: epochs at which LR *= gamma")
-    gamma: float = Field(0.1, gt=0, le=1)
-    div_factor: float = Field(10.0, ge=1, description="onecycle: initial LR = lr / div_factor")
-    pct_start: float = Field(0.1, gt=0, lt=1, description="onecycle: fraction of steps spent warming up")
-    final_div_factor: float = Field(100.0, ge=1, description="onecycle: final LR = initial LR / final_div_factor")
-
-
 class BaselineCfg(Schedule):
     checkpoint: str | None = Field(None, description="a trained baseline checkpoint; skips baseline training")
     epochs: int = Field(300, ge=1)
@@ -105,113 +81,7 @@ class BaselineCfg(Schedule):
     milestones: list[int] = Field(default_factory=lambda: [150, 225])
 
 
-class PruneCfg(_Strict):
-    method: Literal["pfec", "mwp"] = "pfec"
-    iterations: int = Field(5, ge=1, le=50)
-    stage_ratios: list[float] = Field(
-        default_factory=lambda: [0.1, 0.2, 0.3],
-        description="pfec: fraction of filters removed per iteration in each stage (compounds)",
-    )
-    skip: list[str] = Field(default_factory=list, description="pfec: units never pruned (e.g. layer1.7)")
-    layer_ratios: dict[str, float] = Field(default_factory=dict, description="pfec: per-unit ratio overrides")
-    targets: list[float] = Field(
-        default_factory=lambda: [0.22, 0.39, 0.51, 0.59, 0.66],
-        description="mwp: cumulative fraction of conv weights that are zero after each iteration",
-    )
-
-    @field_validator("stage_ratios")
-    @classmethod
-    def _ratios_in_range(cls, v: list[float]) -> list[float]:
-        for r in v:
-            if not 0 <= r < 1:
-                raise ValueError(f"must be in [0, 1), got {r}")
-        return v
-
-    @field_validator("layer_ratios")
-    @classmethod
-    def _layer_ratios_in_range(cls, v: dict[str, float]) -> dict[str, float]:
-        for k, r in v.items():
-            if not 0 <= r < 1:
-                raise ValueError(f"{k}: must be in [0, 1), got {r}")
-        return v
-
-    @field_validator("targets")
-    @classmethod
-    def _targets_increasing(cls, v: list[float]) -> list[float]:
-        for r in v:
-            if not 0 <= r < 1:
-                raise ValueError(f"must be in [0, 1), got {r}")
-        if any(b < a for a, b in zip(v, v[1:])):
-            raise ValueError(f"must be non-decreasing (cumulative sparsity), got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _mwp_targets_cover_iterations(self) -> "PruneCfg":
-        if self.method == "mwp" and len(self.targets) < self.iterations:
-            raise ValueError(
-                f"prune.targets has {len(self.targets)} values but prune.iterations is {self.iterations}; "
-                "give one cumulative sparsity per iteration"
-            )
-        return self
-
-
-class FixedLRCfg(Schedule):
-    """The paper's comparison arm: the same pruning chain retrained with a small fixed LR."""
-
-    enabled: bool = True
-    lr: float = Field(0.001, gt=0)
-    schedule: Literal["multistep", "constant", "onecycle"] = "constant"
-
-
-# (exclusive lower bound, inclusive upper bound, what a value must be) of each searchable field
-_SPACE_RANGES = {"lr": (0, float("inf"), "> 0"), "pct_start": (0, 0.999999, "in (0, 1)"),
-                 "epochs": (0, 1e6, ">= 1"), "div_factor": (0.999999, float("inf"), ">= 1"),
-                 "final_div_factor": (0.999999, float("inf"), ">= 1"), "weight_decay": (0, float("inf"), ">= 0")}
-
-
-class TuneCfg(_Strict):
-    branches: int = Field(2, ge=1, description="parallel LR-restart trials per iteration")
-    search: Literal["grid", "random"] = "grid"
-    space: dict[str, list[float]] = Field(
-        default_factory=lambda: {"lr": [0.1, 0.05]},
-        description="retrain fields searched per branch: lr, pct_start, epochs, div_factor, final_div_factor",
-    )
-    asha: bool = False
-    asha_grace_epochs: int = Field(1, ge=1)
-
-    @field_validator("space")
-    @classmethod
-    def _space_keys(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
-        allowed = {"lr", "pct_start", "epochs", "div_factor", "final_div_factor", "weight_decay"}
-        for k, vals in v.items():
-            if k not in allowed:
-                raise ValueError(f"unknown search key {k!r}; allowed: {', '.join(sorted(allowed))}")
-            if not vals:
-                raise ValueError(f"{k}: needs at least one value")
-            lo, hi, what = _SPACE_RANGES[k]
-            for x in vals:
-                if not (x > lo if k != "weight_decay" else x >= lo) or x > hi:
-                    raise ValueError(f"{k}: {x} is not {what}")
-                if k == "epochs" and x != int(x):
-                    raise ValueError(f"epochs: {x} is not a whole number of epochs")
-        return v
-
-
-class DistillCfg(Schedule):
-    enabled: bool = True
-    teachers: Literal["chain", "all", "topk", "diverse"] = "chain"
-    num_teachers: int = Field(6, ge=1, description="topk/diverse: how many teachers")
-    temperature: float = Field(5.0, gt=0)
-    alpha: float = Field(0.0, ge=0, le=1, description="weight of the hard-label CE term (0 = soft targets only)")
-    mode: Literal["online", "cached"] = "online"
-    cache_topk: int = Field(10, ge=1, description="cached mode: logits kept per image")
-    cache_actors: int = Field(2, ge=1, description="cached mode: Ray actors computing soft labels")
-    optimizer: Literal["sgd", "adam"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-
-
-class TrainCfg(_Strict):
+class TrainCfg(Strict):
     """Where and how every training run executes (placement and engine, not hyper-parameters)."""
 
     engine: Literal["ddp", "deepspeed"] = "ddp"
@@ -224,12 +94,15 @@ class TrainCfg(_Strict):
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
 
 
-class ClusterCfg(_Strict):
+class ClusterCfg(Strict):
     address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else a local Ray")
-    storage: str | None = Field(None, description="shared storage URI for multi-node runs (s3://, gs://, file://)")
 
 
-class Config(_Strict):
+# One entry per method; with a single method pydantic takes the plain model and still checks `name`.
+MethodCfg = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]
+
+
+class Config(Strict):
     """A whole experiment."""
 
     seed: int = 0
@@ -237,23 +110,10 @@ class Config(_Strict):
     model: ModelCfg = ModelCfg()
     data: DataCfg = DataCfg()
     baseline: BaselineCfg = BaselineCfg()
-    prune: PruneCfg = PruneCfg()
-    retrain: Schedule = Schedule()
-    fixed_lr: FixedLRCfg = FixedLRCfg()
-    tune: TuneCfg = TuneCfg()
-    distill: DistillCfg = DistillCfg()
     train: TrainCfg = TrainCfg()
     cluster: ClusterCfg = ClusterCfg()
-
-    @model_validator(mode="after")
-    def _asha_grace_fits(self) -> "Config":
-        t = self.tune
-        epochs = int(max(t.space.get("epochs") or [self.retrain.epochs]))
-        if t.asha and t.asha_grace_epochs > epochs:
-            raise ValueError(f"tune.asha_grace_epochs: {t.asha_grace_epochs} is more than the {epochs} epoch(s) a "
-                             "branch trains (retrain.epochs / tune.space.epochs), so ASHA could never stop one; "
-                             "lower it or train longer")
-        return self
+    method: MethodCfg = Field(default_factory=METHOD_CONFIGS["kesi"],
+                              description="the compression method and its own sections")
 
 
 def _parse_value(text: str) -> Any:
@@ -264,13 +124,25 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _method_name(raw: dict, overrides: list[str]) -> str:
+    for item in overrides:
+        if item.partition("=")[0].strip() == "method.name":
+            return str(_parse_value(item.partition("=")[2]))
+    method = raw.get("method")
+    return str(method.get("name", "kesi")) if isinstance(method, dict) else "kesi"
+
+
 def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
     """Apply `dotted.key=value` overrides to a raw mapping (in place) and return it."""
+    sections = METHOD_CONFIGS.get(_method_name(raw, overrides))
+    own = set(sections.model_fields) - {"name"} if sections else set()
     for item in overrides:
         if "=" not in item:
             raise UsageError(f"{source} {item!r}: expected dotted.key=value, e.g. prune.iterations=3")
         key, _, value = item.partition("=")
         parts = key.strip().split(".")
+        if parts[0] in own and parts[0] not in Config.model_fields:
+            parts = ["method", *parts]  # a section of the selected method: `method.` may be left out
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -285,12 +157,23 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
 
 def _format_error(origin: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    parts = [str(p) for p in first["loc"]]
+    if len(parts) > 1 and parts[0] == "method" and parts[1] in METHOD_CONFIGS:
+        parts.pop(1)  # pydantic puts the union's tag in the location; the user never wrote it
+    loc = ".".join(parts)
     msg = first["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
-    if first["type"] == "extra_forbidden":
+    owners = [n for n, c in METHOD_CONFIGS.items() if parts and parts[0] in c.model_fields]
+    if first["type"] == "extra_forbidden" and len(parts) == 1 and owners:
+        msg = (f"a section of method {owners[0]}: move it under `method:` (method: {{name: {owners[0]}, "
+               f"{parts[0]}: ...}})")
+    elif first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; `kesi config` prints every key with its default)"
+    elif first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc = "method.name"
+        msg = f"choose one of {', '.join(METHOD_CONFIGS)}" + (f", got {first['input'].get('name')!r}"
+                                                            if first["type"] == "union_tag_invalid" else "")
     elif first["type"] == "literal_error":
         msg = f"{msg}, got {first.get('input')!r}"
     elif "input" in first and first["type"] not in ("value_error", "missing") and not isinstance(first["input"], dict):
@@ -317,12 +200,58 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(raw, dict):
             raise UsageError(f"{origin}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
     apply_overrides(raw, overrides or [])
+    if isinstance(raw.get("method"), dict):
+        raw["method"].setdefault("name", "kesi")  # as when the section is left out
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise UsageError(_format_error(origin, e)) from None
+    try:
+        cfg.method.check(cfg)  # what only shows next to the model: unit names, stages per arch
+    except BadValue as e:
+        raise UsageError(f"{origin}: {cfg.method.ARG_KEYS.get(e.arg, e.arg)}: {e.what}") from None
+    except UsageError as e:
+        raise UsageError(f"{origin}: {e}") from None
+    return cfg
 
 
 def config_to_yaml(cfg: Config) -> str:
     """The resolved config, as saved into a run directory."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the common sections as the flat specs stages and workers take
+
+def data_spec(cfg: Config):
+    from kesi_dist.data.prepare import DataSpec
+
+    d = cfg.data
+    return DataSpec(source=d.source, root=d.root, prepared=d.prepared, store_resolution=d.store_resolution,
+                    seed=cfg.seed, options=d.synthetic.model_dump() if d.source == "synthetic" else {})
+
+
+def loader_spec(cfg: Config, data_dir: str | Path):
+    from kesi_dist.train.spec import LoaderSpec
+
+    d = cfg.data
+    return LoaderSpec(data_dir=str(data_dir), batch_size=d.batch_size, resolution=d.resolution,
+                      augment=d.augment, backend=d.loader, num_workers=d.num_workers)
+
+
+def engine_spec(cfg: Config):
+    from kesi_dist.train.spec import EngineSpec
+
+    t = cfg.train
+    return EngineSpec(engine=t.engine, zero_stage=t.zero_stage, num_workers=t.num_workers,
+                      cpus_per_worker=t.cpus_per_worker, gpus_per_worker=t.gpus_per_worker, bf16=t.bf16,
+                      channels_last=t.channels_last, max_failures=t.max_failures)
+
+
+def num_classes(cfg: Config, meta: dict) -> int:
+    """The model's classes: the data's (`meta.json`), which `model.num_classes` may only confirm."""
+    n = cfg.model.num_classes or int(meta["num_classes"])
+    if n != meta["num_classes"]:
+        raise UsageError(f"model.num_classes is {n} but the data has {meta['num_classes']} classes; remove "
+                         "model.num_classes or fix it")
+    return n

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kesi_dist.atomic import atomic_write, atomic_write_text
+from kesi_dist.storage.atomic import atomic_write, atomic_write_text
 from kesi_dist.errors import RunError, UsageError
 
 __all__ = ["FORMATS", "OPSET", "export_snapshot", "export_model", "export_run", "widths_path"]

@@ -16,11 +16,9 @@ import torch
 from torch import nn
 
 from kesi_dist import storage
+from kesi_dist.report import ReportLayout
 
 __all__ = ["write_model_card", "measure_latency"]
-
-_ARMS = (("baseline", "baseline"), ("pruned + fixed LR", "fixed_lr"), ("pruned + one-cycle", "one_cycle"),
-         ("ensemble of snapshots", "ensemble"), ("pruned + KESI (student)", "student"))
 
 
 def measure_latency(model: nn.Module, resolution: int, batches: tuple[int, ...] = (1, 64), repeats: int = 3,
@@ -80,18 +78,17 @@ def _m(x) -> str:
     return "–" if x is None else f"{x / 1e6:.3f} M"
 
 
-def _card(run_root: str, manifest: dict, report: dict, config_text: str, config_path: str,
+def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, config_text: str, config_path: str,
           cfg: dict, lat: dict) -> str:
-    model_cfg, data_cfg, prune_cfg = cfg.get("model", {}), cfg.get("data", {}), cfg.get("prune", {})
+    model_cfg, data_cfg = cfg.get("model", {}), cfg.get("data", {})
     arch = model_cfg.get("arch", "?")
     res = int(data_cfg.get("resolution", 32))
-    student_key = "student" if report.get("student") else "one_cycle"
-    student, base = report.get(student_key), report.get("baseline")
+    student_key = layout.deliverable(report)
+    student, base = report.get(student_key) if student_key else None, report.get("baseline")
     sname = student["snapshot"] if student else "?"
     data = manifest.get("stages", {}).get("data", {})
     lines = [
-        f"# Model card: {arch} pruned with {prune_cfg.get('method', '?').upper()} "
-        f"x{prune_cfg.get('iterations', '?')}" + (" + KESI ensemble distillation" if student_key == "student" else ""),
+        f"# Model card: {layout.card_titles.get(student_key, arch) if student_key else arch}",
         "",
         f"The deliverable is the snapshot `{sname}` (`{storage.join(run_root, 'snapshots', sname + '.pt')}`), "
         f"a {arch} with pruned widths, {report['status'] or 'unknown'} run.",
@@ -124,7 +121,7 @@ def _card(run_root: str, manifest: dict, report: dict, config_text: str, config_
     lines += ["", "## Accuracy of every arm", "",
               f"Validation top-1 on {data_cfg.get('source', '?')} (`report.json`).", "",
               "| arm | top-1 | params | MACs | snapshot |", "|---|---|---|---|---|"]
-    for label, key in _ARMS:
+    for label, key, _ in layout.rows:
         r = report.get(key)
         if not r:
             lines.append(f"| {label} | – | – | – | – |")
@@ -179,13 +176,15 @@ def _card(run_root: str, manifest: dict, report: dict, config_text: str, config_
     return "\n".join(lines)
 
 
-def write_model_card(run_root: str | Path, manifest: dict, report: dict, config_path: str | Path) -> str | Path:
+def write_model_card(run_root: str | Path, manifest: dict, report: dict, layout: ReportLayout,
+                     config_path: str | Path) -> str | Path:
     """Write `<run_root>/MODEL_CARD.md` for the student of a run; return its path.
 
     Args:
         run_root: the run directory (local path or storage URI).
         manifest: the run's manifest data (snapshot registry, stages).
-        report: `kesi_dist.report.build_report`'s dict for that manifest.
+        report: the method's report dict for that manifest; layout: how its rows read
+            (`kesi_dist.report.ReportLayout`; the card describes `layout.deliverable(report)`).
         config_path: the run's resolved `config.yaml`; embedded in the card and used in the commands.
 
     Latency is measured here (PyTorch eager, batch 1 and 64, a few repeats) for the baseline and the
@@ -198,8 +197,9 @@ def write_model_card(run_root: str | Path, manifest: dict, report: dict, config_
     config_text = storage.read_text(config_path) if storage.exists(config_path) else ""
     cfg = yaml.safe_load(config_text) or {}
     res = int(cfg.get("data", {}).get("resolution", 32))
-    names = [r["snapshot"] for r in (report.get("baseline"), report.get("student") or report.get("one_cycle")) if r]
+    final = layout.deliverable(report)
+    names = [r["snapshot"] for r in (report.get("baseline"), report.get(final) if final else None) if r]
     lat = _latencies(root, manifest, names, res)
     path = storage.join(root, "MODEL_CARD.md")
-    storage.write_text(path, _card(root, manifest, report, config_text, config_path, cfg, lat))
+    storage.write_text(path, _card(root, manifest, report, layout, config_text, config_path, cfg, lat))
     return path if storage.is_uri(path) else Path(path)

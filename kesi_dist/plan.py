@@ -1,8 +1,8 @@
-"""`kesi plan`: apply the configured pruning schedule to random weights and report what it does.
+"""`kesi plan`: the method's pruning schedule applied to random weights, counted and printed.
 
-No data and no training: widths, parameters, nonzero parameters and MACs per iteration depend only
-on the architecture and the schedule (PFEC ranks random filters, but the kept *counts* are fixed;
-MWP's global threshold prunes an exact fraction of conv weights whatever their values).
+No data and no training: widths, parameters, nonzero parameters and MACs per step depend only on the
+architecture and the schedule. The rows come from the method (`kesi_dist.methods.<name>.plan.plan`);
+this module builds the random model, counts a row and prints the table.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from torch import nn
 
 from kesi_dist.config import Config
 from kesi_dist.models import build_model, model_units
-from kesi_dist.pruning import count_macs, count_nonzero_params, count_params, prune
+from kesi_dist.pruning import count_macs, count_nonzero_params, count_params
 
-__all__ = ["plan_schedule", "print_plan", "default_num_classes"]
+__all__ = ["plan_schedule", "print_plan", "default_num_classes", "random_model", "count_row"]
 
 _CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200, "digits": 10}
 
@@ -28,6 +28,14 @@ def default_num_classes(cfg: Config) -> int:
     return _CLASSES.get(cfg.data.source, 10)
 
 
+def random_model(cfg: Config) -> nn.Module:
+    """`cfg.model` with seeded random weights and no exactly-zero parameter."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.arch, default_num_classes(cfg))
+    _randomize(model, cfg.seed)
+    return model
+
+
 def _randomize(model: nn.Module, seed: int) -> None:
     # Like a trained network, no parameter is exactly zero (fresh BN biases are), so iteration 0 has
     # nonzero_params == params and MWP's counts are the pruned weights only.
@@ -38,7 +46,7 @@ def _randomize(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.rand(p.shape, generator=g) * 0.9 + 0.1)
 
 
-def _row(index: int, model: nn.Module, res: int) -> dict:
+def count_row(index: int, model: nn.Module, res: int) -> dict:
     return {
         "index": index,
         "params": count_params(model),
@@ -49,26 +57,10 @@ def _row(index: int, model: nn.Module, res: int) -> dict:
 
 
 def plan_schedule(cfg: Config) -> dict:
-    """Build `cfg.model.arch`, prune it `cfg.prune.iterations` times, count every iteration.
+    """The method's plan: {"model": arch, "method", "iterations": [count_row, ...]}, index 0 unpruned."""
+    from kesi_dist.methods import METHODS
 
-    Returns:
-        {"model": arch, "method": "pfec"|"mwp", "iterations": [{"index", "params",
-        "nonzero_params", "macs", "widths"}, ...]}, index 0 being the unpruned model; MACs at
-        `cfg.data.resolution`.
-    """
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.arch, default_num_classes(cfg))
-    _randomize(model, cfg.seed)
-    p, res = cfg.prune, cfg.data.resolution
-    rows = [_row(0, model, res)]
-    masks = None
-    for it in range(1, p.iterations + 1):
-        model, masks = prune(
-            model, masks, method=p.method, iteration=it, stage_ratios=p.stage_ratios, skip=p.skip,
-            layer_ratios=p.layer_ratios, targets=p.targets,
-        )
-        rows.append(_row(it, model, res))
-    return {"model": cfg.model.arch, "method": p.method, "iterations": rows}
+    return METHODS[cfg.method.name].module("plan").plan(cfg)
 
 
 def _widths_summary(arch: str, widths: list[int]) -> str:

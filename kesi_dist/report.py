@@ -1,88 +1,76 @@
-"""The run report: the paper's comparison for one run, from the manifest alone.
+"""The run report, rendered from rows a method gives: report.json, report.md, the plot, TensorBoard.
 
-    <run>/report.json        baseline, fixed_lr, one_cycle, ensemble, student (val_acc, params,
-                             nonzero_params, macs), snapshots (the registry), timings (s per stage)
-    <run>/report.md          the paper-style table plus the per-iteration chain
+    <run>/report.json        the method's report dict (rows such as baseline / student with val_acc,
+                             params, nonzero_params, macs; the chain; every snapshot; timings)
+    <run>/report.md          the method's table, its chain and the stage timings
     <run>/accuracy_vs_macs.png
-    <run>/tensorboard/report summary scalars per iteration (chain, fixed arm, every branch)
+    <run>/tensorboard/report summary scalars per chain step
 
-`run_root` may be a storage URI (`kesi_dist.storage`): files are written there atomically, the
-TensorBoard summary is staged locally and uploaded.
+What the rows are and what they are called is the method's (`ReportLayout`, e.g.
+`kesi_dist.methods.kesi.report`); this module only renders. `run_root` may be a storage URI
+(`kesi_dist.storage`): files are written there atomically, the TensorBoard summary is staged locally.
 
-Rows (as in KESI's Table 1): "fixed LR" is the comparison arm's last snapshot (conventional
-fine-tuning), "one-cycle" the last snapshot of the one-cycle chain before distillation, "KESI" the
-distilled student, which has the one-cycle snapshot's architecture.
+A report dict has: "status", one entry per row key (None when missing), "ensemble" (optional: val_acc,
+params/MACs summed over "teachers"), "chain" (rows with iteration, snapshot, val_acc, params, macs and the
+layout's `chain_extra` keys), "snapshots" (the registry), "timings" (seconds per stage).
 """
 
 from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from kesi_dist import storage
 
-__all__ = ["build_report", "write_report"]
+__all__ = ["ReportLayout", "size_row", "write_report", "render_markdown"]
 
-_SIZE_KEYS = ("val_acc", "params", "nonzero_params", "macs")
+SIZE_KEYS = ("val_acc", "params", "nonzero_params", "macs")
 
 
-def _row(entry: dict | None, **extra: Any) -> dict | None:
+@dataclass(frozen=True)
+class ReportLayout:
+    """How a method's report reads.
+
+    rows: (table label, report key, console label) in table order.
+    deliverables: report keys of the shipped model, first present wins (e.g. the student, else the
+        last snapshot when distillation was off); the model card describes it.
+    card_titles: report key -> the model card's title for that deliverable.
+    arms: snapshot arm -> legend label; those arms' snapshots are scattered in the plot.
+    chain_acc_label: the chain table's accuracy column; chain_extra: (column label, chain key,
+        TensorBoard tag) of further chain columns.
+    """
+
+    title: str
+    rows: tuple[tuple[str, str, str], ...]
+    deliverables: tuple[str, ...]
+    card_titles: dict[str, str] = field(default_factory=dict)
+    arms: dict[str, str] = field(default_factory=dict)
+    chain_acc_label: str = "top-1 (%)"
+    chain_extra: tuple[tuple[str, str, str], ...] = ()
+
+    def deliverable(self, report: dict) -> str | None:
+        return next((k for k in self.deliverables if report.get(k)), None)
+
+
+def size_row(entry: dict | None, **extra) -> dict | None:
+    """A report row from a registry entry: accuracy, size and the snapshot's name."""
     if entry is None:
         return None
-    return {**{k: entry.get(k) for k in _SIZE_KEYS}, "snapshot": entry.get("name"), **extra}
-
-
-def build_report(manifest: dict) -> dict:
-    """The report dict for a manifest (complete or not: missing rows are None)."""
-    snaps: dict[str, dict] = manifest["snapshots"]
-    stages: dict[str, dict] = manifest["stages"]
-    iterations = sorted(int(k.split("_")[1]) for k in stages if k.startswith("prune_") and stages[k].get("chosen"))
-    last = iterations[-1] if iterations else None
-    chosen = stages[f"prune_{last}"]["chosen"] if last else None
-    fixed = stages[f"prune_{last}"].get("fixed") if last else None
-    ens = stages.get("ensemble", {})
-    ensemble = None
-    if ens.get("status") == "complete":
-        members = [snaps[n] for n in ens["teachers"]]
-        ensemble = {"val_acc": ens["acc"], "params": sum(m["params"] for m in members),
-                    "nonzero_params": sum(m["nonzero_params"] for m in members),
-                    "macs": sum(m["macs"] for m in members), "teachers": ens["teachers"]}
-    chain = [{"iteration": 0, "snapshot": "baseline", **_row(snaps["baseline"])}] if "baseline" in snaps else []
-    for k in iterations:
-        st = stages[f"prune_{k}"]
-        row = {"iteration": k, **_row(snaps[st["chosen"]])}
-        if st.get("fixed"):
-            row["fixed_lr_val_acc"] = snaps[st["fixed"]]["val_acc"]
-        chain.append(row)
-    timings = {name: round(st["end"] - st["start"], 2) for name, st in stages.items()
-               if st.get("status") == "complete" and "end" in st and "start" in st}
-    return {
-        "status": manifest.get("status"),
-        "baseline": _row(snaps.get("baseline")),
-        "fixed_lr": _row(snaps.get(fixed) if fixed else None),
-        "one_cycle": _row(snaps.get(chosen) if chosen else None),
-        "ensemble": ensemble,
-        "student": _row(snaps.get("student")),
-        "chain": chain,
-        "snapshots": list(snaps.values()),
-        "timings": timings,
-    }
+    return {**{k: entry.get(k) for k in SIZE_KEYS}, "snapshot": entry.get("name"), **extra}
 
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
-def _markdown(report: dict, title: str) -> str:
-    base = report["baseline"]
-    lines = [f"# {title}", "", f"Run status: {report['status']}", "",
+def render_markdown(report: dict, layout: ReportLayout) -> str:
+    base = report.get("baseline")
+    lines = [f"# {layout.title}", "", f"Run status: {report['status']}", "",
              "| | top-1 (%) | params (M) | nonzero params (M) | MACs (M) | MACs reduction |",
              "|---|---|---|---|---|---|"]
-    for label, key in (("baseline", "baseline"), ("pruned + fixed LR", "fixed_lr"),
-                       ("pruned + one-cycle", "one_cycle"), ("ensemble of snapshots", "ensemble"),
-                       ("pruned + KESI (student)", "student")):
+    for label, key, _ in layout.rows:
         r = report.get(key)
         if r is None:
             lines.append(f"| {label} | – | – | – | – | – |")
@@ -93,18 +81,20 @@ def _markdown(report: dict, title: str) -> str:
     if report.get("ensemble"):
         lines += ["", f"Ensemble: {len(report['ensemble']['teachers'])} teachers "
                       f"({', '.join(report['ensemble']['teachers'])}); its params/MACs are the sum over members."]
-    lines += ["", "## Chain", "", "| iteration | snapshot | top-1 one-cycle (%) | top-1 fixed LR (%) | params (M) | MACs (M) |",
-              "|---|---|---|---|---|---|"]
+    extra = layout.chain_extra
+    lines += ["", "## Chain", "", "| iteration | snapshot | " + " | ".join([layout.chain_acc_label, *(e[0] for e in extra)])
+              + " | params (M) | MACs (M) |", "|---|---|---|" + "---|" * len(extra) + "---|---|"]
     for r in report["chain"]:
-        lines.append(f"| {r['iteration']} | {r['snapshot']} | {_pct(r['val_acc'])} | "
-                     f"{_pct(r.get('fixed_lr_val_acc'))} | {r['params'] / 1e6:.3f} | {r['macs'] / 1e6:.1f} |")
+        cols = [_pct(r["val_acc"]), *(_pct(r.get(e[1])) for e in extra)]
+        lines.append(f"| {r['iteration']} | {r['snapshot']} | {' | '.join(cols)} | {r['params'] / 1e6:.3f} | "
+                     f"{r['macs'] / 1e6:.1f} |")
     if report["timings"]:
         lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: str) -> None:
+def _plot(report: dict, layout: ReportLayout, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,27 +102,30 @@ def _plot(report: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     snaps = [s for s in report["snapshots"] if s.get("val_acc") is not None and not s["name"].endswith("_init")]
-    for arm, marker, color in (("onecycle", "o", "tab:blue"), ("fixed", "s", "tab:orange")):
+    styles = [("o", "tab:blue"), ("s", "tab:orange"), ("^", "tab:purple"), ("v", "tab:brown")]
+    for (arm, label), (marker, color) in zip(layout.arms.items(), styles):
         pts = [s for s in snaps if s.get("arm") == arm]
         if pts:
             ax.scatter([s["macs"] / 1e6 for s in pts], [100 * s["val_acc"] for s in pts], marker=marker,
-                       color=color, alpha=0.6, label=f"{'one-cycle branches' if arm == 'onecycle' else 'fixed-LR arm'}")
+                       color=color, alpha=0.6, label=label)
     chain = report["chain"]
     if chain:
         ax.plot([r["macs"] / 1e6 for r in chain], [100 * r["val_acc"] for r in chain], "-", color="tab:blue",
                 alpha=0.8, label="chosen chain")
-    if report["baseline"]:
+    if report.get("baseline"):
         b = report["baseline"]
         ax.scatter([b["macs"] / 1e6], [100 * b["val_acc"]], marker="D", color="black", s=60, label="baseline", zorder=3)
-    if report["ensemble"] and report["student"]:
+    final = layout.deliverable(report)
+    if report.get("ensemble") and final:
         # The ensemble's cost is the sum of its members; drawn at the student's MACs with a note instead
         # would hide that, so it is a horizontal reference line.
         ax.axhline(100 * report["ensemble"]["val_acc"], color="tab:green", linestyle="--",
                    label=f"ensemble ({len(report['ensemble']['teachers'])} teachers)")
-    if report["student"]:
-        s = report["student"]
-        ax.scatter([s["macs"] / 1e6], [100 * s["val_acc"]], marker="*", color="tab:red", s=200,
-                   label="KESI student", zorder=4)
+    if final:
+        s = report[final]
+        label = next((c for _, k, c in layout.rows if k == final), final)
+        ax.scatter([s["macs"] / 1e6], [100 * s["val_acc"]], marker="*", color="tab:red", s=200, label=label,
+                   zorder=4)
     ax.set_xlabel("MACs (M)")
     ax.set_ylabel("validation top-1 (%)")
     ax.grid(alpha=0.3)
@@ -144,7 +137,7 @@ def _plot(report: dict, path: str) -> None:
     storage.write_bytes(path, buf.getvalue())
 
 
-def _tensorboard(report: dict, logdir: str) -> None:
+def _tensorboard(report: dict, layout: ReportLayout, logdir: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with storage.staged_dir(logdir) as local, SummaryWriter(local) as w:
@@ -152,19 +145,18 @@ def _tensorboard(report: dict, logdir: str) -> None:
             w.add_scalar("chain/val_acc", r["val_acc"], r["iteration"])
             w.add_scalar("chain/macs", r["macs"], r["iteration"])
             w.add_scalar("chain/params", r["params"], r["iteration"])
-            if r.get("fixed_lr_val_acc") is not None:
-                w.add_scalar("fixed_lr/val_acc", r["fixed_lr_val_acc"], r["iteration"])
-        for key in ("ensemble", "student", "baseline"):
+            for _, key, tag in layout.chain_extra:
+                if r.get(key) is not None:
+                    w.add_scalar(tag, r[key], r["iteration"])
+        for key in ("ensemble", *layout.deliverables[:1], "baseline"):
             if report.get(key):
                 w.add_scalar(f"{key}/val_acc", report[key]["val_acc"], 0)
 
 
-def write_report(run_root: str | Path, manifest: dict, title: str) -> dict:
-    """Write report.json, report.md, accuracy_vs_macs.png and TensorBoard summaries; return the report."""
+def write_report(run_root: str | Path, report: dict, layout: ReportLayout) -> None:
+    """Write report.json, report.md, accuracy_vs_macs.png and TensorBoard summaries of `report`."""
     root = run_root if storage.is_uri(run_root) else str(run_root)
-    report = build_report(manifest)
     storage.write_text(storage.join(root, "report.json"), json.dumps(report, indent=1))
-    storage.write_text(storage.join(root, "report.md"), _markdown(report, title))
-    _plot(report, storage.join(root, "accuracy_vs_macs.png"))
-    _tensorboard(report, storage.join(root, "tensorboard", "report"))
-    return report
+    storage.write_text(storage.join(root, "report.md"), render_markdown(report, layout))
+    _plot(report, layout, storage.join(root, "accuracy_vs_macs.png"))
+    _tensorboard(report, layout, storage.join(root, "tensorboard", "report"))

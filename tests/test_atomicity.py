@@ -1,7 +1,7 @@
 """Half-written files are never read as complete; a crash mid-write leaves the previous file intact.
 
 Manifest, snapshots (kesi_dist.checkpoint), `.beton` + meta.json (kesi_dist.data.prepare) and
-soft-label shards (kesi_dist.distill.cache) all go through kesi_dist.atomic. Plain PyTorch, no Ray.
+soft-label shards (kesi_dist.distill.cache) all go through kesi_dist.storage.atomic. Plain PyTorch, no Ray.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from kesi_dist import atomic
+from kesi_dist.storage import atomic
 from kesi_dist.checkpoint import load_checkpoint, save_checkpoint
 from kesi_dist.errors import RunError
 from kesi_dist.models import build_model
@@ -43,7 +43,7 @@ def one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:
 
 
 def half_then_crash(self, data):
-    """Patched over kesi_dist.atomic's file proxy: store half of the first chunk, then die."""
+    """Patched over kesi_dist.storage.atomic's file proxy: store half of the first chunk, then die."""
     self._f.write(data[: max(1, len(data) // 2)])
     raise Crash("writer died halfway")
 

@@ -133,7 +133,7 @@ def _truncated_beton(c: Ctx) -> list[str]:
 
 
 def _disk_full(mp: pytest.MonkeyPatch) -> None:
-    from kesi_dist import atomic
+    from kesi_dist.storage import atomic
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")

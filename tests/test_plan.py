@@ -20,7 +20,7 @@ from kesi_dist.config import Config, load_config
 from kesi_dist.errors import UsageError
 from kesi_dist.models import build_model
 from kesi_dist.plan import default_num_classes, plan_schedule, print_plan
-from kesi_dist.pruning.mwp import conv_weights
+from kesi_dist.pruning.masks import conv_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

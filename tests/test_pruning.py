@@ -1,4 +1,4 @@
-"""Counting (cross-checked with ptflops), PFEC filter pruning and MWP masks through real optimizer steps."""
+"""Counting (cross-checked with ptflops), PFEC filter pruning, surgery and MWP masks through real optimizer steps."""
 
 import copy
 
@@ -6,14 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from kesi_dist.errors import UsageError
+from kesi_dist.errors import BadValue
 from kesi_dist.models import build_model
 from kesi_dist.pruning import (
-    apply_masks, count_macs, count_nonzero_params, count_params, mask_gradients, mwp_masks, pfec_prune, prune,
-    sparsity,
+    MaskConstraint, apply_masks, conv_weights, count_macs, count_nonzero_params, count_params, kept_count,
+    mask_gradients, mwp_masks, pfec_prune, slice_units, sparsity, sparsity_target,
 )
-from kesi_dist.pruning.mwp import conv_weights
-from kesi_dist.pruning.pfec import kept_count
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -155,16 +153,57 @@ def test_pfec_compounds_over_iterations_and_vgg_classifier_is_sliced():
     assert vgg.classifier[0].in_features == 256 and vgg.widths[-3:] == [256, 256, 256]
 
 
-def test_pfec_bad_schedules_are_usage_errors():
+def test_pfec_bad_schedules_are_bad_values_naming_the_argument():
     model = build_model("resnet20")
-    with pytest.raises(UsageError, match=r"stage_ratios: the model has 3 stages, got 5"):
+    with pytest.raises(BadValue, match=r"^stage_ratios: the model has 3 stages, got 5") as e:
         pfec_prune(model, [0.1] * 5)
-    with pytest.raises(UsageError, match=r"prune.skip: 'layer1.7' matches no prunable unit"):
+    assert e.value.arg == "stage_ratios"
+    with pytest.raises(BadValue, match=r"^skip: 'layer1.7' matches no prunable unit of this model \(names like"):
         pfec_prune(model, [0.1] * 3, skip=["layer1.7"])
-    with pytest.raises(UsageError, match=r"prune.layer_ratios: 'conv1_1' matches no prunable unit"):
+    with pytest.raises(BadValue, match=r"^layer_ratios: 'conv1_1' matches no prunable unit"):
         pfec_prune(model, [0.1] * 3, layer_ratios={"conv1_1": 0.2})
-    with pytest.raises(UsageError, match=r"must be in \[0, 1\), got 1.0"):
+    with pytest.raises(BadValue, match=r"^layer_ratios: layer1: must be in \[0, 1\), got 1.0"):
         pfec_prune(model, [0.1] * 3, layer_ratios={"layer1": 1.0})
+
+
+# ------------------------------------------------------------------------------------------- surgery
+@pytest.mark.parametrize("arch", ["resnet20", "vgg16", "preresnet164", "resnet18"])
+def test_slice_units_first_k_equals_zeroing_the_rest(arch):
+    torch.manual_seed(2)
+    model = _randomize_bn(build_model(arch))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    units = model.units()
+    keep = {u.name: torch.arange(max(1, w // 2)) for u, w in zip(units[::2], model.widths[::2])}  # others whole
+    small = slice_units(model, keep)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # input untouched
+    assert small.widths == [len(keep[u.name]) if u.name in keep else w for u, w in zip(units, model.widths)]
+    assert not small.training and small.arch == model.arch
+
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for u in units:
+            if u.name in keep:
+                n = len(keep[u.name])
+                modules[u.conv].weight[n:] = 0
+                for c in u.consumers:
+                    modules[c].weight[:, n:] = 0
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert slice_units(model.train(), {}).training  # train mode carried over; {} keeps everything
+    assert slice_units(model, {}).widths == model.widths
+
+
+def test_slice_units_rejects_bad_keep():
+    model = build_model("resnet20")
+    with pytest.raises(ValueError, match="does not have: \\['nope'\\]"):
+        slice_units(model, {"nope": [0]})
+    for bad in ([], [0, 0], [16], [-1], [[0, 1]]):
+        with pytest.raises(ValueError, match=r"keep\['layer1.0'\]"):
+            slice_units(model, {"layer1.0": bad})
+    with pytest.raises(TypeError, match="zoo model"):
+        slice_units(nn.Conv2d(3, 4, 3), {})
 
 
 # ----------------------------------------------------------------------------------------------- MWP
@@ -193,20 +232,25 @@ def test_mwp_global_threshold_exact_fraction_and_cumulative():
     assert sparsity(mwp_masks(model, 0.1, masks2)) == sparsity(masks2)
 
 
-def test_prune_entry_point():
+def test_mwp_iterations_compose_and_targets_schedule():
     torch.manual_seed(0)
     model = build_model("resnet20")
     before = count_nonzero_params(model)
-    new, masks = prune(model, None, method="mwp", iteration=1, targets=[0.5, 0.7])
-    assert new is not model and count_nonzero_params(model) == before
+    targets = [0.5, 0.7]
+    masks = mwp_masks(model, sparsity_target(targets, 1))
+    new = copy.deepcopy(model)
+    apply_masks(new, masks)
+    assert count_nonzero_params(model) == before  # mwp_masks leaves its input alone
     n_conv = sum(w.numel() for w in conv_weights(model).values())
     assert count_nonzero_params(new) <= before - round(0.5 * n_conv)
-    new2, masks2 = prune(new, masks, method="mwp", iteration=2, targets=[0.5, 0.7])
+    masks2 = mwp_masks(new, sparsity_target(targets, 2), masks)
     assert sparsity(masks2) == round(0.7 * n_conv) / n_conv
-    with pytest.raises(UsageError, match="iteration 3 needs a target"):
-        prune(new2, masks2, method="mwp", iteration=3, targets=[0.5, 0.7])
-    small, none = prune(model, None, method="pfec", iteration=1, stage_ratios=[0.5] * 3)
-    assert none is None and small.widths[0] == 8
+    with pytest.raises(BadValue, match=r"^targets: iteration 3 needs a target, only 2 given \[0.5, 0.7\]"):
+        sparsity_target(targets, 3)
+    with pytest.raises(ValueError, match="1-based"):
+        sparsity_target(targets, 0)
+    small = pfec_prune(model, [0.5] * 3)
+    assert small.widths[0] == 8 and model.widths[0] == 16
 
 
 def _step(model, opt, x, y, masks=None, reapply=True):
@@ -245,3 +289,28 @@ def test_masked_weights_stay_exactly_zero_through_training(make_opt):
     # this is why the loop must call apply_masks after optimizer.step().
     _step(model, opt, x, y, masks, reapply=False)
     assert any((params[k][m == 0] != 0).any() for k, m in masks.items())
+
+
+def test_mask_constraint_holds_masked_weights_at_zero_under_sgd_momentum_decay():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    _step(model, opt, x, y)  # non-zero momentum before pruning
+    masks = mwp_masks(model, 0.5)
+    apply_masks(model, masks)
+    constraint = MaskConstraint(masks).to("cpu")
+    params = dict(model.named_parameters())
+    start = {k: params[k].detach().clone() for k in masks}
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        constraint.before_step(model)
+        assert all((params[k].grad[m == 0] == 0).all() for k, m in masks.items())
+        opt.step()
+        constraint.after_step(model)
+        for k, m in masks.items():
+            assert (params[k][m == 0] == 0).all(), k
+    assert all(not torch.equal(params[k][m > 0], start[k][m > 0]) for k, m in masks.items())
+    with pytest.raises(KeyError, match="does not have"):
+        MaskConstraint({"fc.nope": torch.ones(1)}).after_step(model)

@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +29,9 @@ import numpy as np
 from kesi_dist import storage
 from kesi_dist.data.sources import SampleError, SourceData, open_source
 from kesi_dist.errors import RunError, UsageError
-from kesi_dist.atomic import atomic_path, atomic_write_text
+from kesi_dist.storage.atomic import atomic_path, atomic_write_text
 
-__all__ = ["prepare_dataset", "dataset_fingerprint", "FORMAT_VERSION", "RAW_MAX_SIDE"]
+__all__ = ["DataSpec", "prepare_data", "prepare_dataset", "dataset_fingerprint", "FORMAT_VERSION", "RAW_MAX_SIDE"]
 
 FORMAT_VERSION = 1
 RAW_MAX_SIDE = 128  # images up to this side are stored uncompressed
@@ -202,3 +203,31 @@ def prepare_dataset(source: str, root: str | None, out: str | Path, resolution: 
         return meta
     finally:
         errors_path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A run's data: a raw `source` to convert once (into `prepared`, or a default folder), or an
+    already prepared folder (`source` "prepared"). `options`: the synthetic generator's."""
+
+    source: str
+    root: str | None = None
+    prepared: str | None = None
+    store_resolution: int | None = None
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+
+def prepare_data(spec: DataSpec, default_dir: str | Path) -> tuple[str, dict]:
+    """The prepared data folder of `spec` and its meta, converting a raw source first when needed.
+
+    The folder may be a storage URI (prepared locally and uploaded); loaders fetch it into a node-local
+    cache (`kesi_dist.storage.local_copy`): FFCV memory-maps local files.
+    """
+    from kesi_dist.data.loaders import read_meta
+
+    if spec.source == "prepared":
+        return str(spec.prepared), read_meta(spec.prepared)
+    out = str(spec.prepared or default_dir)
+    return out, prepare_dataset(spec.source, spec.root, out, resolution=spec.store_resolution, seed=spec.seed,
+                                **spec.options)

@@ -1,16 +1,20 @@
 """One epoch of training and evaluation, in plain PyTorch (no Ray).
 
+The loop drives a `Task` (`kesi_dist.train.tasks`): the task owns the forward pass, however many
+sub-networks it runs, and returns the loss; the loop owns backward, the optimizer step, constraints,
+divergence checks and metrics. Constraints (e.g. MWP masks, `kesi_dist.pruning.masks.MaskConstraint`)
+act around every optimizer step: `before_step` on the gradients, `after_step` on the weights.
+
 The same functions run in a single process, in a Ray Train worker under DDP, or under DeepSpeed:
 with `torch.distributed` initialised, the metric totals are summed over ranks so every rank returns the
-global numbers. MWP masks are enforced every step: gradients are masked before the optimizer step and
-weights after it, so momentum, weight decay or Adam's moments cannot revive a pruned weight.
+global numbers.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,12 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kesi_dist.errors import RunError
-from kesi_dist.pruning.mwp import apply_masks, mask_gradients
+from kesi_dist.train.tasks import Classification, Task
 
-__all__ = ["DivergedError", "StepEngine", "train_epoch", "evaluate", "unwrap"]
-
-# kd_loss_fn(images, labels, student_logits[, indices]) -> loss or dict with "loss"
-KDLossFn = Callable[..., "torch.Tensor | dict[str, torch.Tensor]"]
+__all__ = ["DivergedError", "StepEngine", "Constraint", "train_epoch", "evaluate", "unwrap"]
 
 
 class DivergedError(RunError):
@@ -35,6 +36,13 @@ class StepEngine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> Any: ...
     def step(self) -> Any: ...
+
+
+class Constraint(Protocol):
+    """Something every optimizer step must respect, applied to the unwrapped model."""
+
+    def before_step(self, model: nn.Module) -> None: ...  # after backward: e.g. mask the gradients
+    def after_step(self, model: nn.Module) -> None: ...  # after the step: e.g. re-zero masked weights
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -63,8 +71,8 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     *,
-    masks: dict[str, torch.Tensor] | None = None,
-    kd_loss_fn: KDLossFn | None = None,
+    task: Task | None = None,
+    constraints: Sequence[Constraint] = (),
     device: str | torch.device = "cpu",
     autocast_bf16: bool = False,
     channels_last: bool = False,
@@ -80,24 +88,23 @@ def train_epoch(
             `device` if they are not there yet.
         optimizer: a torch optimizer; with `engine` set, the engine steps it.
         scheduler: stepped after every optimizer step; None keeps the LR fixed.
-        masks: MWP masks, parameter name (of the unwrapped model) -> 0/1 tensor.
-        kd_loss_fn: distillation hook, `kd_loss_fn(images, labels, student_logits)` -> loss tensor or a
-            dict with "loss" (other entries are averaged into the metrics as `train/<key>`); when the
-            loader yields indices it is called as `kd_loss_fn(images, labels, student_logits, indices)`
-            (cached soft labels are looked up by sample index). Without it the loss is cross-entropy.
+        task: computes the loss of a batch (default: `Classification`, cross-entropy); its `parts`
+            are averaged into the metrics as `train/<key>`. Call `task.set_epoch` with the loader's.
+        constraints: applied around every optimizer step (MWP masks), on the unwrapped model.
         autocast_bf16, channels_last: only take effect on CUDA.
         grad_clip: max global gradient norm (DDP path; DeepSpeed clips via its config).
         engine: a DeepSpeed engine: `engine.backward(loss)` / `engine.step()` replace backward/step.
 
     Returns:
         {"train/loss", "train/acc", "images_per_s", "epoch_s", "steps", "images"} summed over ranks,
-        plus `train/<key>` for extra entries of a dict-valued kd loss.
+        plus `train/<key>` for every entry of the task's `parts`.
 
     Raises:
         DivergedError: the loss is NaN/inf (checked every step, before the update).
     """
     device = torch.device(device)
     use_cl = channels_last and device.type == "cuda"
+    task = task if task is not None else Classification()
     bare = unwrap(model)
     model.train()
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
@@ -113,12 +120,8 @@ def train_epoch(
         if use_cl:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, autocast_bf16):
-            logits = model(images)
-            if kd_loss_fn is None:
-                loss, parts = F.cross_entropy(logits, labels), {}
-            else:
-                out = kd_loss_fn(images, labels, logits) if indices is None else kd_loss_fn(images, labels, logits, indices)
-                loss, parts = (out["loss"], out) if isinstance(out, dict) else (out, {})
+            out = task(model, images, labels, indices)
+        loss, logits, parts = out.loss, out.logits, out.parts
         if not torch.isfinite(loss.detach()).all():
             raise DivergedError(
                 f"training diverged: loss is {loss.item()} at step {steps + 1} of the epoch "
@@ -126,19 +129,19 @@ def train_epoch(
             )
         if engine is not None:
             engine.backward(loss)
-            if masks:
-                mask_gradients(bare, masks)  # no-op under ZeRO (grads partitioned); hooks cover it
+            for c in constraints:  # under ZeRO the grads are partitioned: wrap_model's hooks mask them
+                c.before_step(bare)
             engine.step()
         else:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if masks:
-                mask_gradients(bare, masks)
+            for c in constraints:
+                c.before_step(bare)
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
-        if masks:
-            apply_masks(bare, masks)
+        for c in constraints:
+            c.after_step(bare)
         if scheduler is not None:
             scheduler.step()
         n = labels.shape[0]
@@ -146,8 +149,7 @@ def train_epoch(
         totals["correct"] += (logits.detach().argmax(1) == labels).sum().item()
         totals["count"] += n
         for k, v in parts.items():
-            if k != "loss":
-                extra[k] = extra.get(k, 0.0) + float(v.detach().float().item() if torch.is_tensor(v) else v) * n
+            extra[k] = extra.get(k, 0.0) + float(v.detach().float().item() if torch.is_tensor(v) else v) * n
         steps += 1
     elapsed = time.perf_counter() - start
     keys = sorted(extra)

@@ -1,0 +1,73 @@
+"""How much to prune: pure functions from a schedule (and the model's units) to counts and ratios.
+
+Nothing here looks at weights; `criteria` decides which entries go, `surgery`/`masks` remove them.
+Errors about a schedule are `BadValue` naming the argument, for the config layer to map to a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from kesi_dist.errors import BadValue
+from kesi_dist.models.base import Unit
+
+__all__ = ["kept_count", "unit_ratios", "sparsity_target"]
+
+# int(C * (1 - p)) in floating point gives 62 for C=90, p=0.3 (90 * 0.7 = 62.999...); the epsilon
+# makes the rounding the exact decimal one the configs mean.
+_EPS = 1e-9
+
+
+def kept_count(channels: int, ratio: float) -> int:
+    """Filters kept when removing `ratio` of `channels`: int(C * (1 - ratio)), at least 1."""
+    return max(1, int(channels * (1.0 - ratio) + _EPS))
+
+
+def _matches(entry: str, name: str) -> bool:
+    return name == entry or name.startswith(entry + ".")
+
+
+def unit_ratios(
+    units: list[Unit], stage_ratios: Sequence[float], skip: Iterable[str] = (), layer_ratios: Mapping[str, float] = {},
+) -> dict[str, float]:
+    """The ratio each unit is pruned by this iteration.
+
+    A unit takes its stage's ratio, unless a `layer_ratios` entry matches it (the entry equals the
+    unit name or is a dotted prefix of it; the longest matching entry wins), unless a `skip` entry
+    matches it (ratio 0).
+
+    Raises:
+        BadValue: `stage_ratios` does not have one value per stage, a `skip`/`layer_ratios` entry
+            names no unit of this model, or a `layer_ratios` value is outside [0, 1).
+    """
+    skip = list(skip)
+    n_stages = max(u.stage for u in units) + 1
+    if len(stage_ratios) != n_stages:
+        raise BadValue(
+            "stage_ratios", f"the model has {n_stages} stages, got {len(stage_ratios)} values {list(stage_ratios)}"
+        )
+    for arg, entries in (("skip", skip), ("layer_ratios", list(layer_ratios))):
+        for e in entries:
+            if not any(_matches(e, u.name) for u in units):
+                examples = ", ".join(u.name for u in units[:3])
+                raise BadValue(arg, f"{e!r} matches no prunable unit of this model (names like {examples})")
+    for name, r in layer_ratios.items():
+        if not 0 <= r < 1:
+            raise BadValue("layer_ratios", f"{name}: must be in [0, 1), got {r}")
+    ratios = {}
+    for u in units:
+        if any(_matches(e, u.name) for e in skip):
+            ratios[u.name] = 0.0
+            continue
+        hits = [e for e in layer_ratios if _matches(e, u.name)]
+        ratios[u.name] = float(layer_ratios[max(hits, key=len)]) if hits else float(stage_ratios[u.stage])
+    return ratios
+
+
+def sparsity_target(targets: Sequence[float], iteration: int) -> float:
+    """The cumulative MWP sparsity after 1-based `iteration`: `targets[iteration - 1]`."""
+    if iteration < 1:
+        raise ValueError(f"iteration is 1-based, got {iteration}")
+    if iteration > len(targets):
+        raise BadValue("targets", f"iteration {iteration} needs a target, only {len(targets)} given {list(targets)}")
+    return float(targets[iteration - 1])

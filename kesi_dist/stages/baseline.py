@@ -1,0 +1,66 @@
+"""The baseline stage: train the unpruned model (or take a given checkpoint) and register it."""
+
+from __future__ import annotations
+
+import time
+
+from kesi_dist import storage
+from kesi_dist.errors import UsageError
+from kesi_dist.runs import RunContext, fmt_size
+from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
+
+__all__ = ["baseline_stage", "evaluate_snapshot"]
+
+
+def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec, loader: LoaderSpec,
+                   engine: EngineSpec, seed: int, given: str | None = None) -> dict:
+    """Train `model` with `schedule` into snapshot "baseline" (or copy the checkpoint `given`, after
+    checking it is that model); returns its registry entry."""
+    from kesi_dist.runtime import run_training
+
+    with ctx.stage("baseline") as st:
+        if st.done:
+            return ctx.manifest.snapshots["baseline"]
+        start = time.time()
+        if given:
+            _import(ctx, given, model)
+            val_acc, node_id, attempts = evaluate_snapshot(ctx.snapshot("baseline"), loader), None, 0
+        else:
+            ctx.print(f"[bold]baseline[/]: training {model.arch} for {schedule.epochs} epochs "
+                      f"on {max(engine.num_workers, 1)} worker(s)")
+            result = run_training(
+                model=model, schedule=schedule, loader=loader, engine=engine, storage_path=ctx.run.train,
+                name="baseline", seed=seed, resume=True, final_checkpoint=ctx.snapshot("baseline"),
+                tensorboard_dir=ctx.run.path("tensorboard", "baseline"), max_steps_per_epoch=ctx.max_steps,
+            )
+            val_acc, node_id, attempts = result.metrics["val/acc"], result.metrics.get("node_id"), result.attempts
+        entry = ctx.register("baseline", arm="baseline", iteration=0, branch=None, parent=None, hparams={},
+                             node_id=node_id, start=start, end=time.time(), attempts=attempts, val_acc=val_acc)
+        ctx.print(f"  baseline: val acc {100 * entry['val_acc']:.2f}%, {fmt_size(entry)}")
+    return entry
+
+
+def _import(ctx: RunContext, path: str, model: ModelSpec) -> None:
+    """Use a given trained baseline: check it is the configured model, copy it into the run."""
+    from kesi_dist.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    if ck["arch"] != model.arch:
+        raise UsageError(f"baseline.checkpoint {path}: holds a {ck['arch']}, but model.arch is {model.arch}")
+    if ck["num_classes"] != model.num_classes:
+        raise UsageError(f"baseline.checkpoint {path}: has {ck['num_classes']} classes, the data has "
+                         f"{model.num_classes}")
+    ctx.print(f"[bold]baseline[/]: using {path}")
+    storage.copy_file(path, ctx.snapshot("baseline"))  # either may be a URI; atomic at the destination
+
+
+def evaluate_snapshot(path: str, loader: LoaderSpec) -> float:
+    """Validation accuracy of a snapshot file (in this process, on the CPU)."""
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+    from kesi_dist.data.loaders import make_loader
+    from kesi_dist.train.loop import evaluate
+
+    model, _ = model_from_checkpoint(load_checkpoint(path))
+    val = make_loader(loader.data_dir, "val", batch_size=loader.batch_size, resolution=loader.resolution,
+                      augment=loader.augment, backend=loader.backend, num_workers=loader.num_workers)
+    return float(evaluate(model, val, "cpu")["val/acc"])

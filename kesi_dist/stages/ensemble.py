@@ -1,0 +1,59 @@
+"""The ensemble stage: choose the teachers among the candidate snapshots and measure their ensemble.
+
+The measurement runs as a Ray task holding one training worker's resources (a GPU node when the
+run asks for GPUs), not in the driver.
+"""
+
+from __future__ import annotations
+
+from kesi_dist.runs import RunContext
+from kesi_dist.train.spec import EngineSpec, LoaderSpec
+
+__all__ = ["ensemble_stage", "measure_ensemble"]
+
+
+def _measure(paths: list[str], loader: dict, gpus: float) -> dict:
+    """Runs where the resources are: members' and ensemble accuracy on the validation split."""
+    import torch
+
+    from kesi_dist.data.loaders import make_loader
+    from kesi_dist.distill import evaluate_ensemble, load_teachers
+
+    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    val = make_loader(loader["data_dir"], "val", batch_size=loader["batch_size"], resolution=loader["resolution"],
+                      augment=loader["augment"], backend=loader["backend"], num_workers=loader["num_workers"],
+                      device=device)
+    out = evaluate_ensemble(load_teachers(paths, device=device), val, device=device)
+    return {"acc": float(out["acc"]), "member_acc": [float(a) for a in out["member_acc"]],
+            "predictions": out["predictions"].cpu()}
+
+
+def measure_ensemble(paths: list[str], loader: LoaderSpec, engine: EngineSpec) -> dict:
+    """{"acc", "member_acc", "predictions" [members, samples]} of the snapshot files `paths`."""
+    from kesi_dist.runtime import run_remote
+
+    return run_remote(_measure, paths, vars(loader), engine.gpus_per_worker, num_cpus=engine.cpus_per_worker,
+                      num_gpus=engine.gpus_per_worker)
+
+
+def ensemble_stage(ctx: RunContext, *, policy: str, chain: list[str], candidates: dict[str, float], k: int,
+                   loader: LoaderSpec, engine: EngineSpec) -> list[str]:
+    """The teachers chosen by `policy` (`kesi_dist.distill.select_teachers`) among `candidates`
+    (snapshot name -> validation accuracy), recorded with the ensemble's accuracy."""
+    from kesi_dist.distill import select_teachers
+
+    with ctx.stage("ensemble") as st:
+        if st.done:
+            return st.record["teachers"]
+        predictions = None
+        if policy == "diverse":
+            names = list(candidates)
+            preds = measure_ensemble([ctx.snapshot(n) for n in names], loader, engine)["predictions"]
+            predictions = dict(zip(names, preds))
+        teachers = select_teachers(policy, chain=chain, candidates=candidates, k=k, predictions=predictions)
+        ens = measure_ensemble([ctx.snapshot(n) for n in teachers], loader, engine)
+        best = max(teachers, key=lambda n: candidates[n])
+        ctx.print(f"[bold]ensemble[/] ({policy}): {len(teachers)} teachers {', '.join(teachers)}: "
+                  f"val acc {100 * ens['acc']:.2f}% (best member {best} {100 * candidates[best]:.2f}%)")
+        st.update(teachers=teachers, acc=ens["acc"], member_acc=dict(zip(teachers, ens["member_acc"])))
+    return teachers

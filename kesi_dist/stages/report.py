@@ -1,0 +1,23 @@
+"""The report stage: write a method's report (report.json/md, plot, TensorBoard) and MODEL_CARD.md, and
+print its rows."""
+
+from __future__ import annotations
+
+from kesi_dist.report import ReportLayout, write_report
+from kesi_dist.runs import RunContext
+
+__all__ = ["report_stage"]
+
+
+def report_stage(ctx: RunContext, report: dict, layout: ReportLayout) -> None:
+    from kesi_dist.model_card import write_model_card
+
+    write_report(ctx.run.root, report, layout)
+    write_model_card(ctx.run.root, ctx.manifest.data, report, layout, ctx.run.config)
+    base = report.get("baseline")
+    width = max(len(c) for _, _, c in layout.rows)
+    for _, key, label in layout.rows:
+        r = report.get(key)
+        if r:
+            red = "" if key == "ensemble" or not base else f", {100 * (1 - r['macs'] / base['macs']):.1f}% fewer MACs"
+            ctx.print(f"  {label:>{width}}: {100 * r['val_acc']:.2f}%  ({r['params'] / 1e6:.3f} M params{red})")

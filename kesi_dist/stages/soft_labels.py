@@ -1,0 +1,186 @@
+"""The soft-label stage: the teachers' top-k soft labels for every (epoch, image) the student will see.
+
+A pool of Ray actors (`kesi_dist.runtime.map_units`) each holds the whole ensemble and a train loader in
+sample order; every epoch is cut into work units of consecutive batches and the next unit goes to
+whichever actor is free (a slow or busy node does less, not the same share late), and an actor's
+loader reads only its unit's samples. Results come back to the driver, which writes one shard per
+unit as it arrives (`kesi_dist.distill.softlabels` has the format), so actors may live on any node
+that can read the dataset folder. The pool works with the actors it can get: an actor lost with its
+node gives its unit back and is replaced.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import time
+from pathlib import Path
+
+from kesi_dist import storage
+from kesi_dist.distill.softlabels import (
+    FORMAT, KINDS, VALUE_DTYPES, SoftLabelWorker, cache_key, complete_meta, data_fingerprint, file_sha256,
+    load_npy, save_npy, verified, work_units,
+)
+from kesi_dist.errors import RunError, UsageError
+from kesi_dist.runs import RunContext
+from kesi_dist.train.spec import EngineSpec, LoaderSpec
+
+__all__ = ["soft_labels_stage", "build_soft_label_cache"]
+
+
+def _abs(path: str | Path) -> str:
+    """What actors on any node are given: a URI as is, a local path made absolute."""
+    return path if storage.is_uri(path) else str(Path(path).resolve())
+
+
+def soft_labels_stage(ctx: RunContext, teachers: list[str], *, loader: LoaderSpec, engine: EngineSpec, seed: int,
+                      epochs: int, temperature: float, topk: int, actors: int) -> str:
+    """Build (or reuse) the cache of the snapshots `teachers` in `<run>/soft_labels`; returns that folder."""
+    out = ctx.run.path("soft_labels")
+    with ctx.stage("soft_labels") as st:
+        if st.done:
+            return out
+        ctx.print(f"[bold]soft_labels[/]: {len(teachers)} teachers x {epochs} epochs on {actors} actor(s), "
+                  f"top-{topk}")
+        meta = build_soft_label_cache(
+            [ctx.snapshot(n) for n in teachers], loader.data_dir, out, epochs=epochs, seed=seed,
+            batch_size=loader.batch_size, resolution=loader.resolution, augment=loader.augment,
+            temperature=temperature, topk=topk, num_actors=actors, backend=loader.backend,
+            cpus_per_actor=engine.cpus_per_worker, gpus_per_actor=engine.gpus_per_worker)
+        st.update(reused=bool(meta.get("reused")), actors=actors)
+    return out
+
+
+def build_soft_label_cache(
+    teacher_paths: list[str],
+    data_dir: str,
+    out_dir: str,
+    *,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    resolution: int,
+    augment: str,
+    temperature: float,
+    topk: int,
+    num_actors: int,
+    backend: str = "ffcv",
+    cpus_per_actor: float = 1,
+    gpus_per_actor: float = 0,
+    loader_workers: int = 1,
+    values_dtype: str = "float32",
+) -> dict:
+    """Compute (or reuse) the soft labels of `epochs` epochs of the train split on a pool of Ray actors.
+
+    Ray must already be initialised. Each actor loads the whole ensemble and runs it on the work
+    units (runs of consecutive batches) handed to it while it is free (see the module docstring); torch
+    uses int(cpus_per_actor) threads in each actor; the loader uses `loader_workers` FFCV threads (at least 1) or, with backend
+    "torch", DataLoader processes (0 = in the actor itself).
+
+    Args:
+        teacher_paths: teacher checkpoints (kesi_dist format).
+        data_dir: the prepared dataset (the student's).
+        out_dir: where the cache lives (created); a complete cache with the same key is reused.
+        epochs: the student's epochs 0..epochs-1 are covered.
+        seed, resolution, augment: the student's loader settings (they define the augmentation).
+        batch_size: batch of the teacher pass (does not change the labels: teachers are in eval mode).
+        temperature: T of the softened probabilities.
+        topk: probabilities kept per sample (>= num_classes keeps the full distribution).
+        num_actors: actors in the pool (at most one per batch of the pass).
+        values_dtype: "float32" (exact) or "float16" (half the space, ~1e-3 relative error).
+
+    Returns:
+        The cache's meta: key, settings, "actors" (actor index, actor_id, pid, node_id), "shards" (one per
+        work unit: epoch, shard, the actor that computed it, batches, count, files with bytes and sha256, compute_s, and the
+        wall and CPU seconds spent in the teachers: teacher_s, teacher_cpu_s),
+        "timings" (actors_start_s, pass_s, total_s) and "reused" (True when nothing was computed).
+
+    Raises:
+        UsageError: bad arguments. RunError: unreadable teachers or data, a failed actor.
+    """
+    from kesi_dist.runtime import map_units
+
+    start = time.perf_counter()
+    if not teacher_paths:
+        raise UsageError("build_soft_label_cache: no teacher checkpoints given")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("topk", topk), ("num_actors", num_actors)):
+        if value < 1:
+            raise UsageError(f"soft-label cache: {name} {value} must be >= 1")
+    if loader_workers < 0:
+        raise UsageError(f"soft-label cache: loader_workers {loader_workers} must be >= 0")
+    if temperature <= 0:
+        raise UsageError(f"soft-label cache: temperature {temperature} must be > 0")
+    if values_dtype not in VALUE_DTYPES:
+        raise UsageError(f"soft-label cache: values_dtype {values_dtype!r} must be one of {', '.join(VALUE_DTYPES)}")
+    if cpus_per_actor <= 0 or gpus_per_actor < 0:
+        raise UsageError(f"soft-label cache: cpus_per_actor {cpus_per_actor} must be > 0, gpus_per_actor >= 0")
+    missing = [p for p in teacher_paths if not storage.is_file(p)]
+    if missing:
+        raise RunError(f"{missing[0]}: no such teacher checkpoint")
+    data_fp, data_meta = data_fingerprint(data_dir)
+    # Fail here, with the file's name, rather than inside an actor's constructor.
+    from kesi_dist.checkpoint import load_checkpoint
+
+    for path in teacher_paths:
+        classes = load_checkpoint(path)["num_classes"]
+        if classes != data_meta["num_classes"]:
+            raise RunError(f"{path}: teacher predicts {classes} classes, the dataset in {data_dir} has "
+                           f"{data_meta['num_classes']}")
+    settings = {"seed": int(seed), "epochs": int(epochs), "resolution": int(resolution), "augment": augment,
+                "temperature": float(temperature), "topk": int(topk), "values_dtype": values_dtype}
+    teacher_hashes = [file_sha256(p) for p in teacher_paths]
+    key = cache_key(teacher_hashes=teacher_hashes, data_fingerprint=data_fp, **settings)
+    out = out_dir if storage.is_uri(out_dir) else str(out_dir)
+    found = complete_meta(out, key)
+    if found is not None:
+        return {**found, "reused": True}
+
+    storage.makedirs(out)
+    storage.remove(storage.join(out, "meta.json"))  # from here on the folder does not look complete
+    for old in fnmatch.filter(storage.listdir(out), "*-e*-s*-*.npy"):
+        storage.remove(storage.join(out, old))
+
+    n_batches = math.ceil(int(data_meta["train_size"]) / batch_size)
+    used = min(num_actors, n_batches * epochs)  # an actor with no batch would only cost a process
+    shards: list[dict] = []
+    prefix = key[:12]
+
+    def write(unit: tuple, r: dict, actor: dict) -> None:  # as each unit arrives, while actors go on
+        stem = f"{prefix}-e{r['epoch']:04d}-s{r['shard']:03d}"
+        files = {kind: save_npy(storage.join(out, f"{stem}-{kind}.npy"), r[kind]) for kind in KINDS}
+        shards.append({"epoch": r["epoch"], "shard": r["shard"], "actor": actor["actor"],
+                       "actor_id": actor["actor_id"], "pid": actor["pid"], "node_id": actor["node_id"],
+                       "batches": r["batches"], "count": int(len(r["samples"])), "files": files,
+                       "compute_s": round(r["compute_s"], 4), "teacher_s": round(r["teacher_s"], 4),
+                       "teacher_cpu_s": round(r["teacher_cpu_s"], 4)})
+
+    worker_kwargs = dict(batch_size=batch_size, resolution=resolution, augment=augment, seed=seed,
+                         temperature=temperature, topk=topk, backend=backend, loader_workers=loader_workers,
+                         threads=max(1, int(cpus_per_actor)), use_gpu=gpus_per_actor > 0,
+                         values_dtype=values_dtype, expected_batches=n_batches)
+    pool_start = time.perf_counter()
+    actors = map_units(SoftLabelWorker, work_units(n_batches, epochs, used), on_result=write, num_actors=used,
+                       args=([_abs(p) for p in teacher_paths], _abs(data_dir)), kwargs=worker_kwargs,
+                       num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, what="soft_labels")
+    first_up = min(a["up_s"] for a in actors)
+    pass_s = time.perf_counter() - pool_start - first_up
+    shards.sort(key=lambda s: (s["epoch"], s["shard"]))
+    first = shards[0]["files"]["values"]
+    k = int(load_npy(*verified(out, first)).shape[1])
+    meta = {
+        "format": FORMAT, "key": key, **settings, "topk_stored": k, "batch_size": int(batch_size),
+        "num_classes": int(data_meta["num_classes"]), "train_size": int(data_meta["train_size"]),
+        "data_dir": _abs(data_dir), "data_fingerprint": data_fp,
+        "teachers": [{"path": str(p), "sha256": h} for p, h in zip(teacher_paths, teacher_hashes)],
+        "num_actors": used, "batches_per_epoch": n_batches,
+        "actors": actors,
+        "shards": shards,
+        "timings": {"actors_start_s": round(pool_start - start + first_up, 4), "pass_s": round(pass_s, 4),
+                    "total_s": round(time.perf_counter() - start, 4)},
+        "created": time.time(),
+    }
+    storage.write_text(storage.join(out, "meta.json"), json.dumps(meta, indent=1) + "\n")
+    return {**meta, "reused": False}
+
+

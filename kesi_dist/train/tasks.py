@@ -1,0 +1,126 @@
+"""What a training step optimises: a Task owns the forward pass and returns the loss.
+
+The loop (`kesi_dist.train.loop.train_epoch`) calls `task(model, images, labels, indices)` inside
+autocast and gets a `TaskOutput`: the loss it backpropagates once per step, the logits it scores train
+accuracy on, and named `parts` it logs as `train/<name>`. A task may call the model any number of
+times (several sub-networks per step, SWP's sandwich rule) without the loop changing.
+
+- `Classification`: cross-entropy on the labels.
+- `Distillation`: the student learns from a `TeacherSource` (frozen teachers run on the batch, or
+  soft labels cached per (epoch, sample)), KL at temperature T, plus `alpha` x cross-entropy.
+
+A worker process builds its task from a `TaskSpec`, plain data that travels in Ray's config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kesi_dist.errors import BadValue, RunError
+
+__all__ = ["TaskOutput", "Task", "TeacherSource", "Classification", "Distillation", "TaskSpec", "build_task"]
+
+
+@dataclass
+class TaskOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor  # train accuracy is scored on these
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as train/<name>
+
+
+class Task(Protocol):
+    needs_indices: bool  # the loader must yield each sample's index (cached soft labels)
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 indices: torch.Tensor | None) -> TaskOutput: ...
+
+
+class TeacherSource(Protocol):
+    """The teachers' temperature-softened class probabilities for a batch (`kesi_dist.distill.sources`)."""
+
+    needs_indices: bool
+    num_classes: int
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def probs(self, images: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class Classification:
+    needs_indices = False
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __call__(self, model, images, labels, indices=None) -> TaskOutput:
+        logits = model(images)
+        return TaskOutput(F.cross_entropy(logits, labels), logits)
+
+
+class Distillation:
+    """KESI's loss: KL(teacher probs || softmax(student / T)) * T^2, plus `alpha` x CE (`kd_loss`)."""
+
+    def __init__(self, source: TeacherSource, *, temperature: float, alpha: float = 0.0):
+        if temperature <= 0:
+            raise BadValue("temperature", f"must be > 0, got {temperature}")
+        if not 0 <= alpha <= 1:
+            raise BadValue("alpha", f"must be in [0, 1], got {alpha}")
+        self.source, self.temperature, self.alpha = source, float(temperature), float(alpha)
+        self.needs_indices = source.needs_indices
+
+    def set_epoch(self, epoch: int) -> None:
+        self.source.set_epoch(epoch)
+
+    def __call__(self, model, images, labels, indices=None) -> TaskOutput:
+        from kesi_dist.distill.losses import kd_loss
+
+        logits = model(images)
+        if logits.dim() != 2 or logits.shape[1] != self.source.num_classes:
+            raise RunError(f"student outputs {tuple(logits.shape)} but the distillation targets have "
+                           f"{self.source.num_classes} classes; student and teachers must share the label set")
+        probs = self.source.probs(images, indices)
+        out = kd_loss(logits, probs.to(logits.device), labels, temperature=self.temperature, alpha=self.alpha)
+        return TaskOutput(out["loss"], logits, {k: v for k, v in out.items() if k != "loss"})
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as plain data. kind "classification", or "distillation" from `teachers` (checkpoint paths
+    or URIs, run on every batch: online) or from `soft_labels` (a cache folder: cached)."""
+
+    kind: str = "classification"
+    teachers: tuple[str, ...] = ()
+    soft_labels: str | None = None
+    temperature: float = 4.0
+    alpha: float = 0.0
+
+    @property
+    def mode(self) -> str:
+        return "cached" if self.soft_labels else "online"
+
+
+def build_task(spec: TaskSpec, *, num_classes: int, device: torch.device, seed: int, resolution: int,
+               augment: str, epochs: int) -> Task:
+    """The Task of `spec`, in a worker. seed/resolution/augment/epochs are the worker's loader settings:
+    cached soft labels are only valid for the augmentation this worker replays."""
+    if spec.kind == "classification":
+        return Classification()
+    if spec.kind != "distillation":
+        raise BadValue("kind", f"unknown task {spec.kind!r}; choose classification or distillation")
+    from kesi_dist.distill.sources import CachedSoftLabels, OnlineTeachers
+
+    if spec.soft_labels:
+        source = CachedSoftLabels(spec.soft_labels, temperature=spec.temperature, num_classes=num_classes)
+        source.cache.check(seed=seed, resolution=resolution, augment=augment, epochs=epochs)
+    elif spec.teachers:
+        source = OnlineTeachers.load(list(spec.teachers), temperature=spec.temperature, device=device)
+    else:
+        raise BadValue("teachers", "distillation needs teacher checkpoints or a soft-label cache")
+    return Distillation(source, temperature=spec.temperature, alpha=spec.alpha)
