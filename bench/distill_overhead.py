@@ -15,7 +15,7 @@ the fastest rep of each arm is reported (load only ever adds time), the medians 
 in the context. Torch and FFCV use `--threads` threads in this process, default 1:
 on a 2-core machine that others are using, 2 OpenMP threads collapse (measured: the 6-teacher
 forward of a 128-image batch took 5.9 s with 1 thread and 37.8 s with 2 at load average 6).
-  no_kd: cross-entropy; online: OnlineKD runs the 6 teachers on every batch; cached: CachedKD
+  no_kd: cross-entropy; online: the Distillation task with OnlineTeachers runs the 6 teachers on every batch; cached: with CachedSoftLabels,
   reads the batch's soft labels (top-k of the ensemble) by (epoch, sample index).
 
 Soft-label pass (`soft_label_pass_s_{1,2}_actor(s)`): `build_soft_label_cache` over E=1 epoch on a
@@ -67,8 +67,8 @@ def student_arms(data_dir: str, teacher_paths: list[str], cache_dir: str, args) 
 
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
     from kesi_dist.data.loaders import make_loader
-    from kesi_dist.distill import CachedKD, OnlineKD, SoftLabelCache, load_teachers
-    from kesi_dist.train import build_optimizer, train_epoch
+    from kesi_dist.distill import CachedSoftLabels, OnlineTeachers
+    from kesi_dist.train import Distillation, build_optimizer, train_epoch
 
     torch.set_num_threads(args.threads)
     student, _ = model_from_checkpoint(load_checkpoint(teacher_paths[-1]))
@@ -77,8 +77,9 @@ def student_arms(data_dir: str, teacher_paths: list[str], cache_dir: str, args) 
                          num_workers=args.threads, seed=0, return_indices=True)
     hooks = {
         "no_kd": None,
-        "online": OnlineKD(load_teachers(teacher_paths), temperature=5.0, alpha=0.0, num_classes=args.num_classes),
-        "cached": CachedKD(SoftLabelCache(cache_dir), temperature=5.0, alpha=0.0, num_classes=args.num_classes),
+        "online": Distillation(OnlineTeachers.load(teacher_paths, temperature=5.0), temperature=5.0),
+        "cached": Distillation(CachedSoftLabels(cache_dir, temperature=5.0, num_classes=args.num_classes),
+                               temperature=5.0),
     }
     loader.set_epoch(0)
     train_epoch(student, loader, opt, None)  # warm-up: FFCV compilation, allocator
@@ -88,7 +89,7 @@ def student_arms(data_dir: str, teacher_paths: list[str], cache_dir: str, args) 
             loader.set_epoch(0)
             if hook is not None:
                 hook.set_epoch(0)
-            times[name].append(train_epoch(student, loader, opt, None, kd_loss_fn=hook)["epoch_s"])
+            times[name].append(train_epoch(student, loader, opt, None, task=hook)["epoch_s"])
     return {f"{k}_epoch_s": round(min(v), 3) for k, v in times.items()} | {
         "epoch_s_median": {k: round(statistics.median(v), 3) for k, v in times.items()},
         "epoch_s_all_reps": {k: [round(x, 3) for x in v] for k, v in times.items()},
@@ -97,7 +98,7 @@ def student_arms(data_dir: str, teacher_paths: list[str], cache_dir: str, args) 
 
 
 def soft_label_pass(data_dir: str, teacher_paths: list[str], out: str, actors: int, args) -> dict:
-    from kesi_dist.distill import build_soft_label_cache
+    from kesi_dist.stages.soft_labels import build_soft_label_cache
 
     return build_soft_label_cache(teacher_paths, data_dir, out, epochs=1, seed=0, batch_size=args.batch_size,
                                   resolution=32, augment="cifar", temperature=5.0, topk=args.topk,

@@ -1,7 +1,7 @@
 """CPU inference latency of a pruning chain: is the MACs reduction a measured speed-up?
 
     ./dev bench pruned_latency --json
-    .venv/bin/python bench/pruned_latency.py --json --config configs/cifar10_resnet56_pfec.yaml --threads 2
+    .venv/bin/python bench/pruned_latency.py --json --config configs/kesi/cifar10_resnet56_pfec.yaml --threads 2
 
 The baseline of `--config`'s architecture gets random weights (timing does not depend on their
 values), the config's prune schedule is applied `--iterations` times (PFEC: physically smaller nets),
@@ -36,23 +36,18 @@ BATCHES = (1, 64)
 
 def build_chain(config: str, iterations: int | None, overrides: list[str]) -> tuple[list[tuple[str, object]], int]:
     """[(name, model)] for the baseline, every snapshot and the student; and the input resolution."""
-    import torch
-
     from kesi_dist.config import load_config
+    from kesi_dist.methods.kesi.prune import prune_iteration
     from kesi_dist.models import build_model
-    from kesi_dist.plan import _randomize, default_num_classes
-    from kesi_dist.pruning import prune
+    from kesi_dist.plan import random_model
 
     cfg = load_config(config, overrides)
-    p = cfg.prune
+    p = cfg.method.prune
     n = p.iterations if iterations is None else iterations
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.arch, default_num_classes(cfg))
-    _randomize(model, cfg.seed)
+    model = random_model(cfg)
     chain, masks = [("baseline", model.eval())], None
     for it in range(1, n + 1):
-        model, masks = prune(model, masks, method=p.method, iteration=it, stage_ratios=p.stage_ratios, skip=p.skip,
-                             layer_ratios=p.layer_ratios, targets=p.targets)
+        model, masks = prune_iteration(model, masks, p, it)
         chain.append((f"iter{it}", model.eval()))
     student = build_model(model.arch, model.num_classes, list(model.widths))
     student.load_state_dict(model.state_dict())
@@ -88,7 +83,7 @@ def time_ms(fn, runs: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/cifar10_resnet56_pfec.yaml", help="experiment YAML (schedule, arch)")
+    ap.add_argument("--config", default="configs/kesi/cifar10_resnet56_pfec.yaml", help="experiment YAML (schedule, arch)")
     ap.add_argument("--arch", default=None, help="override model.arch of the config")
     ap.add_argument("--method", default=None, choices=["pfec", "mwp"], help="override prune.method of the config")
     ap.add_argument("--iterations", type=int, default=None, help="pruning iterations (default: the config's)")

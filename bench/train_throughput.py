@@ -53,7 +53,7 @@ def bare_loop(data_dir: str, args) -> tuple[list[float], float]:
 
 
 def ray_run(data_dir: str, storage: str, workers: int, args) -> tuple[list[float], float]:
-    from kesi_dist.pipeline.ray_train import run_training
+    from kesi_dist.runtime import run_training
     from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
     cpus = args.cpus / workers

@@ -8,7 +8,7 @@
 #
 # After `up`, in the shell that submits jobs:
 #   source DIR/env.sh        # RAY_ADDRESS=http://127.0.0.1:<dashboard>, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
-#   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- kesi run configs/quickstart.yaml
+#   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- kesi run configs/kesi/quickstart.yaml
 #   python -c 'import ray; ray.init(address="<gcs address>")'   # a driver uses the GCS address
 #
 # Layout of DIR (default /tmp/kesi-cluster-$UID; keep it short, Ray's unix sockets live under it):

@@ -26,7 +26,7 @@ METHOD_CONFIGS = {name: m.config for name, m in METHODS.items()}
 
 __all__ = [
     "Config", "ModelCfg", "DataCfg", "BaselineCfg", "TrainCfg", "ClusterCfg", "MethodCfg",
-    "load_config", "apply_overrides", "config_to_yaml", "loader_spec", "engine_spec", "data_spec", "num_classes",
+    "load_config", "parse_config", "apply_overrides", "config_to_yaml", "loader_spec", "engine_spec", "data_spec", "num_classes",
 ]
 
 SOURCES = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "digits", "synthetic", "prepared")
@@ -200,6 +200,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(raw, dict):
             raise UsageError(f"{origin}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
     apply_overrides(raw, overrides or [])
+    return parse_config(raw, origin)
+
+
+def parse_config(raw: dict, origin: str = "<config>") -> Config:
+    """Validate a raw mapping (YAML already read, overrides applied) into a Config; errors name `origin`."""
     if isinstance(raw.get("method"), dict):
         raw["method"].setdefault("name", "kesi")  # as when the section is left out
     try:

@@ -9,7 +9,8 @@
 Submodules import FFCV lazily where they can, so `kesi_dist.data.sources` works without it.
 """
 
-from kesi_dist.data.loaders import AUGMENTS, BACKENDS, ImageLoader, make_loader, read_meta
+from kesi_dist.data.image_loader import ImageLoader
+from kesi_dist.data.loaders import AUGMENTS, BACKENDS, make_loader, read_meta
 from kesi_dist.data.prepare import prepare_dataset
 from kesi_dist.data.sources import SOURCES
 

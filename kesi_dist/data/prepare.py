@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 
 from kesi_dist import storage
-from kesi_dist.data.sources import SampleError, SourceData, open_source
+from kesi_dist.data.sources import open_source
+from kesi_dist.data.splits import SampleError, SourceData
 from kesi_dist.errors import RunError, UsageError
 from kesi_dist.storage.atomic import atomic_path, atomic_write_text
 

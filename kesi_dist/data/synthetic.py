@@ -70,7 +70,7 @@ class SyntheticSplit:
 def make_synthetic(num_train: int = 2000, num_val: int = 500, num_classes: int = 10, difficulty: float = 0.5,
                    resolution: int = 32, seed: int = 0):
     """SourceData of the synthetic generator; UsageError names a bad option."""
-    from kesi_dist.data.sources import SourceData
+    from kesi_dist.data.splits import SourceData
 
     for name, value, lo in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_classes", num_classes, 2)):
         if int(value) != value or value < lo:

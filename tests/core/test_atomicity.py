@@ -1,7 +1,7 @@
 """Half-written files are never read as complete; a crash mid-write leaves the previous file intact.
 
 Manifest, snapshots (kesi_dist.checkpoint), `.beton` + meta.json (kesi_dist.data.prepare) and
-soft-label shards (kesi_dist.distill.cache) all go through kesi_dist.storage.atomic. Plain PyTorch, no Ray.
+soft-label shards (kesi_dist.distill.softlabels) all go through kesi_dist.storage.atomic. Plain PyTorch, no Ray.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from kesi_dist.storage import atomic
 from kesi_dist.checkpoint import load_checkpoint, save_checkpoint
 from kesi_dist.errors import RunError
 from kesi_dist.models import build_model
-from kesi_dist.pipeline.manifest import Manifest
+from kesi_dist.runs.manifest import Manifest
 
 
 class Crash(Exception):
@@ -176,20 +176,20 @@ def test_prepare_crash_mid_write_keeps_the_previous_dataset(tmp_path, monkeypatc
 def _write_cache(out: Path) -> None:
     """A one-epoch, one-shard cache written with the real shard writer (what build_soft_label_cache does
     per shard, minus the Ray actors that compute the arrays)."""
-    from kesi_dist.distill.cache import FORMAT, _save_npy
+    from kesi_dist.distill.softlabels import FORMAT, save_npy
 
     n, k = 8, 2
     rng = np.random.default_rng(0)
     arrays = {"samples": np.arange(n, dtype=np.int64), "values": rng.random((n, k), dtype=np.float32),
               "indices": np.tile(np.arange(k, dtype=np.int16), (n, 1))}
-    files = {kind: _save_npy(out / f"abc-e0000-s000-{kind}.npy", a) for kind, a in arrays.items()}
+    files = {kind: save_npy(out / f"abc-e0000-s000-{kind}.npy", a) for kind, a in arrays.items()}
     meta = {"format": FORMAT, "epochs": 1, "num_classes": 4, "train_size": n, "topk_stored": k, "seed": 0,
             "resolution": 16, "augment": "none", "shards": [{"epoch": 0, "shard": 0, "files": files}]}
     atomic.atomic_write_text(out / "meta.json", json.dumps(meta))
 
 
 def test_truncated_soft_label_shard_is_refused(tmp_path):
-    from kesi_dist.distill.cache import SoftLabelCache
+    from kesi_dist.distill.softlabels import SoftLabelCache
 
     _write_cache(tmp_path)
     values, _ = SoftLabelCache(tmp_path).lookup(0, torch.arange(8))
@@ -202,7 +202,7 @@ def test_truncated_soft_label_shard_is_refused(tmp_path):
 
 
 def test_shard_crash_mid_write_keeps_the_previous_shard(tmp_path, monkeypatch):
-    from kesi_dist.distill import cache
+    from kesi_dist.distill import softlabels as cache
 
     _write_cache(tmp_path)
     shard = tmp_path / "abc-e0000-s000-values.npy"
@@ -215,7 +215,7 @@ def test_shard_crash_mid_write_keeps_the_previous_shard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache.np, "save", half)
     with pytest.raises(Crash):
-        cache._save_npy(shard, np.zeros((8, 2), np.float32))
+        cache.save_npy(shard, np.zeros((8, 2), np.float32))
     monkeypatch.setattr(cache.np, "save", real_save)
     assert shard.read_bytes() == before and not temp_files(tmp_path)
     values, _ = cache.SoftLabelCache(tmp_path).lookup(0, torch.arange(8))

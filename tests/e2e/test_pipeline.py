@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "kesi" / "smoke.yaml")
 
 pytestmark = pytest.mark.slow
 

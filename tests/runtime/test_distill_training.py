@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from kesi_dist.pipeline.ray_train import run_training
+from kesi_dist.runtime import run_training
 from kesi_dist.pruning import pfec_prune
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
+from kesi_dist.train.tasks import TaskSpec
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +31,18 @@ def teacher_and_student(tmp_path_factory, tiny_data):
     return d, result.metrics["val/acc"]
 
 
-def _distill(d, tiny_data, engine: EngineSpec, name: str, kd: dict):
+def _distill(d, tiny_data, engine: EngineSpec, name: str, task: TaskSpec):
     return run_training(
         model=ModelSpec("", init_checkpoint=str(d / "student.pt")),
         schedule=ScheduleSpec(epochs=3, optimizer="adam", lr=1e-3, weight_decay=0.0),
         loader=LoaderSpec(tiny_data, **LOADER), engine=engine, storage_path=str(d / "s"), name=name,
-        final_checkpoint=str(d / f"{name}.pt"), progress=False, kd=kd,
+        final_checkpoint=str(d / f"{name}.pt"), progress=False, task=task,
     )
 
 
 def test_deepspeed_online_distillation_on_two_cpu_workers(ray_local, tiny_data, teacher_and_student):
     d, teacher_acc = teacher_and_student
-    kd = {"mode": "online", "teachers": [str(d / "teacher.pt")] * 2, "temperature": 5.0, "alpha": 0.0}
+    kd = TaskSpec(kind="distillation", teachers=(str(d / "teacher.pt"),) * 2, temperature=5.0)
     result = _distill(d, tiny_data, EngineSpec(engine="deepspeed", zero_stage=2, num_workers=2, max_failures=0),
                       "ds_online", kd)
     kd_losses = [m["train/kd_loss"] for m in result.history]
@@ -53,14 +54,14 @@ def test_deepspeed_online_distillation_on_two_cpu_workers(ray_local, tiny_data, 
 
 
 def test_cached_distillation_matches_the_student_loader(ray_local, tiny_data, teacher_and_student):
-    from kesi_dist.distill import build_soft_label_cache
+    from kesi_dist.stages.soft_labels import build_soft_label_cache
 
     d, _ = teacher_and_student
     meta = build_soft_label_cache([str(d / "teacher.pt")], tiny_data, str(d / "cache"), epochs=3, seed=0,
                                   batch_size=64, resolution=16, augment="cifar", temperature=5.0, topk=4,
                                   num_actors=2)
     assert not meta.get("reused")
-    kd = {"mode": "cached", "cache_dir": str(d / "cache"), "temperature": 5.0, "alpha": 0.0}
+    kd = TaskSpec(kind="distillation", soft_labels=str(d / "cache"), temperature=5.0)
     result = _distill(d, tiny_data, EngineSpec(engine="ddp", num_workers=2, max_failures=0), "ddp_cached", kd)
     kd_losses = [m["train/kd_loss"] for m in result.history]
     assert kd_losses[-1] < kd_losses[0]

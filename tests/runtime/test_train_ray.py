@@ -12,7 +12,7 @@ import os
 import pytest
 
 from kesi_dist.checkpoint import load_checkpoint
-from kesi_dist.pipeline.ray_train import run_training
+from kesi_dist.runtime import run_training
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
 pytestmark = pytest.mark.slow

@@ -25,8 +25,8 @@ from kesi_dist.checkpoint import FORMAT
 from kesi_dist.cli import main
 from kesi_dist.errors import RunError
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "kesi" / "smoke.yaml")
 
 # pattern -> the files (relative to kesi_dist/) allowed to contain it, and why
 ALLOWED = {

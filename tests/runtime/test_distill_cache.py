@@ -1,4 +1,4 @@
-"""Teacher ensemble, cached soft labels on a real Ray actor pool, and the KD hooks in the training loop.
+"""Teacher ensemble, cached soft labels on a real Ray actor pool, and both teacher sources in the training loop.
 
 Real files throughout: teachers are kesi_dist checkpoints (one unpruned ResNet-20, PFEC-pruned and
 MWP-masked snapshots of it), images come from the `tiny_data` .beton files through the real
@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from kesi_dist.checkpoint import save_checkpoint
 from kesi_dist.data.loaders import make_loader
 from kesi_dist.distill import (
-    CachedKD, OnlineKD, SoftLabelCache, build_soft_label_cache, dense_from_topk, ensemble_probs,
-    evaluate_ensemble, kd_loss, load_teachers, truncation_bound,
+    CachedSoftLabels, OnlineTeachers, SoftLabelCache, dense_from_topk, ensemble_probs, evaluate_ensemble, kd_loss,
+    load_teachers, truncation_bound,
 )
+from kesi_dist.stages.soft_labels import build_soft_label_cache
 from kesi_dist.errors import RunError, UsageError
 from kesi_dist.models import build_model
 from kesi_dist.pruning import mwp_masks, apply_masks, pfec_prune
-from kesi_dist.train import build_optimizer, train_epoch
+from kesi_dist.train import Distillation, build_optimizer, train_epoch
 
 CLASSES, SEED, RES, T = 4, 3, 16, 2.0
 
@@ -151,8 +152,8 @@ def test_cached_and_online_kd_give_the_same_loss_on_the_same_batch(full_cache, t
     out, _ = full_cache
     cache = SoftLabelCache(out)
     cache.check(seed=SEED, resolution=RES, augment="cifar", epochs=2)
-    online = OnlineKD(load_teachers(teacher_files), temperature=T, alpha=0.0, num_classes=CLASSES)
-    cached = CachedKD(cache, temperature=T, alpha=0.0, num_classes=CLASSES)
+    online = OnlineTeachers(load_teachers(teacher_files), temperature=T, num_classes=CLASSES)
+    cached = CachedSoftLabels(cache, temperature=T, num_classes=CLASSES)
     g = torch.Generator().manual_seed(0)
     worst, batches = 0.0, 0
     for backend in ("ffcv", "torch"):
@@ -165,8 +166,8 @@ def test_cached_and_online_kd_give_the_same_loss_on_the_same_batch(full_cache, t
                 if b >= 4:
                     break
                 logits = 3 * torch.randn(len(y), CLASSES, generator=g)
-                a = online(x, y, logits, idx)
-                c = cached(x, y, logits, idx)
+                a = kd_loss(logits, online.probs(x, idx), y, temperature=T)
+                c = kd_loss(logits, cached.probs(x, idx), y, temperature=T)
                 assert a["kd_loss"].item() > 1e-3
                 worst = max(worst, abs(a["kd_loss"].item() - c["kd_loss"].item()))
                 batches += 1
@@ -186,8 +187,8 @@ def test_truncated_cache_stays_within_the_stated_bound(ray_local, tiny_data, tea
     assert sum(s["count"] for s in meta["shards"]) == 1024
     cache = SoftLabelCache(tmp_path / "k2")
     teachers = load_teachers(teacher_files)
-    online = OnlineKD(teachers, temperature=T, num_classes=CLASSES)
-    cached = CachedKD(cache, temperature=T, num_classes=CLASSES)
+    online = OnlineTeachers(teachers, temperature=T, num_classes=CLASSES)
+    cached = CachedSoftLabels(cache, temperature=T, num_classes=CLASSES)
     loader = _student_loader(tiny_data)
     loader.set_epoch(0)
     online.set_epoch(0)
@@ -195,7 +196,8 @@ def test_truncated_cache_stays_within_the_stated_bound(ray_local, tiny_data, tea
     g = torch.Generator().manual_seed(1)
     for x, y, i in loader:
         logits = 3 * torch.randn(len(y), CLASSES, generator=g)
-        gap = abs(online(x, y, logits, i)["kd_loss"].item() - cached(x, y, logits, i)["kd_loss"].item())
+        gap = abs(kd_loss(logits, online.probs(x, i), y, temperature=T)["kd_loss"].item()
+                  - kd_loss(logits, cached.probs(x, i), y, temperature=T)["kd_loss"].item())
         v, c = cache.lookup(0, i)
         # float16 storage: values are off by <= 1e-3 relative, which moves the loss by at most ~T^2 * 1e-3
         assert gap <= truncation_bound(logits, v, c, temperature=T).item() + T * T * 2e-3, gap
@@ -258,7 +260,7 @@ def test_cache_refuses_bad_settings_and_missing_files(ray_local, tiny_data, teac
 
 
 @pytest.mark.slow
-def test_cache_check_and_hook_guards(full_cache, tiny_data):
+def test_cache_check_and_source_guards(full_cache, tiny_data):
     out, _ = full_cache
     cache = SoftLabelCache(out)
     with pytest.raises(RunError, match="seed=3, the student uses 4"):
@@ -266,39 +268,41 @@ def test_cache_check_and_hook_guards(full_cache, tiny_data):
     with pytest.raises(RunError, match="cover 2 epochs, the student trains 5"):
         cache.check(seed=SEED, resolution=RES, augment="cifar", epochs=5)
     with pytest.raises(RunError, match="temperature"):
-        CachedKD(cache, temperature=5.0, num_classes=CLASSES)
-    hook = CachedKD(cache, temperature=T, num_classes=CLASSES)
-    x, y, logits = torch.zeros(2, 3, RES, RES), torch.zeros(2, dtype=torch.long), torch.zeros(2, CLASSES)
+        CachedSoftLabels(cache, temperature=5.0, num_classes=CLASSES)
+    source = CachedSoftLabels(cache, temperature=T, num_classes=CLASSES)
+    x, y = torch.zeros(2, 3, RES, RES), torch.zeros(2, dtype=torch.long)
     with pytest.raises(RunError, match="set_epoch"):
-        hook(x, y, logits, torch.tensor([0, 1]))
-    hook.set_epoch(0)
+        source.probs(x, torch.tensor([0, 1]))
+    source.set_epoch(0)
     with pytest.raises(RunError, match="return_indices=True"):
-        hook(x, y, logits)
+        source.probs(x, None)
+    task = Distillation(source, temperature=T)
     with pytest.raises(RunError, match="4 classes"):
-        hook(x, y, torch.zeros(2, 10), torch.tensor([0, 1]))
+        task(lambda images: torch.zeros(len(images), 10), x, y, torch.tensor([0, 1]))
 
 
 # --- through the training loop -------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_train_epoch_with_online_and_cached_hooks_follows_the_same_trajectory(full_cache, tiny_data, teacher_files):
-    """The same student trained one epoch with either hook: same losses step for step (exact cache)."""
+def test_train_epoch_with_online_and_cached_teachers_follows_the_same_trajectory(full_cache, tiny_data, teacher_files):
+    """The same student trained with either teacher source: same losses step for step (exact cache)."""
     out, _ = full_cache
     results = {}
     for mode in ("online", "cached"):
         torch.manual_seed(0)
         student = pfec_prune(build_model("resnet20", CLASSES), [0.5, 0.5, 0.5])
         if mode == "online":
-            hook = OnlineKD(load_teachers(teacher_files), temperature=T, alpha=0.5, num_classes=CLASSES)
+            source = OnlineTeachers(load_teachers(teacher_files), temperature=T, num_classes=CLASSES)
         else:
-            hook = CachedKD(SoftLabelCache(out), temperature=T, alpha=0.5, num_classes=CLASSES)
+            source = CachedSoftLabels(SoftLabelCache(out), temperature=T, num_classes=CLASSES)
+        task = Distillation(source, temperature=T, alpha=0.5)
         loader = _student_loader(tiny_data, batch_size=128)
         opt = build_optimizer(student.parameters(), optimizer="adam", lr=1e-3, weight_decay=0)
         history = []
         for epoch in range(2):
             loader.set_epoch(epoch)
-            hook.set_epoch(epoch)
-            history.append(train_epoch(student, loader, opt, None, kd_loss_fn=hook))
+            task.set_epoch(epoch)
+            history.append(train_epoch(student, loader, opt, None, task=task))
         results[mode] = history
     for a, c in zip(results["online"], results["cached"]):
         assert a["steps"] == c["steps"] == 8

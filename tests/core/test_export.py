@@ -3,6 +3,8 @@ in a fresh Python process that never imports kesi_dist; `kesi export` on a run d
 
 from __future__ import annotations
 
+import copy
+
 import json
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from kesi_dist.cli import main as kesi
 from kesi_dist.errors import RunError
 from kesi_dist.export import FORMATS, export_model, export_snapshot, widths_path
 from kesi_dist.models import build_model
-from kesi_dist.pruning import prune
+from kesi_dist.pruning import apply_masks, mwp_masks, pfec_prune
 
 RES = 16
 
@@ -36,8 +38,10 @@ def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     base = _trained_looking(build_model("resnet20", 4))
-    pfec, _ = prune(base, None, method="pfec", iteration=1, stage_ratios=[0.3, 0.3, 0.3])
-    mwp, masks = prune(base, None, method="mwp", iteration=1, targets=[0.5])
+    pfec = pfec_prune(base, [0.3, 0.3, 0.3])
+    mwp = copy.deepcopy(base)
+    masks = mwp_masks(mwp, 0.5)
+    apply_masks(mwp, masks)
     save_checkpoint(d / "pfec.pt", pfec)
     save_checkpoint(d / "mwp.pt", mwp, masks)
     return {"pfec": d / "pfec.pt", "mwp": d / "mwp.pt"}

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kesi_dist import cluster
+from kesi_dist.runtime import cluster
 from kesi_dist.cli import main
 from kesi_dist.errors import RunError
 
-SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+SMOKE = str(Path(__file__).resolve().parents[2] / "configs" / "kesi" / "smoke.yaml")
 
 
 def _fake_nodes(here: str) -> list[dict]:

@@ -4,7 +4,7 @@ culprit, no traceback, and nothing saved before it damaged.
 Cases run in-process through `kesi_dist.cli.main` (fast); those marked `sub` run the real `kesi`
 command in a subprocess as well, for the real exit code and stderr. A case that gets as far as Ray
 uses the session's local Ray and fails before any training. The finished-run and resume refusals on a
-real (not fabricated) run are in tests/test_pipeline.py (test_refuses_to_overwrite_a_run,
+real (not fabricated) run are in tests/e2e/test_pipeline.py (test_refuses_to_overwrite_a_run,
 test_resume_of_a_different_config_is_refused).
 """
 
@@ -28,8 +28,8 @@ from kesi_dist.cli import main
 from kesi_dist.models import build_model
 from tests.datafiles import write_cifar10, write_tiny_imagenet
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "kesi" / "smoke.yaml")
 
 
 @dataclass
@@ -61,10 +61,10 @@ class Ctx:
     def fabricated_run(self, status: str = "running") -> Path:
         """A run folder as `kesi run` leaves it (config.yaml + manifest.json), without running anything."""
         from kesi_dist.config import load_config
-        from kesi_dist.pipeline.rundir import open_run
+        from kesi_dist.runs.rundir import open_run
 
         cfg = load_config(SMOKE, ["data.source=prepared", f"data.prepared={self.data}", "data.resolution=16"])
-        _, manifest = open_run(self.out, cfg, resume=False)
+        _, manifest = open_run(self.out, cfg.model_dump(mode="json"), resume=False)
         manifest.finish_stage("data", path=self.data)
         manifest.data["status"] = status
         manifest.log(f"run {status}")
@@ -157,8 +157,14 @@ CASES = [
          lambda c: f"{c.tmp / 'nope.yaml'}: no such config file"),
     Case("unknown_section", lambda c: c.run(config=c.yaml("modle:\n  arch: resnet20\n")), 2, "modle: unknown key"),
     Case("unknown_key", lambda c: c.run("prune.ratio=0.5"), 2, "prune.ratio: unknown key"),
-    Case("wrong_type_in_yaml", lambda c: c.run(config=c.yaml("prune:\n  iterations: three\n")), 2,
-         "prune.iterations"),
+    Case("wrong_type_in_yaml", lambda c: c.run(config=c.yaml("method:\n  prune:\n    iterations: three\n")), 2,
+         "method.prune.iterations"),
+    Case("method_section_at_top_level", lambda c: c.run(config=c.yaml("prune:\n  iterations: 3\n")), 2,
+         "prune: a section of method kesi: move it under `method:`"),
+    Case("unknown_method_name", lambda c: c.run("method.name=lottery"), 2,
+         "method.name: choose one of kesi, got 'lottery'"),
+    Case("skip_names_no_unit", lambda c: c.run("prune.skip=[layer9.9]"), 2,
+         "method.prune.skip: 'layer9.9' matches no prunable unit", sub=True),
     Case("wrong_type_in_set", lambda c: c.run("data.batch_size=abc"), 2, "data.batch_size"),
     Case("ratio_above_one", lambda c: c.run("prune.stage_ratios=[0.1,1.5,0.3]"), 2,
          "prune.stage_ratios: must be in [0, 1), got 1.5"),
@@ -166,7 +172,7 @@ CASES = [
     Case("mwp_targets_decreasing", lambda c: c.run("prune.method=mwp", "prune.targets=[0.5,0.3,0.6]",
                                                    "prune.iterations=3"), 2, "prune.targets"),
     Case("unknown_model", lambda c: c.run("model.arch=resnet57"), 2, "unknown model 'resnet57'", sub=True),
-    Case("unknown_method", lambda c: c.run("prune.method=snip"), 2, "prune.method"),
+    Case("unknown_pruning_method", lambda c: c.run("prune.method=snip"), 2, "method.prune.method"),
     Case("unknown_source", lambda c: c.run("data.source=imagenet21k"), 2, "data.source"),
     Case("source_without_root", lambda c: c.run("data.source=cifar10"), 2, "data.root is required"),
     Case("set_without_value", lambda c: c.run("prune.iterations"), 2, "--set 'prune.iterations'"),
@@ -175,7 +181,7 @@ CASES = [
     # -- the Tune search space ------------------------------------------------------------------
     Case("tune_space_empty", lambda c: c.run("tune.space.lr=[]"), 2, "lr: needs at least one value"),
     Case("tune_more_branches_than_grid", lambda c: c.run("tune.branches=3"), 2,
-         "tune.branches=3 but tune.space has only 2 grid combination(s)", sub=True),
+         "method.tune.branches=3 but method.tune.space has only 2 grid combination(s)", sub=True),
     Case("tune_space_unknown_key", lambda c: c.run("tune.space.momentum=[0.9]"), 2, "unknown search key 'momentum'"),
     Case("tune_space_negative_lr", lambda c: c.run("tune.space.lr=[0.1,-1]"), 2, "lr: -1.0 is not > 0"),
     Case("tune_space_warmup_over_one", lambda c: c.run("tune.space.pct_start=[1.5]"), 2, "pct_start: 1.5"),
@@ -211,7 +217,7 @@ CASES = [
          "already holds a complete run; pass --resume", ray=True, no_output_dir=False),
     Case("resume_with_another_config", lambda c: (c.fabricated_run(), c.on_data("prune.iterations=3",
                                                                                  extra=("--resume",)))[1], 2,
-         "different config (changed: prune.iterations)", ray=True, no_output_dir=False),
+         "different config (changed: method.prune.iterations)", ray=True, no_output_dir=False),
     Case("resume_without_a_run", lambda c: c.on_data(extra=("--resume",)), 2, "no run to resume there",
          ray=True),
     Case("output_is_another_folder", lambda c: ((c.tmp / "run").mkdir(), (c.tmp / "run" / "notes.txt").write_text(
@@ -302,7 +308,7 @@ def test_resume_manifest_unchanged_byte_for_byte_when_refused(ctx: Ctx, ray_loca
 
 
 def test_disk_full_leaves_the_manifest_readable(ctx: Ctx, ray_local, monkeypatch, capsys):
-    from kesi_dist.pipeline.manifest import Manifest
+    from kesi_dist.runs.manifest import Manifest
 
     run = ctx.fabricated_run()
     _disk_full(monkeypatch)

@@ -14,7 +14,7 @@ import torch
 
 from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
 from kesi_dist.data.loaders import make_loader
-from kesi_dist.pipeline.ray_train import InjectedFailure, run_training
+from kesi_dist.runtime import InjectedFailure, run_training
 from kesi_dist.train import DivergedError, evaluate
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
@@ -90,7 +90,7 @@ def test_local_divergence_stops_before_writing_that_epoch(tiny_data, tmp_path):
 def test_mwp_masks_from_the_init_checkpoint_are_enforced(tiny_data, tmp_path):
     from kesi_dist.checkpoint import save_checkpoint
     from kesi_dist.models import build_model
-    from kesi_dist.pruning.mwp import apply_masks, mwp_masks
+    from kesi_dist.pruning import apply_masks, mwp_masks
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=4)

@@ -1,4 +1,4 @@
-"""The plain-PyTorch training core: one epoch, masks, divergence, the KD hook, schedules, TensorBoard."""
+"""The plain-PyTorch training core: one epoch, mask constraints, divergence, tasks, schedules, TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kesi_dist.errors import RunError, UsageError
-from kesi_dist.pruning.mwp import mwp_masks
+from kesi_dist.pruning import MaskConstraint, mwp_masks
 from kesi_dist.train import (
     DivergedError, ScalarWriter, build_optimizer, build_scheduler, current_lr, evaluate, train_epoch,
 )
@@ -67,7 +67,7 @@ def test_masked_weights_stay_zero(opt_kwargs):
     masks = mwp_masks(model, 0.5)
     opt = build_optimizer(model.parameters(), **opt_kwargs)
     for _ in range(2):
-        train_epoch(model, data, opt, None, masks=masks)
+        train_epoch(model, data, opt, None, constraints=[MaskConstraint(masks)])
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         assert (params[name][mask == 0] == 0).all(), name
@@ -105,26 +105,55 @@ def test_huge_lr_diverges_with_a_clear_error():
             train_epoch(model, data, opt, None)
 
 
-def test_kd_hook_receives_batch_and_its_losses_are_reported():
+def test_a_task_owns_the_forward_and_its_parts_are_reported():
+    """A task that runs two sub-networks per step (as SWP's sandwich rule does) through the same loop."""
+    from kesi_dist.train.tasks import TaskOutput
+
     torch.manual_seed(0)
     model, data = TinyNet(), blobs()
-    teacher = TinyNet().eval()
     calls = []
 
-    def kd(images, labels, logits):
-        calls.append((images.shape, labels.shape, logits.shape))
-        with torch.no_grad():
-            t = teacher(images)
-        kd_loss = nn.functional.kl_div(logits.log_softmax(1), t.softmax(1), reduction="batchmean")
-        return {"loss": kd_loss, "kd_loss": kd_loss}
+    class TwoViews:  # the full batch, then a second forward on half of it, one loss
+        needs_indices = False
+
+        def set_epoch(self, epoch):
+            pass
+
+        def __call__(self, model, images, labels, indices):
+            calls.append((images.shape, labels.shape, indices))
+            full = model(images)
+            half = model(images[: len(images) // 2])
+            main = nn.functional.cross_entropy(full, labels)
+            extra = nn.functional.cross_entropy(half, labels[: len(images) // 2])
+            return TaskOutput(main + extra, full, {"extra_loss": extra})
 
     opt = build_optimizer(model.parameters(), optimizer="adam", lr=1e-2, weight_decay=0)
-    first = train_epoch(model, data, opt, None, kd_loss_fn=kd)
-    second = train_epoch(model, data, opt, None, kd_loss_fn=kd)
-    assert calls[0] == (torch.Size([32, 3, 8, 8]), torch.Size([32]), torch.Size([32, 4]))
+    first = train_epoch(model, data, opt, None, task=TwoViews())
+    second = train_epoch(model, data, opt, None, task=TwoViews())
+    assert calls[0] == (torch.Size([32, 3, 8, 8]), torch.Size([32]), None)
     assert len(calls) == 2 * len(data)
-    assert math.isclose(first["train/kd_loss"], first["train/loss"], rel_tol=1e-6)
+    assert 0 < first["train/extra_loss"] < first["train/loss"]
     assert second["train/loss"] < first["train/loss"]
+
+
+def test_distillation_task_with_online_teachers():
+    from kesi_dist.distill import OnlineTeachers, kd_loss
+    from kesi_dist.train.tasks import Distillation
+
+    torch.manual_seed(0)
+    model, data = TinyNet(), blobs()
+    teacher = TinyNet()
+    task = Distillation(OnlineTeachers([teacher], temperature=4.0, num_classes=4), temperature=4.0, alpha=0.25)
+    images, labels = data[0]
+    out = task(model, images, labels, None)
+    with torch.no_grad():
+        want = kd_loss(model(images), torch.softmax(teacher(images) / 4.0, 1), labels, temperature=4.0, alpha=0.25)
+    assert torch.allclose(out.loss, want["loss"]) and set(out.parts) == {"kd_loss", "task_loss"}
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training  # frozen
+    soft_only = Distillation(OnlineTeachers([teacher], temperature=1.0, num_classes=4), temperature=1.0)
+    opt = build_optimizer(model.parameters(), optimizer="adam", lr=1e-3, weight_decay=0)
+    history = [train_epoch(model, data, opt, None, task=soft_only)["train/kd_loss"] for _ in range(3)]
+    assert history[-1] < history[0]  # the student moves towards the teacher
 
 
 def _lrs(schedule: str, epochs: int, steps: int, **kw) -> list[float]:
@@ -216,7 +245,7 @@ def test_tensorboard_scalars_and_hparams_read_back(tmp_path):
 def test_worker_failures_surface_as_one_line_kesi_errors():
     from ray.train import WorkerGroupError
 
-    from kesi_dist.pipeline.ray_train import _backend, _failure_message
+    from kesi_dist.runtime.trainer import _backend, _failure_message
     from kesi_dist.train.spec import EngineSpec
 
     err = WorkerGroupError("rank 1 failed", {1: RuntimeError("Traceback ...\nDivergedError: training diverged: "

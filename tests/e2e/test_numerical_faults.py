@@ -17,8 +17,8 @@ from kesi_dist.models import build_model
 
 pytestmark = pytest.mark.slow  # each is a real (tiny) `kesi run` with Tune trials: ~30 s on an idle machine
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "kesi" / "smoke.yaml")
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from tests.localcluster import RAY, REPO, client_env, job_wait, kill_node, local
 
 pytestmark = pytest.mark.slow
 
-SMOKE = "configs/smoke.yaml"
+SMOKE = "configs/kesi/smoke.yaml"
 
 
 @pytest.fixture(scope="module")

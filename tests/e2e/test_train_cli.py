@@ -1,6 +1,9 @@
-"""`kesi train CONFIG`: prepares the data, trains the baseline, writes <output>/baseline.pt."""
+"""`kesi train CONFIG`: the data and baseline stages of a run: <output>/snapshots/baseline.pt, registered in
+the run's manifest, so that `kesi run --resume` of the same config continues from it."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import yaml
@@ -25,24 +28,26 @@ def test_kesi_train_writes_a_baseline_and_guards_it(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(cfg), "--output", str(out)]) == 0
     assert "baseline: val acc" in capsys.readouterr().out
-    ckpt = load_checkpoint(out / "baseline.pt")
+    ckpt = load_checkpoint(out / "snapshots" / "baseline.pt")
     assert ckpt["arch"] == "resnet20" and ckpt["num_classes"] == 4 and ckpt["metrics"]["epoch"] == 1
     assert (out / "data" / "meta.json").is_file() and (out / "config.yaml").is_file()
     assert list((out / "tensorboard" / "baseline").glob("events.out.tfevents.*"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and set(m["stages"]) == {"data", "baseline"}
+    assert m["snapshots"]["baseline"]["val_acc"] > 0.25 and m["snapshots"]["baseline"]["macs"] > 0
 
-    # a second run must not silently overwrite the baseline
+    # a second run must not silently overwrite the baseline; --resume reuses it
+    before = (out / "snapshots" / "baseline.pt").read_bytes()
     assert main(["train", str(cfg), "--output", str(out)]) == 2
-    assert "baseline.pt already exists" in capsys.readouterr().err
+    assert "already holds a complete run" in capsys.readouterr().err
     assert main(["train", str(cfg), "--output", str(out), "--resume"]) == 0
-    assert "already in place" in capsys.readouterr().out
+    assert "baseline: complete, reused" in capsys.readouterr().out
+    assert (out / "snapshots" / "baseline.pt").read_bytes() == before
 
-    # resuming the epoch checkpoints with a different schedule is refused, naming what changed
-    (out / "baseline.pt").unlink()
+    # resuming with a different schedule is refused, naming what changed, and changes nothing
     assert main(["train", str(cfg), "--output", str(out), "--resume", "--set", "baseline.epochs=3"]) == 2
-    err = capsys.readouterr().err
-    assert "schedule changed" in err and "(epochs)" in err
-    assert main(["train", str(cfg), "--output", str(out), "--resume"]) == 0  # same schedule: nothing left to do
-    assert load_checkpoint(out / "baseline.pt")["metrics"]["epoch"] == 1
+    assert "different config (changed: baseline.epochs)" in capsys.readouterr().err
+    assert (out / "snapshots" / "baseline.pt").read_bytes() == before
 
 
 def test_kesi_train_needs_an_output(tmp_path, capsys):

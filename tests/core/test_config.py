@@ -10,16 +10,16 @@ import yaml
 from kesi_dist.config import Config, config_to_yaml, load_config
 from kesi_dist.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
 
 
 def test_defaults_validate():
     cfg = load_config(None)
-    assert cfg.prune.method == "pfec"
-    assert cfg.retrain.schedule == "onecycle" and cfg.retrain.lr == 0.1
-    assert cfg.fixed_lr.enabled and cfg.fixed_lr.lr == 0.001
-    assert cfg.distill.temperature == 5.0 and cfg.distill.optimizer == "adam"
+    assert cfg.method.prune.method == "pfec"
+    assert cfg.method.retrain.schedule == "onecycle" and cfg.method.retrain.lr == 0.1
+    assert cfg.method.fixed_lr.enabled and cfg.method.fixed_lr.lr == 0.001
+    assert cfg.method.distill.temperature == 5.0 and cfg.method.distill.optimizer == "adam"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -30,43 +30,57 @@ def test_every_shipped_config_validates(path):
 
 
 def test_paper_configs_carry_the_papers_schedules():
-    r56 = load_config(ROOT / "configs/cifar10_resnet56_pfec.yaml")
-    assert r56.prune.stage_ratios == [0.1, 0.2, 0.3]
-    assert r56.prune.skip == ["layer1.7", "layer2.0", "layer3.0", "layer3.8"]
+    r56 = load_config(ROOT / "configs/kesi/cifar10_resnet56_pfec.yaml")
+    assert r56.method.prune.stage_ratios == [0.1, 0.2, 0.3]
+    assert r56.method.prune.skip == ["layer1.7", "layer2.0", "layer3.0", "layer3.8"]
     assert (r56.baseline.epochs, r56.baseline.milestones) == (300, [150, 225])
-    assert (r56.retrain.epochs, r56.retrain.lr, r56.retrain.div_factor, r56.retrain.pct_start,
-            r56.retrain.final_div_factor) == (40, 0.1, 10, 0.1, 100)
-    mwp = load_config(ROOT / "configs/cifar10_vgg16_mwp.yaml")
-    assert mwp.prune.targets == [0.20, 0.40, 0.60, 0.80, 0.95]
-    wrn = load_config(ROOT / "configs/cifar10_wrn16_8_pfec.yaml")
+    assert (r56.method.retrain.epochs, r56.method.retrain.lr, r56.method.retrain.div_factor, r56.method.retrain.pct_start,
+            r56.method.retrain.final_div_factor) == (40, 0.1, 10, 0.1, 100)
+    mwp = load_config(ROOT / "configs/kesi/cifar10_vgg16_mwp.yaml")
+    assert mwp.method.prune.targets == [0.20, 0.40, 0.60, 0.80, 0.95]
+    wrn = load_config(ROOT / "configs/kesi/cifar10_wrn16_8_pfec.yaml")
     assert (wrn.baseline.weight_decay, wrn.baseline.gamma) == (5e-4, 0.2)
 
 
 def test_overrides_apply_and_are_validated():
-    cfg = load_config(ROOT / "configs/cifar10_resnet56_pfec.yaml",
+    cfg = load_config(ROOT / "configs/kesi/cifar10_resnet56_pfec.yaml",
                       ["prune.iterations=3", "data.source=cifar100", "tune.space.lr=[0.2, 0.1]"])
-    assert cfg.prune.iterations == 3 and cfg.data.source == "cifar100"
-    assert cfg.tune.space["lr"] == [0.2, 0.1]
-    with pytest.raises(UsageError, match=r"prune\.iterations"):
+    assert cfg.method.prune.iterations == 3 and cfg.data.source == "cifar100"
+    assert cfg.method.tune.space["lr"] == [0.2, 0.1]
+    with pytest.raises(UsageError, match=r"method\.prune\.iterations"):
         load_config(None, ["prune.iterations=zero"])
+    # `method.` may be left out of a key whose first part is a section of the selected method
+    assert load_config(None, ["method.prune.iterations=4"]).method.prune.iterations == 4
+
+
+def _m(text: str) -> str:
+    """A method section: `text` (KESI's sections) nested under `method:`."""
+    return "method:\n" + "".join(f"  {line}\n" for line in text.splitlines())
 
 
 BAD = [
     # (yaml text or None, overrides, expected fragments of the one-line message)
-    ("prune:\n  stage_ratios: [0.1, 1.5]\n", [], ["prune.stage_ratios", "must be in [0, 1), got 1.5"]),
-    ("prune:\n  ratio: 0.5\n", [], ["prune.ratio", "unknown key"]),
+    (_m("prune:\n  stage_ratios: [0.1, 1.5]"), [], ["method.prune.stage_ratios", "must be in [0, 1), got 1.5"]),
+    (_m("prune:\n  ratio: 0.5"), [], ["method.prune.ratio", "unknown key"]),
     ("model:\n  arch: resnet57\n", [], ["model.arch", "unknown model 'resnet57'", "resnet56"]),
-    ("prune:\n  method: lottery\n", [], ["prune.method", "'pfec' or 'mwp'", "got 'lottery'"]),
+    (_m("prune:\n  method: lottery"), [], ["method.prune.method", "'pfec' or 'mwp'", "got 'lottery'"]),
     ("data:\n  batch_size: many\n", [], ["data.batch_size", "integer", "got 'many'"]),
     ("model: [1, 2\n", [], ["malformed YAML", "line"]),
     ("- just\n- a list\n", [], ["expected a mapping"]),
     ("data:\n  source: cifar10\n", [], ["data.root is required"]),
-    ("prune:\n  method: mwp\n  iterations: 3\n  targets: [0.2]\n", [], ["prune.targets has 1 values"]),
-    ("prune:\n  targets: [0.5, 0.2]\n", [], ["prune.targets", "non-decreasing"]),
-    ("tune:\n  space:\n    momentum: [0.9]\n", [], ["tune.space", "unknown search key 'momentum'"]),
+    (_m("prune:\n  method: mwp\n  iterations: 3\n  targets: [0.2]"), [], ["prune.targets has 1 values"]),
+    (_m("prune:\n  targets: [0.5, 0.2]"), [], ["method.prune.targets", "non-decreasing"]),
+    (_m("tune:\n  space:\n    momentum: [0.9]"), [], ["method.tune.space", "unknown search key 'momentum'"]),
     ("", ["prune.iterations"], ["--set 'prune.iterations'", "dotted.key=value"]),
-    ("", ["prune.nope=1"], ["prune.nope", "unknown key"]),
+    ("", ["prune.nope=1"], ["method.prune.nope", "unknown key"]),
     ("seed: 3\n", ["seed.x=1"], ["seed", "not a section"]),
+    # A method section at the top level (the layout before methods were units) says where it goes now.
+    ("prune:\n  iterations: 3\n", [], ["prune: a section of method kesi", "move it under `method:`"]),
+    ("method:\n  name: lottery\n", [], ["method.name: choose one of kesi, got 'lottery'"]),
+    # Visible only next to the model: names and stage counts of the architecture.
+    (_m("prune:\n  skip: [layer9.9]"), [], ["method.prune.skip", "'layer9.9' matches no prunable unit"]),
+    ("model:\n  arch: resnet20\n", ["prune.stage_ratios=[0.1, 0.1]"],
+     ["method.prune.stage_ratios", "the model has 3 stages, got 2 values"]),
 ]
 
 

@@ -16,20 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from kesi_dist.config import Config, load_config
+from kesi_dist.config import Config, load_config, parse_config
 from kesi_dist.errors import UsageError
 from kesi_dist.models import build_model
 from kesi_dist.plan import default_num_classes, plan_schedule, print_plan
 from kesi_dist.pruning.masks import conv_weights
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
 R56_SKIP = ["layer1.7", "layer2.0", "layer3.0", "layer3.8"]
 
 
 def _cfg(arch: str, **prune) -> Config:
-    return Config.model_validate({
-        "model": {"arch": arch}, "data": {"source": "cifar10", "root": "unused", "resolution": 32}, "prune": prune,
+    return parse_config({
+        "model": {"arch": arch}, "data": {"source": "cifar10", "root": "unused", "resolution": 32},
+        "method": {"name": "kesi", "prune": prune},
     })
 
 
@@ -110,15 +111,15 @@ def test_print_plan_table(capsys):
 
 
 def test_schedule_that_does_not_fit_the_model_is_a_usage_error():
-    with pytest.raises(UsageError, match=r"prune.stage_ratios: the model has 5 stages, got 3"):
-        plan_schedule(_cfg("vgg16", method="pfec", stage_ratios=[0.1, 0.2, 0.3]))
-    with pytest.raises(UsageError, match=r"prune.skip: 'layer1.7' matches no prunable unit"):
-        plan_schedule(_cfg("resnet20", method="pfec", skip=R56_SKIP))
+    with pytest.raises(UsageError, match=r"method.prune.stage_ratios: the model has 5 stages, got 3"):
+        _cfg("vgg16", method="pfec", stage_ratios=[0.1, 0.2, 0.3])
+    with pytest.raises(UsageError, match=r"method.prune.skip: 'layer1.7' matches no prunable unit"):
+        _cfg("resnet20", method="pfec", skip=R56_SKIP)
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch: ~10 s idle, over 20 s on a busy 2-core machine
 def test_cli_json_and_errors():
-    cmd = [sys.executable, "-m", "kesi_dist.cli", "plan", str(ROOT / "configs/cifar10_resnet56_pfec.yaml")]
+    cmd = [sys.executable, "-m", "kesi_dist.cli", "plan", str(ROOT / "configs/kesi/cifar10_resnet56_pfec.yaml")]
     res = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
@@ -127,7 +128,8 @@ def test_cli_json_and_errors():
     res = subprocess.run([*cmd, "--set", "model.arch=resnet20"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip().splitlines() == [
-        "error: prune.skip: 'layer1.7' matches no prunable unit of this model (names like layer1.0, layer1.1, layer1.2)"
+        f"error: {cmd[-1]}: method.prune.skip: 'layer1.7' matches no prunable unit of this model (names like "
+        "layer1.0, layer1.1, layer1.2)"
     ]
 
 
@@ -145,8 +147,8 @@ def test_every_shipped_config_plans(path):
     cfg = load_config(path)
     plan = plan_schedule(cfg)
     rows = plan["iterations"]
-    assert (plan["model"], plan["method"], len(rows)) == (cfg.model.arch, cfg.prune.method, cfg.prune.iterations + 1)
-    key = "params" if cfg.prune.method == "pfec" else "nonzero_params"
+    assert (plan["model"], plan["method"], len(rows)) == (cfg.model.arch, cfg.method.prune.method, cfg.method.prune.iterations + 1)
+    key = "params" if cfg.method.prune.method == "pfec" else "nonzero_params"
     assert all(b[key] < a[key] for a, b in zip(rows, rows[1:]))  # every iteration prunes something
     if path.stem in EXPECTED_FINAL:
         assert (_m(rows[-1]["params"]), _m(rows[-1]["nonzero_params"])) == EXPECTED_FINAL[path.stem]

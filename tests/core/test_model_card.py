@@ -9,8 +9,9 @@ import torch
 from kesi_dist.checkpoint import save_checkpoint
 from kesi_dist.model_card import measure_latency, write_model_card
 from kesi_dist.models import build_model
-from kesi_dist.pruning import count_macs, count_nonzero_params, count_params, prune
-from kesi_dist.report import build_report
+from kesi_dist.config import load_config
+from kesi_dist.methods.kesi.report import build_report, layout
+from kesi_dist.pruning import count_macs, count_nonzero_params, count_params, pfec_prune
 
 
 def _entry(name: str, model, acc: float, **extra) -> dict:
@@ -22,7 +23,7 @@ def _entry(name: str, model, acc: float, **extra) -> dict:
 def test_model_card_sections_and_numbers(tmp_path):
     torch.manual_seed(0)
     base = build_model("resnet20", 4)
-    small, _ = prune(base, None, method="pfec", iteration=1, stage_ratios=[0.5, 0.5, 0.5])
+    small = pfec_prune(base, [0.5, 0.5, 0.5])
     for name, m in (("baseline", base), ("iter1_b0", small), ("iter1_fixed", small), ("student", small)):
         save_checkpoint(tmp_path / "snapshots" / f"{name}.pt", m)
     snaps = {"baseline": _entry("baseline", base, 0.9342, arm="baseline"),
@@ -35,10 +36,10 @@ def test_model_card_sections_and_numbers(tmp_path):
         "ensemble": {"status": "complete", "teachers": ["baseline", "iter1_b0"], "acc": 0.9412}}}
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  arch: resnet20\ndata:\n  source: digits\n  resolution: 16\n  augment: cifar\n"
-                      "prune:\n  method: pfec\n  iterations: 1\n")
+                      "method:\n  name: kesi\n  prune:\n    method: pfec\n    iterations: 1\n")
     report = build_report(manifest)
 
-    path = write_model_card(tmp_path, manifest, report, config)
+    path = write_model_card(tmp_path, manifest, report, layout(load_config(config)), config)
     assert path == tmp_path / "MODEL_CARD.md"
     card = path.read_text()
     assert card.startswith("# Model card: resnet20 pruned with PFEC x1 + KESI ensemble distillation\n")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_train_loop import TinyNet, blobs
+from tests.core.test_train_loop import TinyNet, blobs
 
 STEPS_PER_EPOCH, EPOCHS = 4, 3
 
@@ -33,14 +33,14 @@ def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from kesi_dist.pruning.mwp import mwp_masks
+    from kesi_dist.pruning import MaskConstraint, mwp_masks
     from kesi_dist.train import build_optimizer, build_scheduler, train_epoch
     from kesi_dist.train.engines import wrap_model
 
     torch.manual_seed(0)
     model = TinyNet()
     masks = mwp_masks(model, 0.5)
-    from kesi_dist.pruning.mwp import apply_masks
+    from kesi_dist.pruning import apply_masks
 
     apply_masks(model, masks)
     data = blobs(n=STEPS_PER_EPOCH * 16 * world, batch=16)[rank::world]  # disjoint shards, 4 steps each
@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
     w = wrap_model(model, opt, engine=engine, device=torch.device("cpu"), zero_stage=2 if engine == "deepspeed" else 0,
                    micro_batch_size=16, masks=masks)
     sched = build_scheduler(opt, schedule="onecycle", epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, lr=0.1)
-    losses = [train_epoch(w.model, data, opt, sched, masks=masks, engine=w.engine)["train/loss"]
+    losses = [train_epoch(w.model, data, opt, sched, constraints=[MaskConstraint(masks)], engine=w.engine)["train/loss"]
               for _ in range(EPOCHS)]
     if rank == 0:
         torch.save({"losses": losses, "state": {k: v.detach().clone() for k, v in w.bare.state_dict().items()},

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
-from kesi_dist.pipeline.ray_train import run_training
-from kesi_dist.pruning import prune
-from kesi_dist.pruning.pfec import kept_count, l1_keep_indices, unit_ratios
+from kesi_dist.runtime import run_training
+from kesi_dist.pruning import apply_masks, mwp_masks, pfec_prune
+from kesi_dist.pruning import kept_count, l1_keep_indices, unit_ratios
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
 RATIOS = [0.3, 0.3, 0.3]
@@ -47,13 +47,11 @@ def test_same_seed_same_weights_same_pruning(tiny_data, tmp_path):
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), f"{k} differs between two runs with the same seed"
     assert _decisions(a) == _decisions(b)
-    pa, ma = prune(a, None, method="pfec", iteration=1, stage_ratios=RATIOS, skip=[], layer_ratios={}, targets=[])
-    pb, mb = prune(b, None, method="pfec", iteration=1, stage_ratios=RATIOS, skip=[], layer_ratios={}, targets=[])
+    pa, pb = pfec_prune(a, RATIOS), pfec_prune(b, RATIOS)
     assert pa.widths == pb.widths and pa.widths != a.widths
     assert all(torch.equal(x, y) for x, y in zip(pa.state_dict().values(), pb.state_dict().values()))
     # MWP too: the same global threshold, the same masks.
-    _, m1 = prune(a, None, method="mwp", iteration=1, stage_ratios=[], skip=[], layer_ratios={}, targets=[0.4])
-    _, m2 = prune(b, None, method="mwp", iteration=1, stage_ratios=[], skip=[], layer_ratios={}, targets=[0.4])
+    m1, m2 = mwp_masks(a, 0.4), mwp_masks(b, 0.4)
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
 
     # Not vacuous: another seed (initialisation, order, augmentation) trains other weights and

@@ -7,7 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from kesi_dist.data.sources import open_source, read_cifar, read_digits, read_imagefolder, read_tiny_imagenet, safe_unpickle
+from kesi_dist.data.folders import read_digits, read_imagefolder, read_tiny_imagenet
+from kesi_dist.data.sources import open_source, read_cifar, safe_unpickle
 from kesi_dist.data.synthetic import make_synthetic
 from kesi_dist.errors import RunError, UsageError
 from tests.datafiles import write_cifar10, write_cifar100, write_imagefolder, write_tiny_imagenet

@@ -18,7 +18,7 @@ import torch
 from kesi_dist import storage
 from kesi_dist.errors import RunError, UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_checkpoint_round_trip_and_refusal_via_uri(root, tmp_path):
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from kesi_dist.models import build_model
     from kesi_dist.pruning import apply_masks, mwp_masks
-    from tests.test_checkpoint import FORMAT, _Evil
+    from tests.core.test_checkpoint import FORMAT, _Evil
 
     torch.manual_seed(0)
     model = build_model("resnet20", 5)
@@ -164,7 +164,7 @@ def test_checkpoint_round_trip_and_refusal_via_uri(root, tmp_path):
 
 
 def test_manifest_on_a_uri(root):
-    from kesi_dist.pipeline.manifest import Manifest
+    from kesi_dist.runs.manifest import Manifest
 
     path = storage.join(root, "run", "manifest.json")
     m = Manifest.create(path, "fp")
@@ -182,9 +182,9 @@ def test_manifest_on_a_uri(root):
 
 def test_open_run_rules_hold_on_uris(root):
     from kesi_dist.config import load_config
-    from kesi_dist.pipeline.rundir import open_run
+    from kesi_dist.runs.rundir import open_run
 
-    cfg = load_config(str(ROOT / "configs" / "smoke.yaml"))
+    cfg = load_config(str(ROOT / "configs" / "kesi" / "smoke.yaml")).model_dump(mode="json")
     out = storage.join(root, "run")
     with pytest.raises(UsageError, match="no run to resume there"):
         open_run(out, cfg, resume=True)
@@ -193,8 +193,8 @@ def test_open_run_rules_hold_on_uris(root):
     assert storage.listdir(out) == ["config.yaml", "manifest.json"]
     with pytest.raises(UsageError, match="already holds a running run"):
         open_run(out, cfg, resume=False)
-    other = load_config(str(ROOT / "configs" / "smoke.yaml"), ["prune.iterations=3"])
-    with pytest.raises(UsageError, match=r"different config \(changed: prune.iterations\)"):
+    other = load_config(str(ROOT / "configs" / "kesi" / "smoke.yaml"), ["prune.iterations=3"]).model_dump(mode="json")
+    with pytest.raises(UsageError, match=r"different config \(changed: method.prune.iterations\)"):
         open_run(out, other, resume=True)
     run2, m2 = open_run(out, cfg, resume=True)
     assert m2.data["events"][-1]["event"] == "resume"
@@ -207,14 +207,14 @@ def test_open_run_rules_hold_on_uris(root):
 def test_soft_label_cache_on_a_uri(root):
     import numpy as np
 
-    from kesi_dist.distill.cache import FORMAT, SoftLabelCache, _save_npy
+    from kesi_dist.distill.softlabels import FORMAT, SoftLabelCache, save_npy
 
     out = storage.join(root, "soft_labels")
     n, k = 8, 2
     arrays = {"samples": np.arange(n, dtype=np.int64)[::-1].copy(),
               "values": np.random.default_rng(0).random((n, k), dtype=np.float32),
               "indices": np.tile(np.arange(k, dtype=np.int16), (n, 1))}
-    files = {kind: _save_npy(storage.join(out, f"abc-e0000-s000-{kind}.npy"), a) for kind, a in arrays.items()}
+    files = {kind: save_npy(storage.join(out, f"abc-e0000-s000-{kind}.npy"), a) for kind, a in arrays.items()}
     meta = {"format": FORMAT, "epochs": 1, "num_classes": 4, "train_size": n, "topk_stored": k, "seed": 0,
             "resolution": 16, "augment": "none", "shards": [{"epoch": 0, "shard": 0, "files": files}]}
     storage.write_text(storage.join(out, "meta.json"), json.dumps(meta))
@@ -300,7 +300,7 @@ def test_training_resumes_from_checkpoints_on_a_uri(tiny_data, tmp_path, monkeyp
     """run_training with storage, data, TensorBoard and final checkpoint all on file:// URIs: a run that
     fails in epoch 1 resumes from the epoch-0 checkpoint it left there."""
     from kesi_dist.checkpoint import load_checkpoint
-    from kesi_dist.pipeline.ray_train import InjectedFailure, run_training
+    from kesi_dist.runtime import InjectedFailure, run_training
     from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
     monkeypatch.setenv("KESI_CACHE_DIR", str(tmp_path / "cache"))
@@ -329,7 +329,7 @@ def test_kesi_run_writes_everything_under_a_file_uri(tmp_path):
     args = ["--output", f"file://{run}", "--set", "baseline.epochs=1", "--set", "retrain.epochs=1",
             "--set", "fixed_lr.epochs=1", "--set", "distill.epochs=1", "--set", "prune.iterations=1",
             "--set", "tune.branches=1"]
-    proc = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", str(ROOT / "configs" / "smoke.yaml"), *args],
+    proc = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", str(ROOT / "configs" / "kesi" / "smoke.yaml"), *args],
                           capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((run / "manifest.json").read_text())
@@ -351,7 +351,7 @@ def test_kesi_run_writes_everything_under_a_file_uri(tmp_path):
     assert len([p for p in os.listdir(tmp_path / "cache") if not p.endswith(".lock")]) == 1
     assert not (ROOT / "file:").exists()
     # Resume of a complete URI run reuses everything.
-    again = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", str(ROOT / "configs" / "smoke.yaml"),
+    again = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", str(ROOT / "configs" / "kesi" / "smoke.yaml"),
                             *args, "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "baseline: complete, reused" in again.stdout and "epoch 1/1" not in again.stdout + again.stderr

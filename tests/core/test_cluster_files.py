@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 LAUNCHER_YAMLS = ["aws-gpu.yaml", "gcp-gpu.yaml"]
 
 
@@ -112,7 +112,7 @@ def test_kuberay_rayjob_required_fields():
     spec = job["spec"]
     assert re.match(r"kesi run \S+\.yaml --output \S+", spec["entrypoint"])
     config_path = spec["entrypoint"].split()[2]
-    assert (CLUSTER.parent / "configs" / Path(config_path).name).is_file(), config_path
+    assert (CLUSTER.parent / config_path.removeprefix("/opt/kesi/")).is_file(), config_path
     assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     rc = spec["rayClusterSpec"]
     assert rc["authOptions"]["mode"] == "token"

@@ -64,7 +64,7 @@ def test_window_yields_exactly_those_batches_of_the_full_epoch(data_dir, backend
 
 
 def test_work_units_cover_each_epoch_once():
-    from kesi_dist.distill.cache import work_units
+    from kesi_dist.distill.softlabels import work_units
 
     for batches, epochs, actors in ((8, 2, 2), (391, 30, 8), (3, 1, 4), (1, 5, 2)):
         units = work_units(batches, epochs, actors)
@@ -185,7 +185,7 @@ def test_error_in_ffcv_thread_is_raised_not_hung(data_dir):
     from ffcv.transforms import ToTensor
 
     from kesi_dist.data.ffcv_ops import CropResizeDecoder
-    from kesi_dist.data.loaders import _epoch_iterator
+    from kesi_dist.data.ffcv_loader import _epoch_iterator
 
     class Boom(torch.nn.Module):
         def forward(self, x):

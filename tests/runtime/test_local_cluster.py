@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kesi_dist.cluster import connect_ray, token_source
+from kesi_dist.runtime.cluster import connect_ray, token_source
 from kesi_dist.errors import RunError, UsageError
 
 from tests.localcluster import AUTH_VARS as _AUTH_VARS
@@ -66,7 +66,7 @@ def test_up_prints_exports_and_is_idempotent(cluster):
 def test_tasks_pinned_to_each_worker_node(cluster):
     code = textwrap.dedent("""
         import json, sys, ray
-        from kesi_dist.cluster import connect_ray, check_resources
+        from kesi_dist.runtime.cluster import connect_ray, check_resources
         from kesi_dist.errors import RunError
         connect_ray(sys.argv[1], timeout_s=30)
 
@@ -97,7 +97,7 @@ def test_tasks_pinned_to_each_worker_node(cluster):
 def test_job_submit_with_token(cluster, tmp_path):
     (tmp_path / "script.py").write_text(textwrap.dedent("""
         import ray
-        from kesi_dist.cluster import connect_ray
+        from kesi_dist.runtime.cluster import connect_ray
         connect_ray(None)  # under `ray job submit`: RAY_ADDRESS points at the GCS
         nodes = [n for n in ray.nodes() if n["Alive"]]
         names = sorted(k for n in nodes for k in n["Resources"] if k.startswith("kesi_"))
@@ -142,7 +142,7 @@ def test_auth_is_enforced(cluster, tmp_path):
 def test_connect_ray_rejected_token_fails_fast(cluster, auth):
     code = textwrap.dedent("""
         import sys, time
-        from kesi_dist.cluster import connect_ray
+        from kesi_dist.runtime.cluster import connect_ray
         from kesi_dist.errors import RunError
         t = time.monotonic()
         try:
@@ -165,7 +165,7 @@ def test_connect_ray_to_a_port_that_is_not_a_gcs_fails_fast(cluster):
     address = cluster["state"]["dashboard_url"].removeprefix("http://")
     code = textwrap.dedent("""
         import sys, time
-        from kesi_dist.cluster import connect_ray
+        from kesi_dist.runtime.cluster import connect_ray
         from kesi_dist.errors import RunError
         t = time.monotonic()
         try:

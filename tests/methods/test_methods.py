@@ -1,0 +1,117 @@
+"""Every registered method, through the same doors: its config, its plan, an in-process run, a resume.
+
+Parametrized over `kesi_dist.methods.METHODS`: a new method gets these tests by adding its entry (and
+its `configs/<name>/smoke.yaml`). The run is the method's smoke config shrunk further by the entry's
+`test_overrides`, on the tiny prepared dataset, with at most 2 batches per epoch, on the session's
+local Ray, in this process (`kesi_dist.launch.run_method`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kesi_dist.config import config_to_yaml, load_config, parse_config
+from kesi_dist.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = list(METHODS)
+
+
+def _config(name: str, *extra: str, data: str | None = None):
+    m = METHODS[name]
+    sets = list(m.test_overrides) + list(extra)
+    if data:
+        sets += ["data.source=prepared", f"data.prepared={data}", "data.resolution=16"]
+    return load_config(ROOT / m.smoke_config, sets)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_config_round_trips_and_names_its_method(name):
+    m = METHODS[name]
+    cfg = load_config(ROOT / m.smoke_config)
+    assert cfg.method.name == name and isinstance(cfg.method, m.config)
+    assert parse_config(yaml.safe_load(config_to_yaml(cfg))) == cfg  # what a run folder saves reloads the same
+    launch = (ROOT / m.smoke_config).read_text().splitlines()[:3]
+    assert any(line.startswith("# Launch: kesi run " + m.smoke_config) for line in launch)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plan_shrinks_the_model(name):
+    from kesi_dist.plan import plan_schedule
+
+    rows = plan_schedule(_config(name))["iterations"]
+    assert rows[0]["index"] == 0 and len(rows) >= 2
+    macs = [r["macs"] for r in rows]
+    assert all(b <= a for a, b in zip(macs, macs[1:])) and macs[-1] < macs[0]
+    assert rows[-1]["params"] <= rows[0]["params"]
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def finished_run(request, ray_local, tiny_data, tmp_path_factory):
+    from kesi_dist.launch import run_method
+
+    name = request.param
+    out = tmp_path_factory.mktemp(f"run_{name}") / "run"
+    cfg = _config(name, data=tiny_data)
+    run_method(cfg, str(out), max_steps=2)
+    return name, cfg, out
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_in_process_run_completes_with_its_report(finished_run):
+    from kesi_dist.methods import METHODS
+
+    name, cfg, out = finished_run
+    m = _manifest(out)
+    assert m["status"] == "complete" and all(st["status"] == "complete" for st in m["stages"].values())
+    for snap, entry in m["snapshots"].items():
+        assert (out / entry["checkpoint"]).is_file(), snap
+        assert entry["params"] > 0 and entry["macs"] > 0 and 0 <= entry["val_acc"] <= 1
+    report = json.loads((out / "report.json").read_text())
+    layout = METHODS[name].module("report").layout(cfg)
+    final = layout.deliverable(report)
+    assert final is not None and report[final]["macs"] < report["baseline"]["macs"]
+    md = (out / "report.md").read_text()
+    assert all(label in md for label, _, _ in layout.rows)
+    assert (out / "MODEL_CARD.md").read_text().startswith("# Model card: ")
+    assert (out / "accuracy_vs_macs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_resume_reuses_what_is_complete_and_redoes_the_stage_in_flight(finished_run, capsys):
+    """Resume twice: a complete run is reused as is; a run whose last stage was in flight (as a killed
+    driver leaves it) redoes that stage only."""
+    from kesi_dist.launch import run_method
+
+    name, cfg, out = finished_run
+    before = _manifest(out)
+    files = {p: p.stat().st_mtime_ns for p in (out / "snapshots").glob("*.pt")}
+    capsys.readouterr()
+    run_method(cfg, str(out), resume=True, max_steps=2)
+    after = _manifest(out)
+    printed = capsys.readouterr().out
+    for stage, st in before["stages"].items():
+        assert after["stages"][stage]["end"] == st["end"], f"{stage} was redone"
+        assert f"{stage}: complete, reused" in printed
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+
+    last = list(after["stages"])[-1]
+    after["stages"][last]["status"] = "running"  # killed while the last stage ran
+    (out / "manifest.json").write_text(json.dumps(after))
+    run_method(cfg, str(out), resume=True, max_steps=2)
+    again = _manifest(out)
+    assert again["status"] == "complete" and again["stages"][last]["status"] == "complete"
+    assert again["stages"][last]["attempts"] == after["stages"][last]["attempts"] + 1
+    for stage, st in after["stages"].items():
+        if stage != last:
+            assert again["stages"][stage]["end"] == st["end"], f"{stage} was redone"
+    assert set(again["snapshots"]) == set(before["snapshots"])  # re-registered, not duplicated
+    assert sum(e["event"] == "resume" for e in again["events"]) == 2
