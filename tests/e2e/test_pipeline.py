@@ -125,5 +125,5 @@ def test_resume_of_a_different_config_is_refused(smoke_run):
     run, _, _ = smoke_run
     proc = kesi("run", SMOKE, "--output", str(run), "--resume", "--set", "prune.iterations=3", timeout=120)
     assert proc.returncode == 2
-    assert "different config (changed: prune.iterations)" in proc.stderr
+    assert "different config (changed: method.prune.iterations)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
