@@ -1,7 +1,8 @@
 """The `kesi` command. Thin: parses arguments, loads the config, calls one function per subcommand.
 
 User mistakes surface as `KesiError` and are printed as a single `error: ...` line with exit code 2
-(usage) or 1 (runtime); anything else is a bug and keeps its traceback.
+(usage) or 1 (runtime). A library `BadValue` that the config layer did not catch first is one line too
+(exit 2; it names the argument, not the config key); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kesi_dist.errors import KesiError
+from kesi_dist.errors import BadValue, KesiError
 
 __all__ = ["main"]
 
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except KesiError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except BadValue as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -50,7 +50,7 @@ from kesi_dist import storage
 from kesi_dist.data.ffcv_loader import FFCVLoader
 from kesi_dist.data.image_loader import CIFAR_PAD, ImageLoader, _plan
 from kesi_dist.data.torch_loader import TorchLoader
-from kesi_dist.errors import RunError, UsageError
+from kesi_dist.errors import BadValue, RunError, UsageError
 
 __all__ = ["read_meta", "make_loader", "ImageLoader", "AUGMENTS", "BACKENDS", "SPLITS", "CIFAR_PAD"]
 
@@ -124,15 +124,15 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
     if split not in SPLITS:
         raise UsageError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
     if augment not in AUGMENTS:
-        raise UsageError(f"data.augment {augment!r}: must be one of {', '.join(AUGMENTS)}")
+        raise BadValue("augment", f"{augment!r}: must be one of {', '.join(AUGMENTS)}")
     if backend not in BACKENDS:
-        raise UsageError(f"data.loader {backend!r}: must be one of {', '.join(BACKENDS)}")
+        raise BadValue("backend", f"{backend!r}: must be one of {', '.join(BACKENDS)}")
     if batch_size < 1:
-        raise UsageError(f"data.batch_size {batch_size}: must be >= 1")
+        raise BadValue("batch_size", f"{batch_size}: must be >= 1")
     if not 8 <= resolution <= 1024:
-        raise UsageError(f"data.resolution {resolution}: must be between 8 and 1024")
+        raise BadValue("resolution", f"{resolution}: must be between 8 and 1024")
     if num_workers < 0:
-        raise UsageError(f"data.num_workers {num_workers}: must be >= 0")
+        raise BadValue("num_workers", f"{num_workers}: must be >= 0")
     data_dir = Path(storage.local_copy(data_dir))  # a URI is fetched once per node (FFCV maps local files)
     meta = read_meta(data_dir)
     train = split == "train"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kesi_dist.errors import UsageError
+from kesi_dist.errors import BadValue
 
 __all__ = ["POLICIES", "select_teachers", "disagreement"]
 
@@ -47,27 +47,27 @@ def select_teachers(
         Teacher names: "chain" and "all" in their given order, "topk" and "diverse" in the order chosen.
 
     Raises:
-        UsageError: unknown policy, k < 1, an empty choice, or missing predictions for "diverse".
+        BadValue: unknown policy, k < 1, an empty choice, or missing predictions for "diverse".
     """
     if policy not in POLICIES:
-        raise UsageError(f"distill.teachers {policy!r}: must be one of {', '.join(POLICIES)}")
+        raise BadValue("policy", f"{policy!r}: must be one of {', '.join(POLICIES)}")
     if policy == "chain":
         if not chain:
-            raise UsageError("distill.teachers 'chain': the pruning chain is empty (no baseline or snapshots yet)")
+            raise BadValue("chain", "the pruning chain is empty (no baseline or snapshots yet)")
         return list(chain)
     if not candidates:
-        raise UsageError(f"distill.teachers {policy!r}: no candidate snapshots to choose from")
+        raise BadValue("candidates", f"policy {policy!r}: no candidate snapshots to choose from")
     if policy == "all":
         return list(candidates)
     if k < 1:
-        raise UsageError(f"distill.num_teachers {k}: must be >= 1")
+        raise BadValue("k", f"{k}: must be >= 1")
     order = {name: i for i, name in enumerate(candidates)}
     ranked = sorted(candidates, key=lambda n: (-candidates[n], order[n]))
     if policy == "topk":
         return ranked[:k]
     missing = [n for n in candidates if predictions is None or n not in predictions]
     if missing:
-        raise UsageError(f"distill.teachers 'diverse' needs validation predictions of every candidate; "
+        raise BadValue("predictions", "policy 'diverse' needs validation predictions of every candidate; "
                          f"missing for {missing[0]!r}")
     chosen = [ranked[0]]
     while len(chosen) < min(k, len(candidates)):

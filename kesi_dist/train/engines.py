@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kesi_dist.errors import RunError, UsageError
+from kesi_dist.errors import BadValue, RunError
 
 __all__ = ["Wrapped", "wrap_model", "save_engine_state", "load_engine_state", "is_distributed"]
 
@@ -55,7 +55,7 @@ def wrap_model(
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return Wrapped(model, optimizer, None, getattr(model, "module", model))
     if engine != "deepspeed":
-        raise UsageError(f"train.engine: unknown engine {engine!r}; choose ddp or deepspeed")
+        raise BadValue("engine", f"unknown engine {engine!r}; choose ddp or deepspeed")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
 

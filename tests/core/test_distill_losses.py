@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kesi_dist.distill import dense_from_topk, kd_loss, select_teachers, topk_probs, truncation_bound
 from kesi_dist.distill.teachers import disagreement
-from kesi_dist.errors import UsageError
+from kesi_dist.errors import BadValue
 
 
 def _batch(b=16, c=10, teachers=6, seed=0, dtype=torch.float64):
@@ -91,11 +91,11 @@ def test_select_chain_all_topk():
     assert select_teachers("all", chain=chain, candidates=cands, k=2) == list(cands)
     assert select_teachers("topk", chain=chain, candidates=cands, k=2) == ["base", "it1b"]
     assert select_teachers("topk", chain=chain, candidates=cands, k=10) == ["base", "it1b", "it1", "it2"]
-    with pytest.raises(UsageError, match="must be one of"):
+    with pytest.raises(BadValue, match="must be one of"):
         select_teachers("best", chain=chain, candidates=cands, k=2)
-    with pytest.raises(UsageError, match="num_teachers"):
+    with pytest.raises(BadValue, match="k: 0: must be >= 1"):
         select_teachers("topk", chain=chain, candidates=cands, k=0)
-    with pytest.raises(UsageError, match="chain"):
+    with pytest.raises(BadValue, match="chain"):
         select_teachers("chain", chain=[], candidates=cands, k=2)
 
 
@@ -117,5 +117,5 @@ def test_select_diverse_trades_accuracy_for_disagreement():
     assert disagreement(c, d) == pytest.approx(0.8)
     assert got == ["a", "c", "d"]
     assert select_teachers("topk", chain=[], candidates=acc, k=3) == ["a", "b", "c"]
-    with pytest.raises(UsageError, match="predictions"):
+    with pytest.raises(BadValue, match="predictions"):
         select_teachers("diverse", chain=[], candidates=acc, k=2, predictions={"a": a})

@@ -55,3 +55,24 @@ def test_kesi_train_needs_an_output(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(CONFIG))
     assert main(["train", str(cfg)]) == 2
     assert "--output" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kesi_train_on_a_storage_uri_then_kesi_run_continues_from_its_baseline(tmp_path, capsys):
+    """`kesi train --output file://...` (any pyarrow URI): the same run folder; `kesi run --resume` of the
+    same config on it reuses the data and the baseline and goes on with the method."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**CONFIG, "method": {
+        "name": "kesi", "prune": {"iterations": 1, "stage_ratios": [0.5, 0.5, 0.5]}, "retrain": {"epochs": 1},
+        "fixed_lr": {"enabled": False}, "tune": {"branches": 1}, "distill": {"enabled": False}}}))
+    uri = f"file://{tmp_path / 'bucket' / 'run'}"
+    assert main(["train", str(cfg), "--output", uri]) == 0
+    assert "baseline: val acc" in capsys.readouterr().out
+    assert load_checkpoint(f"{uri}/snapshots/baseline.pt")["arch"] == "resnet20"
+    trained = json.loads((tmp_path / "bucket" / "run" / "manifest.json").read_text())["snapshots"]["baseline"]
+    assert main(["run", str(cfg), "--output", uri, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline: complete, reused" in out and "prune_1" in out
+    m = json.loads((tmp_path / "bucket" / "run" / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["snapshots"]["baseline"]["end"] == trained["end"]
+    assert "iter1_b0" in m["snapshots"] and (tmp_path / "bucket" / "run" / "report.md").is_file()
