@@ -1,7 +1,8 @@
 """Starting a run: what `kesi run` and `kesi train` do before and around a method's recipe.
 
     preflight  mistakes visible from the config (a given baseline of another model), before Ray starts
-    cluster    connect Ray; the cluster can fit one training run; a local --output is seen by every node
+    cluster    connect Ray; the cluster can fit one training run and its GPUs work; a local --output is
+               seen by every node
     run folder create it, or reopen it for --resume (refusing another config), as a RunContext
     recipe     the method's `run(cfg, ctx)`; a failure marks the run failed and is re-raised
 
@@ -42,12 +43,13 @@ def open_context(cfg: Config, output: str, resume: bool, *, title: str, use_ray:
     _preflight(cfg)
     shared_with = []
     if use_ray:
-        from kesi_dist.runtime import check_resources, check_shared_path, connect_ray
+        from kesi_dist.runtime import check_gpus, check_resources, check_shared_path, connect_ray
 
         connect_ray(cfg.cluster.address)
         t = cfg.train
         workers = max(t.num_workers, 1)  # num_workers == 0: a branch trial holds one worker's resources
         check_resources(workers * t.gpus_per_worker, workers * t.cpus_per_worker)
+        check_gpus(t.gpus_per_worker)  # a GPU Ray advertises but CUDA cannot use: stop before anything runs
         shared_with = check_shared_path(output)
     run, manifest = open_run(output, cfg.model_dump(mode="json"), resume)
     ctx = RunContext(run, manifest, resolution=cfg.data.resolution, max_steps=max_steps)

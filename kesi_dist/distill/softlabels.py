@@ -141,13 +141,15 @@ class SoftLabelWorker:
 
     def __init__(self, teacher_paths: list[str], data_dir: str, *, batch_size: int, resolution: int, augment: str,
                  seed: int, temperature: float, topk: int, backend: str, loader_workers: int, threads: int,
-                 use_gpu: bool, values_dtype: str, expected_batches: int | None = None):
+                 gpus: float, values_dtype: str, expected_batches: int | None = None):
         from kesi_dist.data.loaders import make_loader
         from kesi_dist.distill.ensemble import load_teachers
 
         self.threads = threads
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        from kesi_dist.train.devices import compute_device
+
+        self.device = compute_device(gpus)  # a GPU request without CUDA stops here, naming the node
         self.teachers = load_teachers(teacher_paths, self.device)
         self.temperature, self.topk, self.values_dtype = temperature, topk, values_dtype
         self.loader = make_loader(data_dir, "train", batch_size=batch_size, resolution=resolution, augment=augment,

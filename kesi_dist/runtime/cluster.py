@@ -23,7 +23,7 @@ from typing import Callable
 
 from kesi_dist.errors import RunError, UsageError
 
-__all__ = ["connect_ray", "check_resources", "check_shared_path", "token_source"]
+__all__ = ["connect_ray", "check_resources", "check_gpus", "check_shared_path", "token_source"]
 
 _TOKEN_HELP = (
     "Ray sends a token only when RAY_AUTH_MODE=token and reads it from RAY_AUTH_TOKEN, else the file "
@@ -193,6 +193,38 @@ def check_resources(num_gpus_needed: float, num_cpus_needed: float) -> None:
             f"config asks for {num_cpus_needed:g} CPUs per trial but the cluster has {cpus:g}: "
             "lower train.num_workers or train.cpus_per_worker, or add nodes"
         )
+
+
+def _gpu_probe(gpus: float) -> str | None:
+    from kesi_dist.train.devices import cuda_problem
+
+    return cuda_problem(gpus)
+
+
+def check_gpus(gpus_per_worker: float, *, timeout_s: float = 120) -> None:
+    """Fail before anything runs when a GPU the cluster advertises cannot be used.
+
+    A task holding `gpus_per_worker` GPUs (at most 1) runs where Ray places GPU work and reports
+    whether it sees a usable CUDA device; a node whose GPU resource is not backed by one (no driver,
+    CUDA_VISIBLE_DEVICES emptied) would otherwise train on its CPU while holding the GPU. When no GPU is
+    free within `timeout_s` (a busy cluster) the check is skipped: every worker checks again anyway.
+
+    Raises:
+        RunError: the probe's node has no usable CUDA device (the message names it and what it saw).
+    """
+    import ray
+
+    if gpus_per_worker <= 0:
+        return
+    ref = ray.remote(_gpu_probe).options(num_cpus=0, num_gpus=min(gpus_per_worker, 1.0), max_retries=0) \
+        .remote(gpus_per_worker)
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        return
+    problem = ray.get(ref)
+    if problem:
+        raise RunError(problem)
 
 
 def _sees_marker(marker: str, token: str) -> str | None:

@@ -64,6 +64,8 @@ def _failure_message(err: BaseException) -> tuple[type[Exception], str]:
     """The root cause of a Ray Train failure, as (error class, one line)."""
     failures = getattr(err, "worker_failures", None) or {}
     causes = list(failures.values()) or [getattr(err, "controller_failure", None) or err]
+    # A Ray task's error wraps the exception its code raised (`.cause`): that one is the user's line.
+    causes = [c.cause if isinstance(getattr(c, "cause", None), BaseException) else c for c in causes]
     for cause in causes:
         text = str(cause)
         if isinstance(cause, DivergedError) or "DivergedError" in text:
@@ -164,8 +166,10 @@ def run_training(
                 on_epoch(m)
 
     try:
-        if engine.num_workers == 0:
-            last = _run_local(config, run_uri, handle)
+        if engine.num_workers == 0 and (_in_ray_worker() or not _ray_up()):
+            last = _run_local(config, run_uri, handle)  # already placed (a Tune trial), or no Ray at all
+        elif engine.num_workers == 0:
+            last = _run_placed(config, engine, run_uri, name, handle)
         else:
             last = _run_ray(config, engine, storage_path, name, handle)
         if not history:
@@ -182,11 +186,31 @@ def run_training(
 
 
 def _run_local(config: dict, run_uri: str, handle: Callable[[dict], None]):
-    """Returns (filesystem or None, path) of the last checkpoint folder, or None."""
+    """In this process. Returns (None, path) of the last checkpoint folder, or None."""
     session = LocalSession(run_uri, handle)
     train_worker(config, session)
     last = session.last_checkpoint()
     return (None, last) if last else None
+
+
+def _train_placed(config: dict, run_uri: str) -> str | None:
+    """A Ray task's body: the in-process worker, its events sent to the driver's queue."""
+    session = LocalSession(run_uri, config["run"]["events"].put)
+    train_worker(config, session)
+    return session.last_checkpoint()
+
+
+def _ray_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _in_ray_worker() -> bool:
+    """True inside a Ray worker process (a Tune trial, a task): placed already, with its resources."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
 def _backend(engine: EngineSpec) -> str:
@@ -198,23 +222,80 @@ def _backend(engine: EngineSpec) -> str:
     return "nccl" if engine.gpus_per_worker >= 1 or engine.num_workers == 1 else "gloo"
 
 
+def _driver_queue():
+    """A Ray queue on this (the driver's) node, like Ray Train's controller: losing a worker node must
+    not take the epoch events with it."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+
+def _pump(events, work: Callable[[], Any], handle: Callable[[dict], None], name: str) -> Any:
+    """Run `work()` in a thread while every event from `events` is handled here, in the caller's thread
+    (TensorBoard, progress, Tune reports); returns work's result or re-raises its error."""
+    import ray
+    from ray.util.queue import Empty
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as e:  # re-raised in the calling thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name=f"fit-{name}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                handle(events.get(timeout=0.5))
+            except Empty:
+                if not thread.is_alive():
+                    break
+        while not events.empty():  # anything that arrived after the work returned
+            handle(events.get_nowait())
+    finally:
+        thread.join()
+        ray.kill(events.actor)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _run_placed(config: dict, engine: EngineSpec, run_uri: str, name: str, handle):
+    """num_workers == 0 from the driver: one Ray task holding one worker's CPUs/GPUs (so a GPU-less head
+    never trains), retried from its last epoch checkpoint if its node dies. Returns (None, path)."""
+    import ray
+    from ray.exceptions import RayError
+
+    events = config["run"]["events"] = _driver_queue()
+    task = ray.remote(_train_placed).options(
+        num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, max_retries=engine.max_failures,
+        retry_exceptions=False, runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    ref = task.remote(config, run_uri)
+    try:
+        last = _pump(events, lambda: ray.get(ref), handle, name)
+    except RayError as e:
+        cls, line = _failure_message(e)
+        raise cls(f"training run {name!r} failed: {line}") from None
+    return (None, last) if last else None
+
+
 def _run_ray(config: dict, engine: EngineSpec, storage_path: str, name: str, handle):
     """Returns (filesystem, path) of the last checkpoint directory, or None."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Empty, Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not ray.is_initialized():
         raise RunError("Ray is not initialised: call ray.init (or kesi_dist.runtime.connect_ray) before "
                        "run_training with train.num_workers > 0")
     use_gpu = engine.gpus_per_worker > 0
-    # The queue lives on this (the driver's) node, like Ray Train's controller: losing a worker node
-    # must not take the epoch events with it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    config["run"]["events"] = events
+    config["run"]["events"] = events = _driver_queue()
     resources = {"CPU": engine.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = engine.gpus_per_worker
@@ -232,32 +313,12 @@ def _run_ray(config: dict, engine: EngineSpec, storage_path: str, name: str, han
             worker_runtime_env={"env_vars": env},
         ),
     )
-    box: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            box["result"] = trainer.fit()
-        except BaseException as e:  # re-raised in the calling thread
-            box["error"] = e
-
-    thread = threading.Thread(target=fit, name=f"fit-{name}", daemon=True)
-    thread.start()
     try:
-        while True:
-            try:
-                handle(events.get(timeout=0.5))
-            except Empty:
-                if not thread.is_alive():
-                    break
-        while not events.empty():  # anything that arrived after fit returned
-            handle(events.get_nowait())
-    finally:
-        thread.join()
-        ray.kill(events.actor)
-    if "error" in box:
-        cls, line = _failure_message(box["error"])
+        result = _pump(events, trainer.fit, handle, name)
+    except Exception as e:  # noqa: BLE001 - Ray Train's errors carry the workers' causes
+        cls, line = _failure_message(e)
         raise cls(f"training run {name!r} failed: {line}") from None
-    ckpt = box["result"].checkpoint
+    ckpt = result.checkpoint
     return (ckpt.filesystem, ckpt.path) if ckpt is not None else None
 
 

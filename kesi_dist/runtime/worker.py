@@ -56,14 +56,16 @@ class _FailOnce:
             yield batch
 
 
-def _device(gpus_per_worker: float, in_ray: bool) -> torch.device:
-    if gpus_per_worker > 0 and torch.cuda.is_available():
-        if in_ray:
-            import ray.train.torch
+def _device(gpus_per_worker: float, in_ray_train: bool) -> torch.device:
+    """The worker's device: a GPU request without a usable CUDA device is a RunError, never the CPU."""
+    from kesi_dist.train.devices import compute_device
 
-            return ray.train.torch.get_device()
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+    device = compute_device(gpus_per_worker)
+    if device.type == "cuda" and in_ray_train:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()  # the GPU Ray Train assigned this worker
+    return device
 
 
 def _node_id() -> str:

@@ -14,12 +14,11 @@ __all__ = ["ensemble_stage", "measure_ensemble"]
 
 def _measure(paths: list[str], loader: dict, gpus: float) -> dict:
     """Runs where the resources are: members' and ensemble accuracy on the validation split."""
-    import torch
-
     from kesi_dist.data.loaders import make_loader
     from kesi_dist.distill import evaluate_ensemble, load_teachers
+    from kesi_dist.train.devices import compute_device
 
-    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    device = compute_device(gpus)
     val = make_loader(loader["data_dir"], "val", batch_size=loader["batch_size"], resolution=loader["resolution"],
                       augment=loader["augment"], backend=loader["backend"], num_workers=loader["num_workers"],
                       device=device)

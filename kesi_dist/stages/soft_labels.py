@@ -157,7 +157,7 @@ def build_soft_label_cache(
 
     worker_kwargs = dict(batch_size=batch_size, resolution=resolution, augment=augment, seed=seed,
                          temperature=temperature, topk=topk, backend=backend, loader_workers=loader_workers,
-                         threads=max(1, int(cpus_per_actor)), use_gpu=gpus_per_actor > 0,
+                         threads=max(1, int(cpus_per_actor)), gpus=gpus_per_actor,
                          values_dtype=values_dtype, expected_batches=n_batches)
     pool_start = time.perf_counter()
     actors = map_units(SoftLabelWorker, work_units(n_batches, epochs, used), on_result=write, num_actors=used,

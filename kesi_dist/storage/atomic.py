@@ -54,6 +54,12 @@ def _temp_name(path: Path) -> Path:
 
 def _write_error(path: Path, e: OSError) -> RunError:
     reason = (e.strerror or str(e)).lower() if e.strerror or str(e) else type(e).__name__
+    # An OS error about another file (a source the writer reads, a folder that vanished under it) names
+    # that file: "cannot write X: no such file or directory" alone would send the user to the wrong place.
+    other = e.filename if e.filename and Path(str(e.filename)).name not in (path.name,) \
+        and not Path(str(e.filename)).name.startswith(f".{path.name}.") else None
+    if other:
+        return RunError(f"{path}: cannot write it: {reason}: {other}; nothing was replaced")
     return RunError(f"{path}: cannot write it: {reason}; nothing was replaced (free space or fix the "
                     "permissions, then re-run)")
 

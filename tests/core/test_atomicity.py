@@ -235,3 +235,20 @@ def test_temp_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
         p.write_text("half")
     atomic.atomic_write_text(path, "{}")
     assert path.read_text() == "{}" and not stale.exists() and live.exists() and other.exists()
+
+
+def test_an_os_error_about_another_file_names_that_file(tmp_path):
+    """An OSError raised inside the write for a file other than the target (a source that vanished under
+    the writer) is reported with that file, not as if the target could not be written."""
+    out = tmp_path / "train.beton"
+    out.write_bytes(b"previous")
+    gone = tmp_path / "job-workdir" / "source.npy"
+
+    def write(f):
+        f.write(b"partial")
+        open(gone, "rb")  # noqa: SIM115 - raises FileNotFoundError naming `gone`
+
+    with pytest.raises(RunError) as info:
+        atomic.atomic_write(out, write)
+    assert str(info.value) == f"{out}: cannot write it: no such file or directory: {gone}; nothing was replaced"
+    assert out.read_bytes() == b"previous" and not list(tmp_path.glob(".*.tmp"))
