@@ -93,7 +93,7 @@ def test_launcher_yaml_passes_ray_up_config_checks(name):
 
     cfg = prepare_config(_load(name))
     validate_config(cfg)
-    assert cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
+    assert cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 4
     assert cfg["docker"]["image"] == _image_name()
 
 
@@ -103,6 +103,64 @@ def test_launcher_howto_names_every_step():
         for step in ("ray up", "ray dashboard", "ray job submit", "tensorboard", "--port-forward",
                      "report", "ray down", "auth-token"):
             assert step in head, f"{name}: how-to lacks {step!r}"
+
+
+def _example_command(name: str) -> list[str]:
+    """The `kesi run CONFIG --output ... [--set k=v ...]` a cluster file tells users to submit."""
+    if name.endswith("rayjob.yaml"):
+        text = _load(name)["spec"]["entrypoint"]
+    else:
+        head = (CLUSTER / name).read_text().split("\ncluster_name:")[0]
+        text = head[head.index("kesi run "):]
+        text = re.sub(r"\\\n#\s*", " ", text).splitlines()[0]  # join the comment's continuation lines
+    words = text.split()
+    return words[words.index("run") + 1:]
+
+
+def _gpus_per_node_and_min_nodes(name: str) -> tuple[int, int]:
+    if name.endswith("rayjob.yaml"):
+        group = _load(name)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        return int(limits["nvidia.com/gpu"]), group["minReplicas"]
+    worker = _load(name)["available_node_types"]["gpu_worker"]
+    return worker["resources"]["GPU"], worker["min_workers"]
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS + ["kuberay-rayjob.yaml"])
+def test_each_cluster_runs_its_own_example(name):
+    """The config a cluster file submits fits it: one training run's GPUs (workers x GPUs per worker) are
+    on one node and present from the start (the up-front resource check), and its data comes from a
+    storage URI, since no cluster file mounts a shared /data."""
+    from kesi_dist.config import load_config
+
+    args = _example_command(name)
+    config = (CLUSTER.parent / args[0].removeprefix("/opt/kesi/"))
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_config(config, sets)
+    per_run = max(cfg.train.num_workers, 1) * cfg.train.gpus_per_worker
+    per_node, min_nodes = _gpus_per_node_and_min_nodes(name)
+    assert 0 < per_run <= per_node, (name, per_run, per_node)
+    assert per_run <= per_node * min_nodes, f"{name}: the cluster starts with fewer GPUs than one run needs"
+    assert cfg.data.source == "prepared" and re.match(r"(s3|gs)://", cfg.data.prepared), cfg.data.prepared
+    output = args[args.index("--output") + 1]
+    assert re.match(r"(s3|gs)://", output), output
+    if name.endswith("rayjob.yaml"):
+        spec = _load(name)["spec"]["rayClusterSpec"]
+        assert spec["enableInTreeAutoscaling"] is True  # min/max replicas need the autoscaler to mean anything
+    else:
+        amis = re.findall(r"ImageId: (\S+)", (CLUSTER / name).read_text())
+        assert "latest_dlami" not in amis  # Ray's alias: a CUDA 11 image, older than the image's CUDA 12.8
+
+
+def test_dockerfile_python_and_ray_match_the_dev_setup():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "python3.11 -m venv" in text  # ./dev's Python (3.11): Ray needs the same minor everywhere
+    tested = __import__("ray").__version__
+    assert f'"ray[default,train,tune]=={tested}"' in text
+    assert '".[dev]"' not in text  # no test extras in the image
+    for name in LAUNCHER_YAMLS:
+        assert f'"ray[default]=={tested}"' in (CLUSTER / name).read_text()
+    assert _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"] == tested
 
 
 def test_kuberay_rayjob_required_fields():
