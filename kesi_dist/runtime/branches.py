@@ -88,6 +88,7 @@ def _trial(config: dict) -> None:
         metric_key: result.metrics["val/acc"], "snapshot": b.checkpoint,
         "node_id": result.metrics.get("node_id") or ray.get_runtime_context().get_node_id(),
         "start": start, "end": time.time(), "attempts": result.attempts,
+        "world_size": result.metrics.get("world_size", 1),
     })
 
 

@@ -151,8 +151,11 @@ def run_training(
         if kind == "attempt":
             attempts += 1
             history = list(event["history"])
+            start = event["start_epoch"]
             if attempts > 1 and progress:
-                console.print(f"[yellow]{name}: worker group restarted, resuming at epoch {event['start_epoch'] + 1}")
+                console.print(f"[yellow]{name}: worker group restarted, resuming at epoch {start + 1}")
+            elif start > 0 and progress:  # an earlier process (a killed driver) left epoch checkpoints
+                console.print(f"{name}: resuming at epoch {start + 1} from its epoch-{start} checkpoint")
         elif kind == "epoch_start":
             started.append(event["epoch"])
         elif kind == "epoch":

@@ -24,7 +24,7 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
         start = time.time()
         if given:
             _import(ctx, given, model)
-            val_acc, node_id, attempts = evaluate_snapshot(ctx.snapshot("baseline"), loader), None, 0
+            val_acc, node_id, attempts, workers = evaluate_snapshot(ctx.snapshot("baseline"), loader), None, 0, 0
         else:
             ctx.print(f"[bold]baseline[/]: training {model.arch} for {schedule.epochs} epochs "
                       f"on {max(engine.num_workers, 1)} worker(s)")
@@ -34,8 +34,10 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
                 tensorboard_dir=ctx.run.path("tensorboard", "baseline"), max_steps_per_epoch=ctx.max_steps,
             )
             val_acc, node_id, attempts = result.metrics["val/acc"], result.metrics.get("node_id"), result.attempts
+            workers = result.metrics.get("world_size", 1)
         entry = ctx.register("baseline", arm="baseline", iteration=0, branch=None, parent=None, hparams={},
-                             node_id=node_id, start=start, end=time.time(), attempts=attempts, val_acc=val_acc)
+                             node_id=node_id, start=start, end=time.time(), attempts=attempts, val_acc=val_acc,
+                             workers=workers)
         ctx.print(f"  baseline: val acc {100 * entry['val_acc']:.2f}%, {fmt_size(entry)}")
     return entry
 

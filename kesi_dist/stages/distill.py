@@ -36,7 +36,7 @@ def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: T
         entry = ctx.register(name, arm="student", iteration=iteration, branch=None, parent=student,
                              hparams={"teachers": teachers, "mode": task.mode}, val_acc=result.metrics["val/acc"],
                              node_id=result.metrics.get("node_id"), start=start, end=time.time(),
-                             attempts=result.attempts)
+                             attempts=result.attempts, workers=result.metrics.get("world_size", 1))
         if result.attempts > 1:
             ctx.manifest.log("distill retried", attempts=result.attempts)
         ctx.print(f"  {name}: val acc {100 * entry['val_acc']:.2f}%, {fmt_size(entry)}")

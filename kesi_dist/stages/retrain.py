@@ -26,7 +26,7 @@ def retrain(ctx: RunContext, stage: str, branches: list[Branch], *, loader: Load
     def done(b: Branch, result: dict) -> None:
         entry = ctx.register(b.name, arm=b.arm, **b.meta, hparams=b.hparams, val_acc=result["val/acc"],
                              node_id=result.get("node_id"), start=result.get("start"), end=result.get("end"),
-                             attempts=result.get("attempts"))
+                             attempts=result.get("attempts"), workers=result.get("world_size"))
         ctx.print(f"  [green]{b.name}[/] done: val acc {100 * entry['val_acc']:.2f}% "
                   f"({', '.join(f'{k}={v}' for k, v in b.hparams.items())})")
 

@@ -1,4 +1,4 @@
-"""DDP and DeepSpeed ZeRO-2 on two real gloo processes (no Ray): same seed, same data -> same training.
+"""DDP and DeepSpeed ZeRO 0, 1 and 2 on two real gloo processes (no Ray): same seed, same data -> same training.
 
 Tolerance: in fp32 both engines average the same gradients and apply the same SGD update; they only
 differ in the order of floating-point reductions (DDP buckets vs ZeRO's partitioned reduce-scatter), so
@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, engine: str, out: str, zero_stage: int = 2) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -45,8 +45,8 @@ def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
     apply_masks(model, masks)
     data = blobs(n=STEPS_PER_EPOCH * 16 * world, batch=16)[rank::world]  # disjoint shards, 4 steps each
     opt = build_optimizer(model.parameters(), optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
-    w = wrap_model(model, opt, engine=engine, device=torch.device("cpu"), zero_stage=2 if engine == "deepspeed" else 0,
-                   micro_batch_size=16, masks=masks)
+    w = wrap_model(model, opt, engine=engine, device=torch.device("cpu"),
+                   zero_stage=zero_stage if engine == "deepspeed" else 0, micro_batch_size=16, masks=masks)
     sched = build_scheduler(opt, schedule="onecycle", epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, lr=0.1)
     losses = [train_epoch(w.model, data, opt, sched, constraints=[MaskConstraint(masks)], engine=w.engine)["train/loss"]
               for _ in range(EPOCHS)]
@@ -57,16 +57,22 @@ def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _run(engine: str, tmp_path) -> dict:
-    out = str(tmp_path / f"{engine}.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), engine, out), nprocs=2, join=True, start_method="spawn")
+def _run(engine: str, tmp_path, zero_stage: int = 2) -> dict:
+    out = str(tmp_path / f"{engine}{zero_stage}.pt")
+    mp.start_processes(_worker, args=(2, _free_port(), engine, out, zero_stage), nprocs=2, join=True,
+                       start_method="spawn")
     return torch.load(out, weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return _run("ddp", tmp_path_factory.mktemp("ddp"))
+
+
 @pytest.mark.slow
-def test_ddp_and_deepspeed_zero2_train_alike(tmp_path):
-    ddp = _run("ddp", tmp_path)
-    ds = _run("deepspeed", tmp_path)
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_ddp_and_deepspeed_zero_stages_train_alike(ddp, tmp_path, zero_stage):
+    ds = _run("deepspeed", tmp_path, zero_stage)
     assert ddp["losses"][-1] < ddp["losses"][0]  # it trains
     assert ds["losses"] == pytest.approx(ddp["losses"], rel=1e-4)
     for k, v in ddp["state"].items():

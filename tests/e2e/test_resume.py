@@ -1,15 +1,17 @@
 """Driver loss: SIGKILL `kesi run` at four points of one run, `--resume` each time, then finish.
 
-One chain on one run directory (to pay for one pipeline, not four): the driver and everything it
-started (its local Ray: GCS, raylet, workers, Tune trials, soft-label actors) are killed as a crash
-would leave them, at
+One chain on one run directory (to pay for one pipeline, not four). The first kill hits the driver
+process alone, and its local Ray (GCS, raylet, workers, agents) must go down with it by itself; the
+later kills take the driver's whole process group, as a crash of the machine's session would. At
     1. the baseline, after its first epoch checkpoint;
     2. between iterations: prune_1 complete, prune_2's branches still training;
     3. the soft-label pass, after the first shard file appeared;
     4. distillation, after its first epoch checkpoint;
 then a last `--resume` runs to completion. Stages completed before a kill must be reused (same
-recorded end time, snapshot files untouched), nothing registered twice, and the final report must
-have the structure, snapshot names, widths, params and MACs of an uninterrupted run (`smoke_run`).
+recorded end time, snapshot files untouched), nothing registered twice, a stage killed mid-training
+must go on at the epoch after its last checkpoint (not from scratch) and end with the weights of an
+uninterrupted run, and the final report must have the structure, snapshot names, widths, params and
+MACs of an uninterrupted run (`smoke_run`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs" / "kesi" / "smoke.yaml")
@@ -61,11 +64,13 @@ def _session_pids(sid: int) -> list[int]:
 
 
 def _run_until(run: Path, when: Callable[[Path, dict], bool], what: str, resume: bool,
-               timeout: float = 600) -> dict:
-    """Start `kesi run` (its own session), SIGKILL its whole process group once `when` holds.
+               timeout: float = 600, driver_only: bool = False) -> dict:
+    """Start `kesi run` (its own session), SIGKILL it once `when` holds: its whole process group, or
+    (`driver_only`) the driver process alone.
 
     Returns the manifest as it was at the kill. Asserts that nothing of the killed run survives
-    (Ray's processes die with the driver: same group, or fate-shared with their parent).
+    (Ray's processes die with the driver: same group, or fate-shared with their parent; Ray's agents,
+    orphaned when their raylet dies, notice within a minute or two).
     """
     log = run.parent / f"{run.name}-{what.replace(' ', '_')}.log"
     args = [sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run), *CHAIN_SET]
@@ -84,10 +89,13 @@ def _run_until(run: Path, when: Callable[[Path, dict], bool], what: str, resume:
             if time.time() > deadline:
                 pytest.fail(f"{what} not reached in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if driver_only:
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     at_kill = _manifest(run)
-    deadline = time.time() + 30
+    deadline = time.time() + (240 if driver_only else 30)
     while (left := _session_pids(proc.pid)) and time.time() < deadline:
         time.sleep(0.5)
     for pid in left:  # ours: report them below, but do not leave them running
@@ -125,9 +133,13 @@ def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
     run = tmp_path / "run"
     started = time.time()
 
-    # 1. during the baseline, once its first epoch checkpoint is on disk
-    m1 = _run_until(run, lambda r, m: bool(_checkpoints(r, "baseline")), "baseline epoch 1", resume=False)
+    # 1. during the baseline, once its first epoch checkpoint is on disk: the driver process alone
+    m1 = _run_until(run, lambda r, m: bool(_checkpoints(r, "baseline")), "baseline epoch 1", resume=False,
+                    driver_only=True)
     assert m1["stages"]["baseline"]["status"] == "running" and not m1["snapshots"]
+    done_epochs = len(_checkpoints(run, "baseline"))  # checkpoint folders: one per finished epoch (<= 2 kept)
+    last_done = max(int(p.parent.name.split("_")[1]) for p in _checkpoints(run, "baseline")) + 1
+    assert done_epochs >= 1
     f1 = _files(run)
 
     # 2. between iterations: prune_1 complete, prune_2 retraining (kill before all its branches finish)
@@ -137,6 +149,10 @@ def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
 
     m2 = _run_until(run, in_prune_2, "prune_2 branches", resume=True)
     assert m2["stages"]["baseline"]["attempts"] == 2  # resumed from its epoch checkpoint, then complete
+    log2 = (run.parent / f"{run.name}-prune_2_branches.log").read_text()
+    # It went on after its last checkpoint; an epoch it had finished was not trained again.
+    assert f"baseline: resuming at epoch {last_done + 1} from its epoch-{last_done} checkpoint" in log2, log2[-3000:]
+    assert f"baseline epoch {last_done}/2 " not in log2
     assert m2["stages"]["prune_1"]["status"] == "complete" and m2["stages"]["prune_2"]["status"] != "complete"
     assert not {"iter2_b0", "iter2_b1", "iter2_fixed"} <= set(m2["snapshots"]), "prune_2 finished before the kill"
     _reused(m1, f1, m2, _files(run))
@@ -202,4 +218,18 @@ def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
     assert report["ensemble"]["teachers"][0] == "baseline" and len(report["ensemble"]["teachers"]) == 3
     for s in report["snapshots"]:  # sane: digits has 10 classes, so chance is 0.1
         assert 0.15 < s["val_acc"] <= 1.0, (s["name"], s["val_acc"])
+
+    # The baseline killed after epoch 1 and resumed ends with the weights of one never interrupted:
+    # `kesi train` of the same config (data + baseline stages) in another folder.
+    plain = tmp_path / "uninterrupted"
+    done = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "train", SMOKE, "--output", str(plain), *CHAIN_SET],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from kesi_dist.checkpoint import load_checkpoint
+
+    resumed = load_checkpoint(run / "snapshots" / "baseline.pt")["state_dict"]
+    never = load_checkpoint(plain / "snapshots" / "baseline.pt")["state_dict"]
+    assert resumed.keys() == never.keys()
+    assert all(torch.equal(resumed[k], never[k]) for k in never), \
+        [k for k in never if not torch.equal(resumed[k], never[k])][:5]
     print(f"\nchain of 4 kills + resume: {time.time() - started:.0f} s")

@@ -1,0 +1,80 @@
+"""The path the README advertises for real datasets, end to end: `kesi run` with the FFCV loader and a
+2-worker Ray Train group (DDP over gloo) for the baseline, every branch and the distillation; once with
+cached soft labels (the actor pool), once with DeepSpeed ZeRO-1, MWP pruning and online distillation.
+
+The smoke config on digits, shrunk to one iteration of one branch plus the fixed-LR arm and one epoch
+per stage: each run starts four 2-worker groups and compiles FFCV's pipeline in every worker, which is
+what costs the minutes here, not the epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "kesi" / "smoke.yaml")
+
+pytestmark = pytest.mark.slow
+
+COMMON = ("data.loader=ffcv", "data.num_workers=1", "train.num_workers=2", "train.cpus_per_worker=1",
+          "baseline.epochs=1", "prune.iterations=1", "retrain.epochs=1", "fixed_lr.epochs=1", "distill.epochs=1",
+          "tune.branches=1")
+
+
+def _run(out: Path, *sets: str) -> tuple[subprocess.CompletedProcess, dict]:
+    args = [sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(out)]
+    for s in (*COMMON, *sets):
+        args += ["--set", s]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads((out / "manifest.json").read_text())
+
+
+def _checkpoint_dirs(out: Path, name: str) -> list[Path]:
+    return sorted(p.parent for p in (out / "train").glob(f"**/{name}/**/checkpoint_*/model.pt"))
+
+
+@pytest.mark.timeout(1800)
+def test_ffcv_and_two_ray_train_workers_for_every_stage_with_cached_distillation(tmp_path):
+    out = tmp_path / "run"
+    proc, m = _run(out, "distill.mode=cached")
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["data"]["loader"] == "ffcv" and cfg["train"]["num_workers"] == 2
+    snaps = m["snapshots"]
+    assert set(snaps) == {"baseline", "iter1_b0", "iter1_fixed", "student"}
+    assert all(s["workers"] == 2 for s in snaps.values()), {n: s["workers"] for n, s in snaps.items()}
+    for name in ("baseline", "iter1_b0", "iter1_fixed", "distill"):
+        assert _checkpoint_dirs(out, name), f"no Ray Train checkpoint of {name}"  # written by the trainer
+    assert m["stages"]["soft_labels"]["status"] == "complete" and m["stages"]["distill"]["mode"] == "cached"
+    meta = json.loads((out / "soft_labels" / "meta.json").read_text())
+    assert len({s["actor"] for s in meta["shards"]}) == 2  # the pool's two actors both worked
+    assert "on 2 worker(s)" in proc.stdout and m["status"] == "complete"
+
+
+@pytest.mark.timeout(1800)
+def test_deepspeed_zero1_with_mwp_and_online_distillation(tmp_path):
+    out = tmp_path / "run"
+    proc, m = _run(out, "train.engine=deepspeed", "train.zero_stage=1", "prune.method=mwp", "prune.targets=[0.4]",
+                   "distill.mode=online")
+    snaps = m["snapshots"]
+    assert all(s["workers"] == 2 for s in snaps.values())
+    base, pruned, student = snaps["baseline"], snaps["iter1_b0"], snaps["student"]
+    # MWP: same architecture, 40 % of the conv weights zero, kept zero through retraining and distillation
+    assert pruned["widths"] == base["widths"] == student["widths"]
+    assert pruned["nonzero_params"] < base["nonzero_params"]
+    assert student["nonzero_params"] == pruned["nonzero_params"]
+    from kesi_dist.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(out / "snapshots" / "student.pt")
+    masks = ck["masks"]
+    assert masks and all((ck["state_dict"][k][v == 0] == 0).all() for k, v in masks.items())
+    # ZeRO keeps one optimizer partition per rank in every epoch checkpoint
+    last = _checkpoint_dirs(out, "distill")[-1]
+    assert {p.name for p in last.glob("optimizer_rank*.pt")} == {"optimizer_rank0.pt", "optimizer_rank1.pt"}
+    assert m["stages"]["distill"]["mode"] == "online" and m["status"] == "complete"
