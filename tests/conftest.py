@@ -53,8 +53,8 @@ SMOKE_AUTH_TOKEN = "kesitoken" + "5f0c9a7e3b1d4c2a8e6f0b9d7c5a3e1f2b4d6c8a0e9f7d
 def smoke_run(tmp_path_factory):
     """One uninterrupted `kesi run configs/kesi/smoke.yaml` in a subprocess (its own local Ray).
 
-    Returns (run folder, CompletedProcess, seconds). Session-scoped: tests/test_pipeline.py checks it,
-    tests/test_resume.py compares a killed-and-resumed run with it.
+    Returns (run folder, CompletedProcess, seconds). Session-scoped: tests/e2e/test_pipeline.py checks it,
+    tests/e2e/test_resume.py compares a killed-and-resumed run with it.
     """
     import subprocess
     import sys
@@ -64,9 +64,9 @@ def smoke_run(tmp_path_factory):
     root = Path(__file__).resolve().parents[1]
     run = tmp_path_factory.mktemp("smoke") / "run"
     started = time.time()
-    # With a Ray token in the environment (the local Ray adopts it): tests/test_security.py checks that it
-    # appears in no output and no file of the run.
-    env = {**os.environ, "RAY_AUTH_TOKEN": SMOKE_AUTH_TOKEN}
+    # Token authentication on, with this token (the local Ray adopts it and every process of the run must
+    # present it): tests/e2e/test_security.py checks that it appears in no output and no file of the run.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": SMOKE_AUTH_TOKEN}
     proc = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", str(root / "configs" / "kesi" / "smoke.yaml"),
                            "--output", str(run)], capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

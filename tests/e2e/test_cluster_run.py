@@ -114,7 +114,7 @@ def test_job_asking_for_missing_gpus_fails_fast_with_one_line(cluster, tmp_path)
     assert "Traceback" not in logs
     assert not out.exists(), "nothing is written before the check"
     r = sh(RAY, "job", "status", job_id, env=cluster["env"])
-    assert "exit code 1" in r.stdout + r.stderr or "failed" in r.stdout + r.stderr
+    assert "failed with exit code 1" in r.stdout + r.stderr, r.stdout + r.stderr  # kesi's run-time error code
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,14 +63,38 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _gone(sid: int, seconds: float, only: tuple[str, ...] = ()) -> None:
+    """Assert that no process of session `sid` (a killed driver's; `only` those named so) is left within
+    `seconds`."""
+    deadline = time.time() + seconds
+
+    def left() -> list[int]:
+        return [p for p in _session_pids(sid) if not only or _comm(p) in only]
+
+    while (pids := left()) and time.time() < deadline:
+        time.sleep(0.5)
+    if not only:
+        for pid in pids:  # ours: report them below, but do not leave them running
+            os.kill(pid, signal.SIGKILL)
+    assert not pids, f"processes of the killed run survived it: {[(p, _comm(p)) for p in pids]}"
+
+
 def _run_until(run: Path, when: Callable[[Path, dict], bool], what: str, resume: bool,
-               timeout: float = 600, driver_only: bool = False) -> dict:
+               timeout: float = 600, driver_only: bool = False) -> tuple[dict, int]:
     """Start `kesi run` (its own session), SIGKILL it once `when` holds: its whole process group, or
     (`driver_only`) the driver process alone.
 
-    Returns the manifest as it was at the kill. Asserts that nothing of the killed run survives
-    (Ray's processes die with the driver: same group, or fate-shared with their parent; Ray's agents,
-    orphaned when their raylet dies, notice within a minute or two).
+    Returns the manifest as it was at the kill, and the killed session's id. A group kill is checked
+    here: nothing of the killed run survives it. After a driver-only kill the caller checks (`_gone`)
+    that its local Ray went down by itself: GCS, raylet and workers fate-share with the driver at once;
+    Ray's agents, orphaned when their raylet dies, give up on the dead GCS after a minute or two.
     """
     log = run.parent / f"{run.name}-{what.replace(' ', '_')}.log"
     args = [sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run), *CHAIN_SET]
@@ -95,14 +119,10 @@ def _run_until(run: Path, when: Callable[[Path, dict], bool], what: str, resume:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     at_kill = _manifest(run)
-    deadline = time.time() + (240 if driver_only else 30)
-    while (left := _session_pids(proc.pid)) and time.time() < deadline:
-        time.sleep(0.5)
-    for pid in left:  # ours: report them below, but do not leave them running
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes of the killed run survived it: {left}"
+    if not driver_only:
+        _gone(proc.pid, 30)
     assert at_kill["status"] == "running", what
-    return at_kill
+    return at_kill, proc.pid
 
 
 def _checkpoints(run: Path, name: str) -> list[Path]:
@@ -134,8 +154,10 @@ def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
     started = time.time()
 
     # 1. during the baseline, once its first epoch checkpoint is on disk: the driver process alone
-    m1 = _run_until(run, lambda r, m: bool(_checkpoints(r, "baseline")), "baseline epoch 1", resume=False,
-                    driver_only=True)
+    m1, first_driver = _run_until(run, lambda r, m: bool(_checkpoints(r, "baseline")), "baseline epoch 1",
+                                  resume=False, driver_only=True)
+    killed_at = time.time()
+    _gone(first_driver, 30, only=("gcs_server", "raylet"))  # Ray's core fate-shares with the driver at once
     assert m1["stages"]["baseline"]["status"] == "running" and not m1["snapshots"]
     done_epochs = len(_checkpoints(run, "baseline"))  # checkpoint folders: one per finished epoch (<= 2 kept)
     last_done = max(int(p.parent.name.split("_")[1]) for p in _checkpoints(run, "baseline")) + 1
@@ -147,7 +169,8 @@ def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
         return m["stages"].get("prune_2", {}).get("status") == "running" and any(
             n.startswith("iter2_") for n in m["snapshots"])
 
-    m2 = _run_until(run, in_prune_2, "prune_2 branches", resume=True)
+    m2, _ = _run_until(run, in_prune_2, "prune_2 branches", resume=True)
+    _gone(first_driver, 240 - (time.time() - killed_at))  # the first driver's local Ray went down by itself
     assert m2["stages"]["baseline"]["attempts"] == 2  # resumed from its epoch checkpoint, then complete
     log2 = (run.parent / f"{run.name}-prune_2_branches.log").read_text()
     # It went on after its last checkpoint; an epoch it had finished was not trained again.
@@ -163,7 +186,7 @@ def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
         return (m["stages"].get("soft_labels", {}).get("status") == "running"
                 and any((r / "soft_labels").glob("*-values.npy")))
 
-    m3 = _run_until(run, in_soft_labels, "soft-label pass", resume=True)
+    m3, _ = _run_until(run, in_soft_labels, "soft-label pass", resume=True)
     assert m3["stages"]["prune_2"]["status"] == "complete" and not (run / "soft_labels" / "meta.json").exists()
     _reused(m2, f2, m3, _files(run))
     f3 = _files(run)
@@ -172,7 +195,7 @@ def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
     def in_distill(r: Path, m: dict) -> bool:
         return m["stages"].get("distill", {}).get("status") == "running" and bool(_checkpoints(r, "distill"))
 
-    m4 = _run_until(run, in_distill, "distillation epoch 1", resume=True)
+    m4, _ = _run_until(run, in_distill, "distillation epoch 1", resume=True)
     assert m4["stages"]["soft_labels"]["status"] == "complete" and "student" not in m4["snapshots"]
     _reused(m3, f3, m4, _files(run))
     f4 = _files(run)

@@ -7,9 +7,9 @@
   tests/test_checkpoint.py) `load_checkpoint` itself; CIFAR pickles with code are refused in
   tests/test_bad_input.py (cifar_pickle_with_code).
 - The local cluster script binds the dashboard to 127.0.0.1, keeps token auth and never prints the
-  token: tests/test_local_cluster.py (test_up_prints_exports_and_is_idempotent, test_auth_is_enforced,
+  token: tests/runtime/test_local_cluster.py (test_up_prints_exports_and_is_idempotent, test_auth_is_enforced,
   test_connect_ray_rejected_token_fails_fast), not repeated here.
-- A run with RAY_AUTH_TOKEN in its environment writes the token nowhere (console or run folder).
+- A run under token auth (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN) writes the token nowhere (console or run folder).
 """
 
 from __future__ import annotations

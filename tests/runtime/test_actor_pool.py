@@ -16,17 +16,27 @@ from kesi_dist.runtime import map_units
 
 
 class Squarer:
-    """A pool worker: squares numbers; optionally kills its own process at one unit, once (marker file)."""
+    """A pool worker: squares numbers; optionally kills its own process at one unit, once (marker file),
+    or holds its first unit until `parties` actors are up (a barrier of files), so that a fast-starting
+    actor cannot finish every unit before the other one exists."""
 
-    def __init__(self, die_at: int | None = None, marker: str | None = None, fail_init: bool = False):
+    def __init__(self, die_at: int | None = None, marker: str | None = None, fail_init: bool = False,
+                 barrier: str | None = None, parties: int = 2):
         if fail_init:
             raise RunError("/data/x: the loader yields 3 batches per epoch, expected 4")
         self.die_at, self.marker = die_at, marker
+        self.barrier, self.parties = barrier, parties
+        if barrier:
+            Path(barrier, f"up-{os.getpid()}").touch()
 
     def info(self) -> dict:
         return {"kind": "squarer"}
 
     def compute(self, x: int) -> dict:
+        deadline = time.monotonic() + 60
+        while self.barrier and len(list(Path(self.barrier).glob("up-*"))) < self.parties:
+            assert time.monotonic() < deadline, "the other actor never came up"
+            time.sleep(0.05)
         if x == self.die_at and not Path(self.marker).exists():
             Path(self.marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
@@ -36,9 +46,9 @@ class Squarer:
         return {"x": x, "y": x * x, "pid": os.getpid()}
 
 
-def test_every_unit_once_on_free_actors(ray_local):
+def test_every_unit_once_on_free_actors(ray_local, tmp_path):
     got = []
-    infos = map_units(Squarer, [(i,) for i in range(12)], num_actors=2, num_cpus=1,
+    infos = map_units(Squarer, [(i,) for i in range(12)], num_actors=2, num_cpus=1, kwargs={"barrier": str(tmp_path)},
                       on_result=lambda unit, r, actor: got.append((unit[0], r["y"], actor["actor"])))
     assert sorted(x for x, _, _ in got) == list(range(12)) and all(y == x * x for x, y, _ in got)
     assert {a for _, _, a in got} == {0, 1} and len(infos) == 2  # both actors worked
