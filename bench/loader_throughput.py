@@ -1,13 +1,19 @@
-"""Images/s of kesi's FFCV loader vs torchvision ImageFolder + DataLoader (PIL decode).
+"""Images/s of three loaders over the same images: kesi's FFCV loader and kesi's torch loader, both on
+the same .beton file, and torchvision's ImageFolder + DataLoader on the JPEGs it was made from.
 
-Both read the same Tiny-ImageNet-shaped data: N synthetic class-conditional 64x64 JPEGs written
-into an ImageFolder tree in a temporary folder (converted once to .beton for FFCV), with the same
-augmentation, batch size and worker count, timed over whole epochs after one warm-up epoch (FFCV
-compiles its pipeline there; torchvision's workers are persistent, so it pays no start-up either).
-Both deliver normalised float32 NCHW batches.
+The data: N synthetic class-conditional 64x64 JPEGs (Tiny-ImageNet's shape) in an ImageFolder tree,
+converted once to .beton. Images up to 128 px are stored raw in the .beton, so the two kesi arms read
+pixels and differ only in their pipeline (FFCV's compiled, multi-threaded one vs a torch DataLoader of
+`--workers` processes running the same seeded augmentation), while torchvision decodes every JPEG with
+PIL: the FFCV vs torchvision ratio includes that decoding, the FFCV vs kesi-torch ratio does not.
+All arms use the same augmentation, batch size and worker count and deliver normalised float32 NCHW
+batches. Each arm is warmed up for one epoch (FFCV compiles its pipeline there; the DataLoaders'
+workers are persistent), then `--repeats` rounds time one whole epoch of every arm, interleaved, so
+that load on a shared machine hits all arms alike; the figures are medians over rounds (min and max
+given too), the ratios are ratios of medians.
 
     ./dev bench loader_throughput --json
-    .venv/bin/python bench/loader_throughput.py --images 10000 --workers 2 --augment imagenet --json
+    .venv/bin/python bench/loader_throughput.py --images 10000 --workers 2 --augment imagenet --repeats 5 --json
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,20 +48,19 @@ def write_jpeg_tree(root: Path, images: int, classes: int, size: int, seed: int)
             Image.fromarray(img).save(root / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG", quality=90)
 
 
-def time_epochs(loader, epochs: int, set_epoch: bool) -> tuple[float, int]:
-    """Seconds and images for `epochs` full passes, after one untimed warm-up pass."""
-    def one(e):
-        if set_epoch:
-            loader.set_epoch(e)
-        n = 0
-        for x, _ in loader:
-            n += x.shape[0]
-        return n
+def epoch_rate(loader, epoch: int, set_epoch: bool) -> float:
+    """Images/s of one full pass."""
+    if set_epoch:
+        loader.set_epoch(epoch)
+    t0, n = time.perf_counter(), 0
+    for batch in loader:
+        n += batch[0].shape[0]
+    return n / (time.perf_counter() - t0)
 
-    one(0)
-    t0 = time.perf_counter()
-    n = sum(one(e) for e in range(1, epochs + 1))
-    return time.perf_counter() - t0, n
+
+def summary(rates: list[float]) -> dict:
+    return {"median": round(statistics.median(rates), 1), "min": round(min(rates), 1), "max": round(max(rates), 1),
+            "all": [round(r, 1) for r in rates]}
 
 
 def main() -> int:
@@ -67,8 +73,7 @@ def main() -> int:
                     help="imagenet: RandomResizedCrop + flip; cifar: pad-4 random crop + flip")
     ap.add_argument("--workers", type=int, default=2, help="FFCV threads = DataLoader worker processes")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
-    ap.add_argument("--kesi-torch", action="store_true", help="also time kesi's torch backend (.beton via DataLoader)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (one epoch of every arm each)")
     ap.add_argument("--workdir", default=None, help="where to write the data (default: a temp dir, removed after)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -92,36 +97,37 @@ def main() -> int:
         prepare_s = time.perf_counter() - t
         res, bs, nw = args.resolution, args.batch_size, args.workers
 
-        log("FFCV loader")
-        ffcv_loader = make_loader(tmp / "ffcv", "train", batch_size=bs, resolution=res, augment=args.augment,
-                                  backend="ffcv", num_workers=nw, seed=args.seed)
-        ffcv_s, ffcv_n = time_epochs(ffcv_loader, args.epochs, set_epoch=True)
-
-        log("torchvision ImageFolder + DataLoader")
+        common = dict(batch_size=bs, resolution=res, augment=args.augment, num_workers=nw, seed=args.seed)
         if args.augment == "imagenet":
             aug = [T.RandomResizedCrop(res), T.RandomHorizontalFlip()]
         else:
             aug = ([T.Resize(res)] if res != args.size else []) + [T.RandomCrop(res, padding=4), T.RandomHorizontalFlip()]
         tf = T.Compose([*aug, T.ToTensor(), T.Normalize([m / 255 for m in meta["mean"]], [s / 255 for s in meta["std"]])])
         dataset = torchvision.datasets.ImageFolder(str(raw / "train"), transform=tf)
-        tv_loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=True, num_workers=nw, drop_last=True,
-                                                persistent_workers=nw > 0)
-        tv_s, tv_n = time_epochs(tv_loader, args.epochs, set_epoch=False)
-
-        result = {
-            "ffcv_images_per_s": round(ffcv_n / ffcv_s, 1),
-            "torch_images_per_s": round(tv_n / tv_s, 1),
-            "ratio": round((ffcv_n / ffcv_s) / (tv_n / tv_s), 2),
+        arms = {  # name -> (loader, whether it takes set_epoch)
+            "ffcv": (make_loader(tmp / "ffcv", "train", backend="ffcv", **common), True),
+            "kesi_torch": (make_loader(tmp / "ffcv", "train", backend="torch", **common), True),
+            "torchvision": (torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=True, num_workers=nw,
+                                                        drop_last=True, persistent_workers=nw > 0), False),
         }
-        if args.kesi_torch:
-            log("kesi torch backend (.beton via DataLoader)")
-            kt = make_loader(tmp / "ffcv", "train", batch_size=bs, resolution=res, augment=args.augment,
-                             backend="torch", num_workers=nw, seed=args.seed)
-            kt_s, kt_n = time_epochs(kt, args.epochs, set_epoch=True)
-            result["kesi_torch_backend_images_per_s"] = round(kt_n / kt_s, 1)
+        for name, (loader, set_epoch) in arms.items():
+            log(f"warm-up: {name}")
+            epoch_rate(loader, 0, set_epoch)
+        rates: dict[str, list[float]] = {name: [] for name in arms}
+        for r in range(1, args.repeats + 1):
+            log(f"round {r}/{args.repeats}")
+            for name, (loader, set_epoch) in arms.items():
+                rates[name].append(epoch_rate(loader, r, set_epoch))
+        med = {name: statistics.median(v) for name, v in rates.items()}
+        result = {
+            "images_per_s": {name: summary(v) for name, v in rates.items()},
+            "ffcv_vs_torchvision": round(med["ffcv"] / med["torchvision"], 2),
+            "ffcv_vs_kesi_torch": round(med["ffcv"] / med["kesi_torch"], 2),
+            "kesi_torch_vs_torchvision": round(med["kesi_torch"] / med["torchvision"], 2),
+        }
         result.update({
             "images": args.images, "image_size": args.size, "resolution": res, "augment": args.augment,
-            "workers": nw, "batch_size": bs, "epochs_timed": args.epochs, "ffcv_storage": meta["write_mode"],
+            "workers": nw, "batch_size": bs, "repeats": args.repeats, "beton_storage": meta["write_mode"],
             "prepare_s": round(prepare_s, 1), "cpu_count": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "torch": torch.__version__, "torchvision": torchvision.__version__,

@@ -41,6 +41,8 @@ This module holds `read_meta` and `make_loader`; the plan and the shared base ar
 
 from __future__ import annotations
 
+import collections
+
 import json
 from pathlib import Path
 
@@ -98,10 +100,18 @@ def _dist_info(distributed: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+# Loaders kept for reuse in this process (`reuse=True`): an FFCV loader compiles its pipeline (numba)
+# when it is built, seconds per loader, and a Tune trial process that trains branch after branch, or a
+# driver that evaluates then distils, asks for the same loaders again. A few at most: each holds its
+# memory map and batch buffers.
+_REUSABLE: "collections.OrderedDict[tuple, ImageLoader]" = collections.OrderedDict()
+_REUSABLE_MAX = 4
+
+
 def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution: int, augment: str = "cifar",
                 backend: str = "ffcv", num_workers: int = 2, seed: int = 0, distributed: bool = False,
                 shuffle: bool | None = None, drop_last: bool | None = None, device="cpu",
-                channels_last: bool = False, return_indices: bool = False) -> ImageLoader:
+                channels_last: bool = False, return_indices: bool = False, reuse: bool = False) -> ImageLoader:
     """A loader over `data_dir/{split}.beton`; see the module docstring for what it yields.
 
     Args:
@@ -120,6 +130,10 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
         device: where batches are delivered ("cuda" uses FFCV's ToDevice path when available).
         channels_last: deliver images in channels_last memory format.
         return_indices: also yield each sample's position in the split.
+        reuse: hand back a loader this process built before with the same arguments, on the same
+            files (identity: path, size and modification time of the .beton and meta.json), instead of
+            building (and, for FFCV, compiling) a new one; its window is reset, its epoch is the caller's
+            to set. Only for callers that do not share it concurrently.
     """
     if split not in SPLITS:
         raise UsageError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
@@ -145,6 +159,23 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
     plan = _plan(augment, train, int(meta["resolution"]), int(resolution))
     common = dict(batch_size=batch_size, plan=plan, seed=seed, rank=rank, world_size=world, shuffle=shuffle,
                   drop_last=drop_last, device=device, channels_last=channels_last, return_indices=return_indices)
+    key = None
+    if reuse:
+        files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in (data_dir / f"{split}.beton",
+                                                                              data_dir / "meta.json"))
+        key = (str(data_dir.resolve()), files, split, backend, num_workers, str(device),
+               *sorted((k, str(v)) for k, v in common.items()))
+        if key in _REUSABLE:
+            _REUSABLE.move_to_end(key)
+            loader = _REUSABLE[key]
+            loader.set_window(None)
+            return loader
     if backend == "ffcv":
-        return FFCVLoader(data_dir, split, meta, num_workers=max(1, num_workers), **common)
-    return TorchLoader(data_dir, split, meta, num_workers=num_workers, **common)
+        loader = FFCVLoader(data_dir, split, meta, num_workers=max(1, num_workers), **common)
+    else:
+        loader = TorchLoader(data_dir, split, meta, num_workers=num_workers, **common)
+    if key is not None:
+        _REUSABLE[key] = loader
+        while len(_REUSABLE) > _REUSABLE_MAX:
+            _REUSABLE.popitem(last=False)
+    return loader

@@ -7,8 +7,10 @@ thread through `on_result`, in completion order, so the caller writes them as th
 
 The pool works with the actors it can get: it starts as soon as one actor is up, and an actor whose
 node dies (or whose process is killed) gives its unit back to the queue and is replaced, up to
-`max_restarts` times. If no actor is up for `start_timeout_s` (the cluster has no room for even one, or
-lost the nodes that had), it stops with one line saying what it asked for. An error raised by the
+`max_restarts` times (a replacement may land on a node Ray has not yet noticed is dead, and die too;
+once the budget is spent the pool goes on with the actors it has). If no actor is up for
+`start_timeout_s` (the cluster has no room for even one, or lost the nodes that had), it stops with
+one line saying what it asked for. An error raised by the
 actor's own code (bad data, a `KesiError`) is not a lost node: it stops the pool with its message.
 """
 
@@ -80,14 +82,14 @@ def map_units(
         num_cpus, num_gpus: what each actor holds.
         what: how errors name the pool (e.g. "soft_labels").
         start_timeout_s: how long the pool may have no live actor before it gives up.
-        max_restarts: actors that may be lost and replaced in all (default: num_actors).
+        max_restarts: replacements started for lost actors, in all (default: 4 x num_actors).
 
     Returns:
         One info dict per actor that computed something: actor (index), up_s (seconds from the pool's
         start until it was up), actor_id, pid, node_id, host, plus the object's own `info()` if any.
 
     Raises:
-        RunError: no actor was up for `start_timeout_s`, or more than `max_restarts` were lost.
+        RunError: no actor was up for `start_timeout_s`, or every actor was lost with no replacement left.
         KesiError: raised by the actor code itself (re-raised as is).
     """
     import ray
@@ -99,7 +101,7 @@ def map_units(
         return []
     Host = ray.remote(_Host).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
     todo = collections.deque(units)
-    restarts_left = num_actors if max_restarts is None else max_restarts
+    restarts_left = 4 * num_actors if max_restarts is None else max_restarts
     actors: dict[int, Any] = {}  # index -> handle, starting or live
     infos: dict[int, dict] = {}  # index -> info, every actor that came up
     live: set[int] = set()
@@ -144,13 +146,14 @@ def map_units(
                 ray.kill(actors.pop(i), no_restart=True)
                 if unit is not None:
                     todo.appendleft(unit)
-                if restarts_left <= 0:
-                    raise RunError(f"{what}: lost {lost} actor(s), more than the {lost - 1} replacement(s) "
-                                   f"allowed; the last: {str(e).strip().splitlines()[0][:200]}") from None
-                restarts_left -= 1
                 if not live:
                     idle_since = time.monotonic()
-                start_actor()
+                if restarts_left > 0:
+                    restarts_left -= 1
+                    start_actor()
+                elif not live and not pending:  # nobody left to do the work, and no more replacements
+                    raise RunError(f"{what}: lost {lost} actor(s), every replacement allowed included; the last: "
+                                   f"{str(e).strip().splitlines()[0][:200]}") from None
                 continue
             except RayError as e:
                 raise _cause(e) from None

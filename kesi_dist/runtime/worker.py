@@ -115,8 +115,10 @@ class _Worker:
         self.task = build_task(self.tspec, num_classes=self.model.num_classes, device=self.device,
                                seed=self.run["seed"], resolution=lspec.resolution, augment=lspec.augment,
                                epochs=self.sched.epochs)
-        self.train_loader = make_loader(lspec.data_dir, "train", return_indices=self.task.needs_indices, **common)
-        self.val_loader = make_loader(lspec.data_dir, "val", **common)
+        # reuse: a Tune trial process trains branch after branch with the same loaders (FFCV compiles each)
+        self.train_loader = make_loader(lspec.data_dir, "train", return_indices=self.task.needs_indices, reuse=True,
+                                        **common)
+        self.val_loader = make_loader(lspec.data_dir, "val", reuse=True, **common)
         max_steps = self.run.get("max_steps_per_epoch")
         self.steps_per_epoch = min(len(self.train_loader), max_steps) if max_steps else len(self.train_loader)
 

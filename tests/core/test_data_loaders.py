@@ -196,3 +196,26 @@ def test_error_in_ffcv_thread_is_raised_not_hung(data_dir):
         "index": None})
     with pytest.raises(RunError, match="FFCV pipeline failed: ValueError: boom in the pipeline"):
         list(_epoch_iterator(ld, 0, len(ld) * ld.batch_size))
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+def test_reuse_hands_back_the_same_loader_until_the_files_change(data_dir, tmp_path, backend):
+    """`reuse=True` (what training workers ask for): the same object for the same arguments on the same
+    files, replaying an epoch exactly like a fresh loader; new files or other arguments get a new one."""
+    import os
+    import shutil
+
+    own = tmp_path / "data"
+    shutil.copytree(data_dir, own)
+    kw = dict(batch_size=32, resolution=16, augment="cifar", backend=backend, num_workers=1, seed=3)
+    a = make_loader(own, "train", reuse=True, **kw)
+    a.set_window(0, 64)  # a caller's window does not stick to the next user
+    assert make_loader(own, "train", reuse=True, **kw) is a and a.window is None
+    assert make_loader(own, "train", reuse=True, **{**kw, "seed": 4}) is not a
+    fresh = make_loader(own, "train", **kw)
+    for loader in (a, fresh):
+        loader.set_epoch(2)
+    for (x, y), (fx, fy) in zip(a, fresh):
+        assert torch.equal(x, fx) and torch.equal(y, fy)
+    os.utime(own / "train.beton", ns=(1, 1))  # the dataset was rewritten: do not serve the old map
+    assert make_loader(own, "train", reuse=True, **kw) is not a

@@ -7,13 +7,26 @@ the queue), distillation runs on the surviving node, and the run completes.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from tests.e2e.test_cluster_run import SMOKE, _kill_node_running, _nodes, _Run
-from tests.localcluster import client_env, kill_node, local_cluster
+from tests.e2e.test_cluster_run import SMOKE, _nodes, _Run
+from tests.localcluster import RAY, client_env, kill_node, local_cluster, sh
 
 pytestmark = pytest.mark.slow
+
+
+def _kill_a_pool_node(cluster: dict) -> str:
+    """SIGKILL one worker node that runs an actor of the soft-label pool; returns its node id."""
+    r = sh(RAY, "list", "actors", "--format", "json", "--detail", "--filter", "state=ALIVE", "--limit", "1000",
+           env=cluster["env"])
+    actors = json.loads(r.stdout) if r.stdout.lstrip().startswith("[") else []
+    hosts = sorted({a["node_id"] for a in actors if a["class_name"] == "_Host"}
+                   - {n for n, name in cluster["nodes"].items() if name == "head"})
+    assert hosts, actors
+    assert kill_node(cluster["state"], cluster["nodes"][hosts[0]]), hosts[0]
+    return hosts[0]
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +48,13 @@ def test_soft_label_pass_survives_losing_nodes_below_its_pool(cluster, tmp_path)
     workers = [n for n in cluster["nodes"].values() if n != "head"]
     assert kill_node(cluster["state"], workers[0]), workers[0]
     # During the pass: the node of one of its two actors, once it has written shards.
-    run.wait_for("soft_labels: 1 teachers x 8 epochs on 2 actor(s)", timeout=300)
+    run.wait_for("soft_labels: 2 teachers x 8 epochs on 2 actor(s)", timeout=300)  # baseline + iter1_b0
     shards = out / "soft_labels"
-    import time
-
     deadline = time.monotonic() + 300
     while not list(shards.glob("*-values.npy")):
         assert time.monotonic() < deadline and run.proc.poll() is None, run.text[-3000:]
         time.sleep(0.1)
-    killed = _kill_node_running(cluster, "_Host")  # the pool's actor class
+    killed = _kill_a_pool_node(cluster)
     code = run.finish(timeout=900)
     assert code == 0, run.text[-4000:]
     m = json.loads((out / "manifest.json").read_text())
