@@ -1,0 +1,122 @@
+"""RunContext: what a stage is handed, and the bookkeeping every stage shares.
+
+    with ctx.stage("baseline") as st:
+        if st.done:                      # complete in the manifest: reused, nothing redone
+            return st.record[...]
+        ...                              # write the stage's outputs first
+        st.update(key=value)             # recorded with the stage when the block ends normally
+
+A stage is marked complete only after its body has returned (its outputs are on disk), so a driver
+killed inside a stage leaves it "running" and `--resume` redoes it; a `KesiError` marks it "failed"
+with its message. Snapshots are registered with their size read from the file itself.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from rich.console import Console
+
+from kesi_dist.errors import KesiError
+from kesi_dist.runs.manifest import Manifest
+from kesi_dist.runs.rundir import RunDir
+
+__all__ = ["RunContext", "Stage", "describe_snapshot", "fmt_size"]
+
+
+def describe_snapshot(path: str, resolution: int) -> dict:
+    """Architecture and size of a saved snapshot (what the registry records)."""
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+    from kesi_dist.pruning import count_macs, count_nonzero_params, count_params
+
+    ck = load_checkpoint(path)
+    model, _ = model_from_checkpoint(ck)
+    return {"arch": ck["arch"], "widths": ck["widths"], "num_classes": ck["num_classes"],
+            "params": count_params(model), "nonzero_params": count_nonzero_params(model),
+            "macs": count_macs(model, (3, resolution, resolution))}
+
+
+def fmt_size(entry: dict) -> str:
+    """"0.284 M params (0.284 M nonzero), 51.1 M MACs" of a registry entry or `describe_snapshot`."""
+    return f"{entry['params'] / 1e6:.3f} M params ({entry['nonzero_params'] / 1e6:.3f} M nonzero), " \
+           f"{entry['macs'] / 1e6:.1f} M MACs"
+
+
+@dataclass
+class Stage:
+    """One stage's handle inside `RunContext.stage`: `done` (complete before, reused), `record` (its
+    manifest entry), `update(**info)` (what to record with it when it completes)."""
+
+    name: str
+    done: bool
+    record: dict
+    info: dict = field(default_factory=dict)
+
+    def update(self, **info: Any) -> None:
+        self.info.update(info)
+
+
+class RunContext:
+    """A run folder, its manifest and console, handed to a method's recipe and to every stage.
+
+    Args:
+        run: the run folder (paths; a local folder or a storage URI).
+        manifest: its manifest, already created or reopened (`open_run`).
+        resolution: input size in pixels (for the MACs of registered snapshots).
+        max_steps: cap on optimizer steps per epoch (tests); None trains whole epochs.
+    """
+
+    def __init__(self, run: RunDir, manifest: Manifest, *, resolution: int, max_steps: int | None = None):
+        self.run, self.manifest, self.resolution, self.max_steps = run, manifest, resolution, max_steps
+        self.console = Console(highlight=False, soft_wrap=True)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        self.console.print(*args, **kwargs)
+
+    def snapshot(self, name: str) -> str:
+        """Where snapshot `name`'s checkpoint lives (written or not)."""
+        return self.run.snapshot(name)
+
+    @contextmanager
+    def stage(self, name: str, **info: Any) -> Iterator[Stage]:
+        """Skip-if-complete / start / finish bookkeeping of stage `name`; `info` is recorded at its start."""
+        if self.manifest.is_complete(name):
+            self.print(f"[bold]{name}[/]: complete, reused")
+            yield Stage(name, True, self.manifest.stages[name])
+            return
+        self.manifest.start_stage(name, **info)
+        st = Stage(name, False, self.manifest.stages[name])
+        try:
+            yield st
+        except KesiError as e:
+            self._record(lambda: self.manifest.fail_stage(name, str(e)))
+            raise
+        self.manifest.finish_stage(name, **st.info)
+
+    def register(self, name: str, **info: Any) -> dict:
+        """Register the snapshot file `ctx.snapshot(name)` with its size and `info`; returns its entry."""
+        entry = {**describe_snapshot(self.snapshot(name), self.resolution), **info,
+                 "checkpoint": RunDir.snapshot_rel(name)}
+        self.manifest.add_snapshot(name, entry)
+        return entry
+
+    def complete(self) -> None:
+        self.manifest.data["status"] = "complete"
+        self.manifest.log("run complete")
+
+    def fail(self, error: str) -> None:
+        """Mark the run failed (`kesi_dist.launch` re-raises the error after this)."""
+        def mark() -> None:
+            self.manifest.data["status"] = "failed"
+            self.manifest.log("run failed", error=error)
+        self._record(mark)
+
+    def _record(self, write) -> None:
+        # Recording a failure must not hide it: when the manifest cannot be written either (a full
+        # disk), the file keeps its last complete state and the original error is what the user sees.
+        try:
+            write()
+        except (KesiError, OSError):
+            pass
