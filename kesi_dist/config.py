@@ -63,7 +63,18 @@ class DataCfg(Strict):
     loader: Literal["ffcv", "torch"] = "ffcv"
     batch_size: int = Field(128, ge=1)
     num_workers: int = Field(2, ge=0, description="loader threads/processes per training worker")
+    holdout: float = Field(0.1, ge=0, description="held-out selection split carved from the training images, "
+                           "per class: a fraction < 1 or a count >= 1; every choice by accuracy (branches, ASHA, "
+                           "teachers, searches) is made on it and the test split is only reported; 0 = none "
+                           "(selection then uses the test split, and the report says so)")
     synthetic: SyntheticCfg = SyntheticCfg()
+
+    @field_validator("holdout")
+    @classmethod
+    def _whole_count(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"a fraction of each class in (0, 1) or a whole count per class, got {v}")
+        return int(v) if v >= 1 else v
 
     @model_validator(mode="after")
     def _root_needed(self) -> "DataCfg":
@@ -241,7 +252,8 @@ def loader_spec(cfg: Config, data_dir: str | Path):
 
     d = cfg.data
     return LoaderSpec(data_dir=str(data_dir), batch_size=d.batch_size, resolution=d.resolution,
-                      augment=d.augment, backend=d.loader, num_workers=d.num_workers)
+                      augment=d.augment, backend=d.loader, num_workers=d.num_workers, holdout=d.holdout,
+                      holdout_seed=cfg.seed)
 
 
 def engine_spec(cfg: Config):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from kesi_dist.config import Config
 from kesi_dist.errors import KesiError, RunError, UsageError
 from kesi_dist.methods import METHODS
-from kesi_dist.runs import RunContext, fmt_size, open_run
+from kesi_dist.runs import RunContext, fmt_acc, fmt_size, open_run
 
 __all__ = ["run_method", "train_baseline", "open_context"]
 
@@ -87,7 +87,7 @@ def train_baseline(cfg: Config, output: str, resume: bool = False) -> dict:
     ctx = open_context(cfg, output, resume, title=f"kesi train · {cfg.model.arch}",
                        use_ray=cfg.train.num_workers > 0)
     try:
-        data_dir, meta = data_stage(ctx, data_spec(cfg))
+        data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
         entry = baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta)),
                                schedule=schedule_from(cfg.baseline), loader=loader_spec(cfg, data_dir),
                                engine=engine_spec(cfg), seed=cfg.seed, given=cfg.baseline.checkpoint)
@@ -95,5 +95,5 @@ def train_baseline(cfg: Config, output: str, resume: bool = False) -> dict:
         ctx.fail(str(e))
         raise
     ctx.complete()
-    ctx.print(f"baseline: val acc {100 * entry['val_acc']:.2f}%, {fmt_size(entry)} -> {ctx.snapshot('baseline')}")
+    ctx.print(f"baseline: {fmt_acc(entry)}, {fmt_size(entry)} -> {ctx.snapshot('baseline')}")
     return entry

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kesi_dist import storage
-from kesi_dist.report import ReportLayout
+from kesi_dist.report import ReportLayout, protocol_line
 
 __all__ = ["write_model_card", "measure_latency"]
 
@@ -119,7 +119,7 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
                                  f"{base['macs'] / student['macs']:.2f}x fewer MACs "
                                  f"({100 * (1 - student['macs'] / base['macs']):.1f} % reduction)", *speed]) + "."]
     lines += ["", "## Accuracy of every arm", "",
-              f"Validation top-1 on {data_cfg.get('source', '?')} (`report.json`).", "",
+              f"Top-1 on the test split of {data_cfg.get('source', '?')} (`report.json`). {protocol_line(report)}", "",
               "| arm | top-1 | params | MACs | snapshot |", "|---|---|---|---|---|"]
     for label, key, _ in layout.rows:
         r = report.get(key)
@@ -143,7 +143,7 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
     lines += ["", "## Data", "",
               f"- source: `{data_cfg.get('source', '?')}`" + (f" from `{data_cfg['root']}`" if data_cfg.get("root") else ""),
               f"- prepared data: `{data.get('path', '?')}`",
-              f"- {data.get('train_size', '?')} training / {data.get('val_size', '?')} validation images, "
+              f"- {_split_sizes(data)}, "
               f"{data.get('num_classes', '?')} classes",
               f"- input resolution: {res}x{res} px, augmentation `{data_cfg.get('augment', '?')}`; inputs are "
               "normalised with the dataset's mean/std (`meta.json` of the prepared data)",
@@ -174,6 +174,13 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
               "model.load_state_dict(load_file(\"student.safetensors\")); model.eval()",
               "```", ""]
     return "\n".join(lines)
+
+
+def _split_sizes(data: dict) -> str:
+    held = (data.get("holdout") or {}).get("size") or 0
+    train = f"{data.get('train_size', '?')} training images" + (
+        f" ({held} of them held out for selection, never trained on)" if held else "")
+    return f"{train} / {data.get('val_size', '?')} test images"
 
 
 def write_model_card(run_root: str | Path, manifest: dict, report: dict, layout: ReportLayout,

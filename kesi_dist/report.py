@@ -12,7 +12,9 @@ What the rows are and what they are called is the method's (`ReportLayout`, e.g.
 
 A report dict has: "status", one entry per row key (None when missing), "ensemble" (optional: val_acc,
 params/MACs summed over "teachers"), "chain" (rows with iteration, snapshot, val_acc, params, macs and the
-layout's `chain_extra` keys), "snapshots" (the registry), "timings" (seconds per stage).
+layout's `chain_extra` keys), "snapshots" (the registry), "timings" (seconds per stage), and "protocol"
+(which split selected and which is reported, `protocol`). `val_acc` is always the test split's
+accuracy (measured once per snapshot); `holdout_acc` the selection split's, when the run has one.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from pathlib import Path
 
 from kesi_dist import storage
 
-__all__ = ["ReportLayout", "size_row", "write_report", "render_markdown"]
+__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown"]
 
-SIZE_KEYS = ("val_acc", "params", "nonzero_params", "macs")
+SIZE_KEYS = ("val_acc", "holdout_acc", "params", "nonzero_params", "macs")
 
 
 @dataclass(frozen=True)
@@ -61,22 +63,41 @@ def size_row(entry: dict | None, **extra) -> dict | None:
     return {**{k: entry.get(k) for k in SIZE_KEYS}, "snapshot": entry.get("name"), **extra}
 
 
+def protocol(manifest: dict) -> dict:
+    """How a run chose and what it reports: {selection: "holdout" | "test", holdout_size, reported_on}."""
+    held = (manifest.get("stages", {}).get("data", {}).get("holdout") or {})
+    size = int(held.get("size") or 0)
+    return {"selection": "holdout" if size else "test", "holdout_size": size, "reported_on": "test",
+            **({"holdout": held["holdout"], "holdout_sha256": held["sha256"]} if size else {})}
+
+
+def protocol_line(report: dict) -> str:
+    """One sentence for report.md and MODEL_CARD.md."""
+    p = report.get("protocol") or {"selection": "test"}
+    if p["selection"] == "holdout":
+        return (f"Every choice by accuracy (branches, early stops, teachers) was made on {p['holdout_size']} "
+                "training images held out from training (`data.holdout`); every top-1 here is on the test split, "
+                "measured once per snapshot.")
+    return ("Selection used the test split (`data.holdout: 0`): the rows chosen by accuracy are optimistic, "
+            "since the split they were chosen on is the one reported.")
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
 def render_markdown(report: dict, layout: ReportLayout) -> str:
     base = report.get("baseline")
-    lines = [f"# {layout.title}", "", f"Run status: {report['status']}", "",
-             "| | top-1 (%) | params (M) | nonzero params (M) | MACs (M) | MACs reduction |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"# {layout.title}", "", f"Run status: {report['status']}", "", protocol_line(report), "",
+             "| | top-1 test (%) | top-1 holdout (%) | params (M) | nonzero params (M) | MACs (M) | MACs reduction |",
+             "|---|---|---|---|---|---|---|"]
     for label, key, _ in layout.rows:
         r = report.get(key)
         if r is None:
-            lines.append(f"| {label} | – | – | – | – | – |")
+            lines.append(f"| {label} | – | – | – | – | – | – |")
             continue
         red = "–" if not base or key == "ensemble" else f"{100 * (1 - r['macs'] / base['macs']):.1f} %"
-        lines.append(f"| {label} | {_pct(r['val_acc'])} | {r['params'] / 1e6:.3f} | "
+        lines.append(f"| {label} | {_pct(r['val_acc'])} | {_pct(r.get('holdout_acc'))} | {r['params'] / 1e6:.3f} | "
                      f"{r['nonzero_params'] / 1e6:.3f} | {r['macs'] / 1e6:.1f} | {red} |")
     if report.get("ensemble"):
         lines += ["", f"Ensemble: {len(report['ensemble']['teachers'])} teachers "
@@ -127,7 +148,7 @@ def _plot(report: dict, layout: ReportLayout, path: str) -> None:
         ax.scatter([s["macs"] / 1e6], [100 * s["val_acc"]], marker="*", color="tab:red", s=200, label=label,
                    zorder=4)
     ax.set_xlabel("MACs (M)")
-    ax.set_ylabel("validation top-1 (%)")
+    ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -49,8 +49,9 @@ class ImageLoader:
 
     def __init__(self, data_dir: Path, split: str, meta: dict, *, batch_size: int, plan: _Plan, seed: int,
                  rank: int, world_size: int, shuffle: bool, drop_last: bool, device: torch.device,
-                 channels_last: bool, return_indices: bool):
+                 channels_last: bool, return_indices: bool, subset: np.ndarray | None = None):
         self.data_dir, self.split, self.meta, self.plan = data_dir, split, meta, plan
+        self.subset = subset  # positions in the split this loader serves (None: all; see data.holdout)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle, self.drop_last, self.device = shuffle, drop_last, device
         self.channels_last, self.return_indices = channels_last, return_indices
@@ -66,8 +67,11 @@ class ImageLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         """Sample indices (positions in the split) this rank visits in `epoch`, in order."""
-        order = epoch_order(self.split_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
+        n = self.split_size if self.subset is None else len(self.subset)
+        order = epoch_order(n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
                             world_size=self.world_size, drop_last=self.drop_last)
+        if self.subset is not None:
+            order = self.subset[order]
         return order if self.window is None else order[self.window[0]:self.window[1]]
 
     def set_window(self, start: int | None, stop: int | None = None) -> None:

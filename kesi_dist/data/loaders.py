@@ -54,11 +54,12 @@ from kesi_dist.data.image_loader import CIFAR_PAD, ImageLoader, _plan
 from kesi_dist.data.torch_loader import TorchLoader
 from kesi_dist.errors import BadValue, RunError, UsageError
 
-__all__ = ["read_meta", "make_loader", "ImageLoader", "AUGMENTS", "BACKENDS", "SPLITS", "CIFAR_PAD"]
+__all__ = ["read_meta", "make_loader", "ImageLoader", "AUGMENTS", "BACKENDS", "SPLITS", "LOADER_SPLITS", "CIFAR_PAD"]
 
 AUGMENTS = ("cifar", "imagenet", "none")
 BACKENDS = ("ffcv", "torch")
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")  # the files of a prepared folder
+LOADER_SPLITS = (*SPLITS, "holdout")  # "holdout": the held-out part of train.beton (kesi_dist.data.holdout)
 _META_KEYS = ("num_classes", "train_size", "val_size", "resolution", "mean", "std", "class_names")
 
 
@@ -111,13 +112,15 @@ _REUSABLE_MAX = 4
 def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution: int, augment: str = "cifar",
                 backend: str = "ffcv", num_workers: int = 2, seed: int = 0, distributed: bool = False,
                 shuffle: bool | None = None, drop_last: bool | None = None, device="cpu",
-                channels_last: bool = False, return_indices: bool = False, reuse: bool = False) -> ImageLoader:
+                channels_last: bool = False, return_indices: bool = False, reuse: bool = False,
+                holdout: float = 0, holdout_seed: int = 0) -> ImageLoader:
     """A loader over `data_dir/{split}.beton`; see the module docstring for what it yields.
 
     Args:
         data_dir: a folder written by `prepare_dataset`, or its storage URI (copied once into the
             node-local cache, `kesi_dist.storage.local_copy`).
-        split: "train" or "val".
+        split: "train", "val" (the test split, reported) or "holdout" (selection: the held-out part of
+            train.beton, served like val: no augmentation, in order).
         batch_size: samples per batch (per rank when distributed).
         resolution: side of the images the model sees.
         augment: "cifar", "imagenet" or "none" (applies to the train split; val is deterministic).
@@ -134,9 +137,13 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
             files (identity: path, size and modification time of the .beton and meta.json), instead of
             building (and, for FFCV, compiling) a new one; its window is reset, its epoch is the caller's
             to set. Only for callers that do not share it concurrently.
+        holdout, holdout_seed: the held-out selection split (`kesi_dist.data.holdout`): with holdout > 0
+            "train" leaves those images out and "holdout" serves them; 0 = none (val is the same either way).
     """
-    if split not in SPLITS:
-        raise UsageError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
+    if split not in LOADER_SPLITS:
+        raise UsageError(f"split {split!r}: must be one of {', '.join(LOADER_SPLITS)}")
+    if split == "holdout" and not holdout:
+        raise BadValue("holdout", "0: there is no held-out split to load (set a fraction or count per class)")
     if augment not in AUGMENTS:
         raise BadValue("augment", f"{augment!r}: must be one of {', '.join(AUGMENTS)}")
     if backend not in BACKENDS:
@@ -149,7 +156,14 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
         raise BadValue("num_workers", f"{num_workers}: must be >= 0")
     data_dir = Path(storage.local_copy(data_dir))  # a URI is fetched once per node (FFCV maps local files)
     meta = read_meta(data_dir)
-    train = split == "train"
+    subset = None
+    if split != "val" and holdout:
+        from kesi_dist.data.holdout import split_train
+
+        kept, held = split_train(data_dir, holdout, holdout_seed)
+        subset = held if split == "holdout" else kept
+    train = split == "train"  # augmented, shuffled, last batch dropped (by default)
+    file = "val" if split == "val" else "train"
     shuffle = train if shuffle is None else bool(shuffle)
     drop_last = train if drop_last is None else bool(drop_last)
     rank, world = _dist_info(distributed)
@@ -158,22 +172,23 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
         raise UsageError(f"device {device}: CUDA is not available on this machine")
     plan = _plan(augment, train, int(meta["resolution"]), int(resolution))
     common = dict(batch_size=batch_size, plan=plan, seed=seed, rank=rank, world_size=world, shuffle=shuffle,
-                  drop_last=drop_last, device=device, channels_last=channels_last, return_indices=return_indices)
+                  drop_last=drop_last, device=device, channels_last=channels_last, return_indices=return_indices,
+                  subset=subset)
     key = None
     if reuse:
-        files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in (data_dir / f"{split}.beton",
+        files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in (data_dir / f"{file}.beton",
                                                                               data_dir / "meta.json"))
-        key = (str(data_dir.resolve()), files, split, backend, num_workers, str(device),
-               *sorted((k, str(v)) for k, v in common.items()))
+        key = (str(data_dir.resolve()), files, split, backend, num_workers, str(device), holdout, holdout_seed,
+               *sorted((k, str(v)) for k, v in common.items() if k != "subset"))
         if key in _REUSABLE:
             _REUSABLE.move_to_end(key)
             loader = _REUSABLE[key]
             loader.set_window(None)
             return loader
     if backend == "ffcv":
-        loader = FFCVLoader(data_dir, split, meta, num_workers=max(1, num_workers), **common)
+        loader = FFCVLoader(data_dir, file, meta, num_workers=max(1, num_workers), **common)
     else:
-        loader = TorchLoader(data_dir, split, meta, num_workers=num_workers, **common)
+        loader = TorchLoader(data_dir, file, meta, num_workers=num_workers, **common)
     if key is not None:
         _REUSABLE[key] = loader
         while len(_REUSABLE) > _REUSABLE_MAX:

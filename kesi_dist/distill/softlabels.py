@@ -65,11 +65,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def cache_key(*, teacher_hashes: list[str], data_fingerprint: str, seed: int, epochs: int, resolution: int,
-              augment: str, temperature: float, topk: int, values_dtype: str) -> str:
-    """sha256 over everything that determines the stored soft labels (teacher order included)."""
+              augment: str, temperature: float, topk: int, values_dtype: str, holdout: str | None = None) -> str:
+    """sha256 over everything that determines the stored soft labels (teacher order included);
+    `holdout`: the sha256 of the held-out indices the pass leaves out (None: no holdout)."""
     doc = {"format": FORMAT, "teachers": list(teacher_hashes), "data": data_fingerprint, "seed": int(seed),
            "epochs": int(epochs), "resolution": int(resolution), "augment": augment,
            "temperature": float(temperature), "topk": int(topk), "values_dtype": values_dtype}
+    if holdout is not None:  # absent without a holdout: keys of earlier caches stay valid
+        doc["holdout"] = holdout
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -141,7 +144,8 @@ class SoftLabelWorker:
 
     def __init__(self, teacher_paths: list[str], data_dir: str, *, batch_size: int, resolution: int, augment: str,
                  seed: int, temperature: float, topk: int, backend: str, loader_workers: int, threads: int,
-                 gpus: float, values_dtype: str, expected_batches: int | None = None):
+                 gpus: float, values_dtype: str, expected_batches: int | None = None, holdout: float = 0,
+                 holdout_seed: int = 0):
         from kesi_dist.data.loaders import make_loader
         from kesi_dist.distill.ensemble import load_teachers
 
@@ -154,7 +158,8 @@ class SoftLabelWorker:
         self.temperature, self.topk, self.values_dtype = temperature, topk, values_dtype
         self.loader = make_loader(data_dir, "train", batch_size=batch_size, resolution=resolution, augment=augment,
                                   backend=backend, num_workers=loader_workers, seed=seed, shuffle=False,
-                                  drop_last=False, device=self.device, return_indices=True)
+                                  drop_last=False, device=self.device, return_indices=True, holdout=holdout,
+                                  holdout_seed=holdout_seed)
         if expected_batches is not None and len(self.loader) != expected_batches:
             raise RunError(f"{data_dir}: the loader yields {len(self.loader)} batches per epoch, expected "
                            f"{expected_batches}; re-run `kesi data prepare`")
@@ -230,8 +235,14 @@ class SoftLabelCache:
         self._classes: torch.Tensor | None = None
 
     def check(self, *, seed: int, resolution: int, augment: str, epochs: int | None = None,
-              data_fingerprint: str | None = None) -> None:
-        """RunError unless the cache was built for these loader settings (and covers `epochs`)."""
+              data_fingerprint: str | None = None, holdout: tuple[float, int] = (0, 0)) -> None:
+        """RunError unless the cache was built for these loader settings (and covers `epochs`);
+        `holdout`: (data.holdout, its seed) of the student's train loader."""
+        held = self.meta.get("holdout") or {"holdout": 0, "seed": 0}
+        if (held["holdout"], held["seed"]) != tuple(holdout):
+            raise RunError(f"{self.dir}: soft labels were computed with holdout {held['holdout']!r} (seed "
+                           f"{held['seed']}), the student trains with {holdout[0]!r} (seed {holdout[1]}); "
+                           "rebuild the cache for this run's settings")
         want: dict[str, Any] = {"seed": seed, "resolution": resolution, "augment": augment}
         if data_fingerprint is not None:
             want["data_fingerprint"] = data_fingerprint
@@ -259,10 +270,14 @@ class SoftLabelCache:
             values[s] = v
             classes[s] = c
             np.add.at(seen, s, 1)
-        if not (seen == 1).all():
-            bad = int(np.flatnonzero(seen != 1)[0])
-            raise RunError(f"{self.dir}: epoch {epoch} covers sample {bad} {int(seen[bad])} times (expected once); "
-                           f"delete {self.dir} to rebuild")
+        # Every training sample once; the held-out ones (no student trains on them) never.
+        expected = np.ones(self.size, np.int64)
+        if self.meta.get("holdout"):
+            expected[self.meta["holdout"]["indices"]] = 0
+        if not (seen == expected).all():
+            bad = int(np.flatnonzero(seen != expected)[0])
+            raise RunError(f"{self.dir}: epoch {epoch} covers sample {bad} {int(seen[bad])} times (expected "
+                           f"{int(expected[bad])}); delete {self.dir} to rebuild")
         self._values, self._classes = torch.from_numpy(values), torch.from_numpy(classes)
         self._epoch = epoch
 

@@ -5,8 +5,8 @@
     context.py   RunContext: `with ctx.stage(name):` bookkeeping, snapshot registration, the console
 """
 
-from kesi_dist.runs.context import RunContext, Stage, describe_snapshot, fmt_size
+from kesi_dist.runs.context import RunContext, Stage, describe_snapshot, fmt_acc, fmt_size, select_acc
 from kesi_dist.runs.manifest import Manifest
 from kesi_dist.runs.rundir import RunDir, open_run
 
-__all__ = ["RunContext", "Stage", "describe_snapshot", "fmt_size", "Manifest", "RunDir", "open_run"]
+__all__ = ["RunContext", "Stage", "describe_snapshot", "fmt_size", "fmt_acc", "select_acc", "Manifest", "RunDir", "open_run"]

@@ -23,7 +23,7 @@ from kesi_dist.errors import KesiError
 from kesi_dist.runs.manifest import Manifest
 from kesi_dist.runs.rundir import RunDir
 
-__all__ = ["RunContext", "Stage", "describe_snapshot", "fmt_size"]
+__all__ = ["RunContext", "Stage", "describe_snapshot", "fmt_size", "fmt_acc", "select_acc"]
 
 
 def describe_snapshot(path: str, resolution: int) -> dict:
@@ -42,6 +42,19 @@ def fmt_size(entry: dict) -> str:
     """"0.284 M params (0.284 M nonzero), 51.1 M MACs" of a registry entry or `describe_snapshot`."""
     return f"{entry['params'] / 1e6:.3f} M params ({entry['nonzero_params'] / 1e6:.3f} M nonzero), " \
            f"{entry['macs'] / 1e6:.1f} M MACs"
+
+
+def select_acc(entry: dict) -> float:
+    """The accuracy selection compares for a registry entry: its holdout accuracy, or (a run without a
+    holdout, `data.holdout: 0`) its test-split accuracy."""
+    held = entry.get("holdout_acc")
+    return entry["val_acc"] if held is None else held
+
+
+def fmt_acc(entry: dict) -> str:
+    """"val acc 97.50% (holdout 96.12%)": the reported test-split accuracy, and the selection one."""
+    held = entry.get("holdout_acc")
+    return f"val acc {100 * entry['val_acc']:.2f}%" + ("" if held is None else f" (holdout {100 * held:.2f}%)")
 
 
 @dataclass

@@ -19,13 +19,14 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from kesi_dist.errors import RunError
-from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
+from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec, selection_key
 from kesi_dist.train.tasks import TaskSpec
 
 __all__ = ["Branch", "run_branches", "ASHA_METRIC"]
 
-# The metric ASHA compares; only competing branches report it, so ASHA never stops a comparison arm.
-ASHA_METRIC = "branch/val_acc"
+# The metric ASHA compares (the selection split's accuracy, `selection_key`); only competing branches
+# report it, so ASHA never stops a comparison arm.
+ASHA_METRIC = "branch/select_acc"
 
 
 @dataclass
@@ -52,18 +53,20 @@ def _trial(config: dict) -> None:
     from kesi_dist.train.loop import DivergedError
 
     b = Branch(**config["branch"])
-    metric_key = ASHA_METRIC if b.compete else f"{b.arm}/val_acc"
+    metric_key = ASHA_METRIC if b.compete else f"{b.arm}/select_acc"
+    loader = LoaderSpec(**config["loader"])
+    select = selection_key(loader)
     start = time.time()
 
     def on_epoch(m: dict) -> None:
-        tune.report({"epoch": m["epoch"] + 1, "val/acc": m["val/acc"], "train/loss": m["train/loss"],
-                     metric_key: m["val/acc"]})
+        tune.report({"epoch": m["epoch"] + 1, "select/acc": m[select], "train/loss": m["train/loss"],
+                     metric_key: m[select]})
 
     try:
         result = run_training(
             model=ModelSpec(arch="", init_checkpoint=b.init_checkpoint),
             schedule=ScheduleSpec(**b.schedule),
-            loader=LoaderSpec(**config["loader"]),
+            loader=loader,
             engine=EngineSpec(**config["engine"]),
             storage_path=config["storage"],
             name=b.name,
@@ -85,7 +88,8 @@ def _trial(config: dict) -> None:
         return
     tune.report({
         "epoch": result.metrics["epoch"] + 1, "val/acc": result.metrics["val/acc"],
-        metric_key: result.metrics["val/acc"], "snapshot": b.checkpoint,
+        "holdout/acc": result.metrics.get("holdout/acc"), metric_key: result.metrics[select],
+        "snapshot": b.checkpoint,
         "node_id": result.metrics.get("node_id") or ray.get_runtime_context().get_node_id(),
         "start": start, "end": time.time(), "attempts": result.attempts,
         "world_size": result.metrics.get("world_size", 1),

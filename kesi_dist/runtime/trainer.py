@@ -35,7 +35,8 @@ class TrainResult:
     """What a training run produced.
 
     Attributes:
-        metrics: the last epoch's metrics (epoch, train/*, val/*, lr, images_per_s, epoch_s).
+        metrics: the last epoch's metrics (epoch, train/*, val/* (the test split), holdout/* (the
+            selection split, with a holdout), lr, images_per_s, epoch_s).
         history: every completed epoch's metrics, in order, as rank 0 recorded them (restored from
             the checkpoint after a restart, so it lists each epoch once).
         started: the epoch numbers the workers started, in order, across restarts (a failure shows as
@@ -55,8 +56,10 @@ class TrainResult:
 
 
 def _fmt(m: dict, epochs: int, name: str) -> str:
+    evals = "".join(f"  {split} loss {m[f'{split}/loss']:.4f}  {split} acc {100 * m[f'{split}/acc']:.1f}%"
+                    for split in ("holdout", "val") if f"{split}/acc" in m)
     return (f"[bold]{name}[/] epoch {m['epoch'] + 1}/{epochs}  loss {m['train/loss']:.4f}  "
-            f"acc {100 * m['train/acc']:.1f}%  val loss {m['val/loss']:.4f}  val acc {100 * m['val/acc']:.1f}%  "
+            f"acc {100 * m['train/acc']:.1f}%{evals}  "
             f"lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s  {m['epoch_s']:.1f}s")
 
 
@@ -161,7 +164,7 @@ def run_training(
         elif kind == "epoch":
             m = event["metrics"]
             history.append(m)
-            writer.scalars({k: v for k, v in m.items() if k.startswith(("train/", "val/"))
+            writer.scalars({k: v for k, v in m.items() if k.startswith(("train/", "val/", "holdout/"))
                             or k in ("lr", "images_per_s", "epoch_s")}, step=m["epoch"] + 1)
             if progress:
                 console.print(_fmt(m, schedule.epochs, name), soft_wrap=True)
@@ -181,7 +184,8 @@ def run_training(
         if final_checkpoint:
             final = _export_final(last, final_checkpoint)
         if hparams:
-            writer.hparams(hparams, {k: history[-1][k] for k in ("val/acc", "val/loss", "train/loss")})
+            writer.hparams(hparams, {k: history[-1][k] for k in ("val/acc", "val/loss", "train/loss", "holdout/acc")
+                                     if k in history[-1]})
     finally:
         writer.close()
     return TrainResult(metrics=history[-1], history=history, started=started, attempts=attempts,

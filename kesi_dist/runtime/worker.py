@@ -2,7 +2,8 @@
 
     setup    model (built, or from a checkpoint with its masks), task, loaders, optimizer, engine
     resume   weights, optimizer, scheduler and history from the last epoch checkpoint, if any
-    epoch    one epoch of the task, then evaluation, summed over ranks
+    epoch    one epoch of the task, then evaluation (holdout every epoch, the test split after the last;
+             see `LoaderSpec`), summed over ranks
     save     the epoch's checkpoint folder, reported to the session (Ray Train or local)
 
 Every input travels in `config` (plain dicts of `kesi_dist.train.spec` and `TaskSpec`), so a worker on
@@ -114,11 +115,13 @@ class _Worker:
                       channels_last=self.espec.channels_last and self.device.type == "cuda")
         self.task = build_task(self.tspec, num_classes=self.model.num_classes, device=self.device,
                                seed=self.run["seed"], resolution=lspec.resolution, augment=lspec.augment,
-                               epochs=self.sched.epochs)
+                               epochs=self.sched.epochs, **lspec.split_args)
         # reuse: a Tune trial process trains branch after branch with the same loaders (FFCV compiles each)
         self.train_loader = make_loader(lspec.data_dir, "train", return_indices=self.task.needs_indices, reuse=True,
-                                        **common)
-        self.val_loader = make_loader(lspec.data_dir, "val", reuse=True, **common)
+                                        **common, **lspec.split_args)
+        self.val_loader = make_loader(lspec.data_dir, "val", reuse=True, **common)  # the test split: reported
+        self.holdout_loader = (make_loader(lspec.data_dir, "holdout", reuse=True, **common, **lspec.split_args)
+                               if lspec.holdout else None)  # the selection split: every epoch
         max_steps = self.run.get("max_steps_per_epoch")
         self.steps_per_epoch = min(len(self.train_loader), max_steps) if max_steps else len(self.train_loader)
 
@@ -170,8 +173,9 @@ class _Worker:
         from kesi_dist.train.optim import current_lr
 
         self.session.emit({"event": "epoch_start", "epoch": epoch})
-        for ld in (self.train_loader, self.val_loader):
-            ld.set_epoch(epoch)
+        for ld in (self.train_loader, self.val_loader, self.holdout_loader):
+            if ld is not None:
+                ld.set_epoch(epoch)
         self.task.set_epoch(epoch)
         loader = self.train_loader
         inject = self.run.get("inject_failure_at_epoch")
@@ -187,8 +191,14 @@ class _Worker:
                             engine=self.w.engine)
         except DivergedError as err:
             raise DivergedError(f"diverged at epoch {epoch + 1}: {err}") from None
-        m.update(evaluate(self.w.model, self.val_loader, self.device, autocast_bf16=e.bf16,
-                          channels_last=e.channels_last))
+        # Selection sees the holdout every epoch; the test split is measured once, after the last epoch
+        # (every epoch when there is no holdout: it is then the selection split too).
+        evals = [(self.holdout_loader, "holdout")] if self.holdout_loader is not None else []
+        if self.holdout_loader is None or epoch == self.sched.epochs - 1:
+            evals.append((self.val_loader, "val"))
+        for ld, prefix in evals:
+            m.update(evaluate(self.w.model, ld, self.device, autocast_bf16=e.bf16, channels_last=e.channels_last,
+                              prefix=prefix))
         m.update({"epoch": epoch, "lr": lr, "lr_end": current_lr(self.optimizer), "world_size": self.world,
                   "node_id": self.node_id})
         self.history.append(m)

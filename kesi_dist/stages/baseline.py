@@ -6,7 +6,7 @@ import time
 
 from kesi_dist import storage
 from kesi_dist.errors import UsageError
-from kesi_dist.runs import RunContext, fmt_size
+from kesi_dist.runs import RunContext, fmt_acc, fmt_size
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
 __all__ = ["baseline_stage", "evaluate_snapshot"]
@@ -24,7 +24,9 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
         start = time.time()
         if given:
             _import(ctx, given, model)
-            val_acc, node_id, attempts, workers = evaluate_snapshot(ctx.snapshot("baseline"), loader), None, 0, 0
+            path = ctx.snapshot("baseline")
+            val_acc, node_id, attempts, workers = evaluate_snapshot(path, loader), None, 0, 0
+            holdout_acc = evaluate_snapshot(path, loader, "holdout") if loader.holdout else None
         else:
             ctx.print(f"[bold]baseline[/]: training {model.arch} for {schedule.epochs} epochs "
                       f"on {max(engine.num_workers, 1)} worker(s)")
@@ -34,11 +36,11 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
                 tensorboard_dir=ctx.run.path("tensorboard", "baseline"), max_steps_per_epoch=ctx.max_steps,
             )
             val_acc, node_id, attempts = result.metrics["val/acc"], result.metrics.get("node_id"), result.attempts
-            workers = result.metrics.get("world_size", 1)
+            holdout_acc, workers = result.metrics.get("holdout/acc"), result.metrics.get("world_size", 1)
         entry = ctx.register("baseline", arm="baseline", iteration=0, branch=None, parent=None, hparams={},
                              node_id=node_id, start=start, end=time.time(), attempts=attempts, val_acc=val_acc,
-                             workers=workers)
-        ctx.print(f"  baseline: val acc {100 * entry['val_acc']:.2f}%, {fmt_size(entry)}")
+                             holdout_acc=holdout_acc, workers=workers)
+        ctx.print(f"  baseline: {fmt_acc(entry)}, {fmt_size(entry)}")
     return entry
 
 
@@ -56,13 +58,14 @@ def _import(ctx: RunContext, path: str, model: ModelSpec) -> None:
     storage.copy_file(path, ctx.snapshot("baseline"))  # either may be a URI; atomic at the destination
 
 
-def evaluate_snapshot(path: str, loader: LoaderSpec) -> float:
-    """Validation accuracy of a snapshot file (in this process, on the CPU)."""
+def evaluate_snapshot(path: str, loader: LoaderSpec, split: str = "val") -> float:
+    """Accuracy of a snapshot file on `split` ("val": the test split; "holdout"), in this process, on the CPU."""
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
     from kesi_dist.data.loaders import make_loader
     from kesi_dist.train.loop import evaluate
 
     model, _ = model_from_checkpoint(load_checkpoint(path))
-    val = make_loader(loader.data_dir, "val", batch_size=loader.batch_size, resolution=loader.resolution,
-                      augment=loader.augment, backend=loader.backend, num_workers=loader.num_workers)
-    return float(evaluate(model, val, "cpu")["val/acc"])
+    data = make_loader(loader.data_dir, split, batch_size=loader.batch_size, resolution=loader.resolution,
+                       augment=loader.augment, backend=loader.backend, num_workers=loader.num_workers,
+                       **loader.split_args)
+    return float(evaluate(model, data, "cpu")["val/acc"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from kesi_dist.runs import RunContext, fmt_size
+from kesi_dist.runs import RunContext, fmt_acc, fmt_size
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 from kesi_dist.train.tasks import TaskSpec
 
@@ -35,9 +35,10 @@ def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: T
         )
         entry = ctx.register(name, arm="student", iteration=iteration, branch=None, parent=student,
                              hparams={"teachers": teachers, "mode": task.mode}, val_acc=result.metrics["val/acc"],
+                             holdout_acc=result.metrics.get("holdout/acc"),
                              node_id=result.metrics.get("node_id"), start=start, end=time.time(),
                              attempts=result.attempts, workers=result.metrics.get("world_size", 1))
         if result.attempts > 1:
             ctx.manifest.log("distill retried", attempts=result.attempts)
-        ctx.print(f"  {name}: val acc {100 * entry['val_acc']:.2f}%, {fmt_size(entry)}")
+        ctx.print(f"  {name}: {fmt_acc(entry)}, {fmt_size(entry)}")
     return entry

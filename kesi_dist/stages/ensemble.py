@@ -12,33 +12,36 @@ from kesi_dist.train.spec import EngineSpec, LoaderSpec
 __all__ = ["ensemble_stage", "measure_ensemble"]
 
 
-def _measure(paths: list[str], loader: dict, gpus: float) -> dict:
-    """Runs where the resources are: members' and ensemble accuracy on the validation split."""
+def _measure(paths: list[str], loader: dict, gpus: float, split: str) -> dict:
+    """Runs where the resources are: members' and ensemble accuracy on `split`."""
     from kesi_dist.data.loaders import make_loader
     from kesi_dist.distill import evaluate_ensemble, load_teachers
     from kesi_dist.train.devices import compute_device
 
     device = compute_device(gpus)
-    val = make_loader(loader["data_dir"], "val", batch_size=loader["batch_size"], resolution=loader["resolution"],
+    val = make_loader(loader["data_dir"], split, batch_size=loader["batch_size"], resolution=loader["resolution"],
                       augment=loader["augment"], backend=loader["backend"], num_workers=loader["num_workers"],
-                      device=device)
+                      device=device, holdout=loader["holdout"], holdout_seed=loader["holdout_seed"])
     out = evaluate_ensemble(load_teachers(paths, device=device), val, device=device)
     return {"acc": float(out["acc"]), "member_acc": [float(a) for a in out["member_acc"]],
             "predictions": out["predictions"].cpu()}
 
 
-def measure_ensemble(paths: list[str], loader: LoaderSpec, engine: EngineSpec) -> dict:
-    """{"acc", "member_acc", "predictions" [members, samples]} of the snapshot files `paths`."""
+def measure_ensemble(paths: list[str], loader: LoaderSpec, engine: EngineSpec, split: str = "val") -> dict:
+    """{"acc", "member_acc", "predictions" [members, samples]} of the snapshot files `paths` on `split`
+    ("val": the test split, reported; "holdout": the selection split)."""
     from kesi_dist.runtime import run_remote
 
-    return run_remote(_measure, paths, vars(loader), engine.gpus_per_worker, num_cpus=engine.cpus_per_worker,
+    return run_remote(_measure, paths, vars(loader), engine.gpus_per_worker, split, num_cpus=engine.cpus_per_worker,
                       num_gpus=engine.gpus_per_worker)
 
 
 def ensemble_stage(ctx: RunContext, *, policy: str, chain: list[str], candidates: dict[str, float], k: int,
                    loader: LoaderSpec, engine: EngineSpec) -> list[str]:
     """The teachers chosen by `policy` (`kesi_dist.distill.select_teachers`) among `candidates`
-    (snapshot name -> validation accuracy), recorded with the ensemble's accuracy."""
+    (snapshot name -> selection accuracy, `kesi_dist.runs.select_acc`), recorded with the ensemble's
+    accuracy on the test split. The diverse policy compares predictions on the holdout (the test split
+    only when the run has none): nothing chosen here has seen the split that is reported."""
     from kesi_dist.distill import select_teachers
 
     with ctx.stage("ensemble") as st:
@@ -47,12 +50,14 @@ def ensemble_stage(ctx: RunContext, *, policy: str, chain: list[str], candidates
         predictions = None
         if policy == "diverse":
             names = list(candidates)
-            preds = measure_ensemble([ctx.snapshot(n) for n in names], loader, engine)["predictions"]
+            split = "holdout" if loader.holdout else "val"
+            preds = measure_ensemble([ctx.snapshot(n) for n in names], loader, engine, split)["predictions"]
             predictions = dict(zip(names, preds))
         teachers = select_teachers(policy, chain=chain, candidates=candidates, k=k, predictions=predictions)
         ens = measure_ensemble([ctx.snapshot(n) for n in teachers], loader, engine)
         best = max(teachers, key=lambda n: candidates[n])
+        member = dict(zip(teachers, ens["member_acc"]))
         ctx.print(f"[bold]ensemble[/] ({policy}): {len(teachers)} teachers {', '.join(teachers)}: "
-                  f"val acc {100 * ens['acc']:.2f}% (best member {best} {100 * candidates[best]:.2f}%)")
-        st.update(teachers=teachers, acc=ens["acc"], member_acc=dict(zip(teachers, ens["member_acc"])))
+                  f"val acc {100 * ens['acc']:.2f}% (best member {best} {100 * member[best]:.2f}%)")
+        st.update(teachers=teachers, acc=ens["acc"], member_acc=member)
     return teachers

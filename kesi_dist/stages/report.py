@@ -3,15 +3,17 @@ print its rows."""
 
 from __future__ import annotations
 
-from kesi_dist.report import ReportLayout, write_report
+from kesi_dist.report import ReportLayout, protocol, write_report
 from kesi_dist.runs import RunContext
 
 __all__ = ["report_stage"]
 
 
 def report_stage(ctx: RunContext, report: dict, layout: ReportLayout) -> None:
+    """`report` (the method's rows) gains the run's evaluation protocol (`kesi_dist.report.protocol`)."""
     from kesi_dist.model_card import write_model_card
 
+    report = {**report, "protocol": protocol(ctx.manifest.data)}
     write_report(ctx.run.root, report, layout)
     write_model_card(ctx.run.root, ctx.manifest.data, report, layout, ctx.run.config)
     base = report.get("baseline")

@@ -8,7 +8,7 @@ failures; choosing among the branches is the method's.
 
 from __future__ import annotations
 
-from kesi_dist.runs import RunContext
+from kesi_dist.runs import RunContext, fmt_acc
 from kesi_dist.runtime.branches import Branch
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
@@ -25,10 +25,10 @@ def retrain(ctx: RunContext, stage: str, branches: list[Branch], *, loader: Load
 
     def done(b: Branch, result: dict) -> None:
         entry = ctx.register(b.name, arm=b.arm, **b.meta, hparams=b.hparams, val_acc=result["val/acc"],
-                             node_id=result.get("node_id"), start=result.get("start"), end=result.get("end"),
-                             attempts=result.get("attempts"), workers=result.get("world_size"))
-        ctx.print(f"  [green]{b.name}[/] done: val acc {100 * entry['val_acc']:.2f}% "
-                  f"({', '.join(f'{k}={v}' for k, v in b.hparams.items())})")
+                             holdout_acc=result.get("holdout/acc"), node_id=result.get("node_id"),
+                             start=result.get("start"), end=result.get("end"), attempts=result.get("attempts"),
+                             workers=result.get("world_size"))
+        ctx.print(f"  [green]{b.name}[/] done: {fmt_acc(entry)} ({', '.join(f'{k}={v}' for k, v in b.hparams.items())})")
 
     def failed(b: Branch, why: str) -> None:
         failures[b.name] = why
@@ -37,8 +37,9 @@ def retrain(ctx: RunContext, stage: str, branches: list[Branch], *, loader: Load
 
     def progress(b: Branch, result: dict) -> None:
         if "epoch" in result:
+            what = "holdout acc" if loader.holdout else "val acc"
             ctx.print(f"  {b.name} epoch {result['epoch']}/{b.schedule['epochs']}  "
-                      f"val acc {100 * result['val/acc']:.1f}%  loss {result['train/loss']:.4f}")
+                      f"{what} {100 * result['select/acc']:.1f}%  loss {result['train/loss']:.4f}")
 
     def retry(b: Branch, why: str, attempt: int) -> None:
         ctx.manifest.log(f"branch {b.name} retried", attempt=attempt, error=why)

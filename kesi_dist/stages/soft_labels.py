@@ -47,7 +47,7 @@ def soft_labels_stage(ctx: RunContext, teachers: list[str], *, loader: LoaderSpe
             [ctx.snapshot(n) for n in teachers], loader.data_dir, out, epochs=epochs, seed=seed,
             batch_size=loader.batch_size, resolution=loader.resolution, augment=loader.augment,
             temperature=temperature, topk=topk, num_actors=actors, backend=loader.backend,
-            cpus_per_actor=engine.cpus_per_worker, gpus_per_actor=engine.gpus_per_worker)
+            cpus_per_actor=engine.cpus_per_worker, gpus_per_actor=engine.gpus_per_worker, **loader.split_args)
         st.update(reused=bool(meta.get("reused")), actors=actors)
     return out
 
@@ -70,6 +70,8 @@ def build_soft_label_cache(
     gpus_per_actor: float = 0,
     loader_workers: int = 1,
     values_dtype: str = "float32",
+    holdout: float = 0,
+    holdout_seed: int = 0,
 ) -> dict:
     """Compute (or reuse) the soft labels of `epochs` epochs of the train split on a pool of Ray actors.
 
@@ -89,6 +91,8 @@ def build_soft_label_cache(
         topk: probabilities kept per sample (>= num_classes keeps the full distribution).
         num_actors: actors in the pool (at most one per batch of the pass).
         values_dtype: "float32" (exact) or "float16" (half the space, ~1e-3 relative error).
+        holdout, holdout_seed: the student's held-out split (`kesi_dist.data.holdout`): those images are
+            never trained on, so the pass leaves them out.
 
     Returns:
         The cache's meta: key, settings, "actors" (actor index, actor_id, pid, node_id), "shards" (one per
@@ -130,7 +134,15 @@ def build_soft_label_cache(
     settings = {"seed": int(seed), "epochs": int(epochs), "resolution": int(resolution), "augment": augment,
                 "temperature": float(temperature), "topk": int(topk), "values_dtype": values_dtype}
     teacher_hashes = [file_sha256(p) for p in teacher_paths]
-    key = cache_key(teacher_hashes=teacher_hashes, data_fingerprint=data_fp, **settings)
+    train_size = int(data_meta["train_size"])
+    held = None
+    if holdout:  # the student never trains on these: the pass leaves them out
+        from kesi_dist.data.holdout import describe_holdout
+
+        held = describe_holdout(_abs(data_dir), holdout, holdout_seed, with_indices=True)
+        train_size = held["train_size"]
+    key = cache_key(teacher_hashes=teacher_hashes, data_fingerprint=data_fp, **settings,
+                    holdout=held["sha256"] if held else None)
     out = out_dir if storage.is_uri(out_dir) else str(out_dir)
     found = complete_meta(out, key)
     if found is not None:
@@ -141,7 +153,7 @@ def build_soft_label_cache(
     for old in fnmatch.filter(storage.listdir(out), "*-e*-s*-*.npy"):
         storage.remove(storage.join(out, old))
 
-    n_batches = math.ceil(int(data_meta["train_size"]) / batch_size)
+    n_batches = math.ceil(train_size / batch_size)
     used = min(num_actors, n_batches * epochs)  # an actor with no batch would only cost a process
     shards: list[dict] = []
     prefix = key[:12]
@@ -158,7 +170,8 @@ def build_soft_label_cache(
     worker_kwargs = dict(batch_size=batch_size, resolution=resolution, augment=augment, seed=seed,
                          temperature=temperature, topk=topk, backend=backend, loader_workers=loader_workers,
                          threads=max(1, int(cpus_per_actor)), gpus=gpus_per_actor,
-                         values_dtype=values_dtype, expected_batches=n_batches)
+                         values_dtype=values_dtype, expected_batches=n_batches, holdout=holdout,
+                         holdout_seed=holdout_seed)
     pool_start = time.perf_counter()
     actors = map_units(SoftLabelWorker, work_units(n_batches, epochs, used), on_result=write, num_actors=used,
                        args=([_abs(p) for p in teacher_paths], _abs(data_dir)), kwargs=worker_kwargs,
@@ -171,7 +184,7 @@ def build_soft_label_cache(
     meta = {
         "format": FORMAT, "key": key, **settings, "topk_stored": k, "batch_size": int(batch_size),
         "num_classes": int(data_meta["num_classes"]), "train_size": int(data_meta["train_size"]),
-        "data_dir": _abs(data_dir), "data_fingerprint": data_fp,
+        "data_dir": _abs(data_dir), "data_fingerprint": data_fp, "samples_per_epoch": train_size, "holdout": held,
         "teachers": [{"path": str(p), "sha256": h} for p, h in zip(teacher_paths, teacher_hashes)],
         "num_actors": used, "batches_per_epoch": n_batches,
         "actors": actors,

@@ -175,8 +175,10 @@ def evaluate(
     *,
     autocast_bf16: bool = False,
     channels_last: bool = False,
+    prefix: str = "val",
 ) -> dict[str, float]:
-    """Cross-entropy loss and top-1 accuracy over `loader` (summed over ranks when distributed)."""
+    """Cross-entropy loss and top-1 accuracy over `loader` (summed over ranks when distributed), as
+    `{prefix}/loss` and `{prefix}/acc` ("val": the test split; "holdout": the selection split)."""
     device = torch.device(device)
     use_cl = channels_last and device.type == "cuda"
     # The bare model: a DDP forward would sync buffers and hang if shards have unequal batch counts.
@@ -196,5 +198,5 @@ def evaluate(
         count += labels.shape[0]
     loss_sum, correct, count = _global_sums([loss_sum, correct, count], device)
     if count == 0:
-        raise RunError("evaluation loader is empty: the validation split has no images for this worker")
-    return {"val/loss": loss_sum / count, "val/acc": correct / count}
+        raise RunError(f"evaluation loader is empty: the {prefix} split has no images for this worker")
+    return {f"{prefix}/loss": loss_sum / count, f"{prefix}/acc": correct / count}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["ModelSpec", "ScheduleSpec", "LoaderSpec", "EngineSpec", "schedule_from"]
+__all__ = ["ModelSpec", "ScheduleSpec", "LoaderSpec", "EngineSpec", "schedule_from", "selection_key"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class LoaderSpec:
     """Where the prepared data lives and how each worker reads it.
 
     `batch_size` is the GLOBAL batch (the paper's 128): each of N workers reads batch_size / N.
+    `holdout` > 0 keeps that part of train.beton out of training (`kesi_dist.data.holdout`, drawn with
+    `holdout_seed`): it is evaluated every epoch and is what selection compares; the test split (val)
+    is evaluated once, after the last epoch. With 0, val is evaluated every epoch and selects too.
     """
 
     data_dir: str
@@ -58,6 +61,13 @@ class LoaderSpec:
     augment: str = "cifar"
     backend: str = "ffcv"
     num_workers: int = 2
+    holdout: float = 0.0
+    holdout_seed: int = 0
+
+    @property
+    def split_args(self) -> dict:
+        """The keywords `make_loader` needs to tell train from holdout."""
+        return {"holdout": self.holdout, "holdout_seed": self.holdout_seed}
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,11 @@ class EngineSpec:
     bf16: bool = True
     channels_last: bool = True
     max_failures: int = 2
+
+
+def selection_key(loader: LoaderSpec) -> str:
+    """The per-epoch metric selection compares: holdout accuracy, or the test split's without a holdout."""
+    return "holdout/acc" if loader.holdout else "val/acc"
 
 
 def schedule_from(obj: Any, **overrides: Any) -> ScheduleSpec:

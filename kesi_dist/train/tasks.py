@@ -107,9 +107,9 @@ class TaskSpec:
 
 
 def build_task(spec: TaskSpec, *, num_classes: int, device: torch.device, seed: int, resolution: int,
-               augment: str, epochs: int) -> Task:
-    """The Task of `spec`, in a worker. seed/resolution/augment/epochs are the worker's loader settings:
-    cached soft labels are only valid for the augmentation this worker replays."""
+               augment: str, epochs: int, holdout: float = 0, holdout_seed: int = 0) -> Task:
+    """The Task of `spec`, in a worker. seed/resolution/augment/epochs/holdout are the worker's loader
+    settings: cached soft labels are only valid for the images and augmentation this worker replays."""
     if spec.kind == "classification":
         return Classification()
     if spec.kind != "distillation":
@@ -118,7 +118,8 @@ def build_task(spec: TaskSpec, *, num_classes: int, device: torch.device, seed: 
 
     if spec.soft_labels:
         source = CachedSoftLabels(spec.soft_labels, temperature=spec.temperature, num_classes=num_classes)
-        source.cache.check(seed=seed, resolution=resolution, augment=augment, epochs=epochs)
+        source.cache.check(seed=seed, resolution=resolution, augment=augment, epochs=epochs,
+                           holdout=(holdout, holdout_seed if holdout else 0))
     elif spec.teachers:
         source = OnlineTeachers.load(list(spec.teachers), temperature=spec.temperature, device=device)
     else:

@@ -62,7 +62,7 @@ def test_model_card_sections_and_numbers(tmp_path):
     # Teachers, data, commands.
     assert "distilled from 2 teachers (ensemble top-1 94.12 %)" in card
     assert "- `baseline`: top-1 93.42 %" in card and "- `iter1_b0`: top-1 92.31 %" in card
-    assert "- 1437 training / 360 validation images, 4 classes" in card and "16x16 px" in card
+    assert "- 1437 training images / 360 test images, 4 classes" in card and "16x16 px" in card
     assert f"kesi run {config} --output NEW_RUN_DIR" in card and "  arch: resnet20" in card  # config embedded
     for fmt, out in (("onnx", "student.onnx"), ("torchscript", "student.ts"), ("safetensors", "student.safetensors")):
         assert f"kesi export {tmp_path} --format {fmt} --out {out}" in card

@@ -61,7 +61,9 @@ def test_ffcv_and_two_ray_train_workers_for_every_stage_with_cached_distillation
     assert m["stages"]["soft_labels"]["status"] == "complete" and m["stages"]["distill"]["mode"] == "cached"
     meta = json.loads((out / "soft_labels" / "meta.json").read_text())
     assert meta["num_actors"] == 2 and {s["actor"] for s in meta["shards"]} <= {a["actor"] for a in meta["actors"]}
-    assert sum(s["count"] for s in meta["shards"] if s["epoch"] == 0) == 1437  # every image, once
+    held = m["stages"]["data"]["holdout"]  # digits' 1437 training images less the held-out ones: each once
+    assert sum(s["count"] for s in meta["shards"] if s["epoch"] == 0) == held["train_size"] == 1437 - held["size"]
+    assert held["size"] > 0 and meta["holdout"]["size"] == held["size"]
     assert "on 2 worker(s)" in proc.stdout and m["status"] == "complete"
 
 

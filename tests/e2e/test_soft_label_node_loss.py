@@ -84,5 +84,7 @@ def test_a_run_survives_losing_nodes_in_the_baseline_and_the_soft_label_pass(clu
     meta = json.loads((shards / "meta.json").read_text())
     units = {(s["epoch"], s["shard"]) for s in meta["shards"]}
     assert len(units) == len(meta["shards"]) and {e for e, _ in units} == set(range(8))  # every unit, once
-    assert sum(s["count"] for s in meta["shards"] if s["epoch"] == 0) == 1437  # digits' train split
+    held = m["stages"]["data"]["holdout"]  # digits' 1437 training images less the held-out ones: each once
+    assert sum(s["count"] for s in meta["shards"] if s["epoch"] == 0) == held["train_size"] == 1437 - held["size"]
+    assert held["size"] > 0 and meta["holdout"]["size"] == held["size"]
     assert m["snapshots"]["student"]["node_id"] not in killed and "Traceback" not in run.text

@@ -311,3 +311,26 @@ def test_train_epoch_with_online_and_cached_teachers_follows_the_same_trajectory
             assert c[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
         assert a["train/loss"] == pytest.approx(0.5 * a["train/kd_loss"] + 0.5 * a["train/task_loss"], rel=1e-5)
     assert results["cached"][1]["train/loss"] < results["cached"][0]["train/loss"]
+
+
+@pytest.mark.slow
+def test_a_pass_with_a_holdout_never_labels_the_held_out_images(ray_local, tiny_data, teacher_files, tmp_path):
+    """The student never trains on the holdout, so the pass leaves it out: every other image once per
+    epoch, the held-out ones never; the key differs from the full pass's, and a student with another
+    holdout is refused."""
+    from kesi_dist.data.holdout import split_train
+
+    out = str(tmp_path / "soft")
+    meta = build_soft_label_cache(teacher_files[:2], tiny_data, out, epochs=1, seed=SEED, batch_size=128,
+                                  resolution=RES, augment="cifar", temperature=T, topk=CLASSES, num_actors=1,
+                                  holdout=0.1, holdout_seed=SEED)
+    kept, held = split_train(tiny_data, 0.1, SEED)
+    assert meta["holdout"]["indices"] == held.tolist() and meta["samples_per_epoch"] == len(kept) == 1024 - len(held)
+    seen = np.concatenate([np.load(Path(out) / s["files"]["samples"]["name"]) for s in meta["shards"]])
+    assert np.array_equal(np.sort(seen), kept)
+    cache = SoftLabelCache(out)
+    cache.check(seed=SEED, resolution=RES, augment="cifar", epochs=1, holdout=(0.1, SEED))
+    values, _ = cache.lookup(0, torch.from_numpy(kept[:5]))
+    assert torch.allclose(values.sum(1), torch.ones(5), atol=1e-5)  # every class kept: a whole distribution
+    with pytest.raises(RunError, match="holdout 0.1"):
+        cache.check(seed=SEED, resolution=RES, augment="cifar", epochs=1, holdout=(0, 0))

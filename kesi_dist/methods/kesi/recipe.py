@@ -20,7 +20,7 @@ from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_cl
 from kesi_dist.errors import RunError
 from kesi_dist.methods.kesi.prune import prune_iteration, restart_grid
 from kesi_dist.methods.kesi.report import build_report, layout
-from kesi_dist.runs import RunContext, describe_snapshot, fmt_size
+from kesi_dist.runs import RunContext, describe_snapshot, fmt_acc, fmt_size, select_acc
 from kesi_dist.stages.baseline import baseline_stage
 from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.distill import distill_stage
@@ -36,7 +36,7 @@ __all__ = ["run"]
 
 def run(cfg: Config, ctx: RunContext) -> None:
     m = cfg.method
-    data_dir, meta = data_stage(ctx, data_spec(cfg))
+    data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     model = ModelSpec(arch=cfg.model.arch, num_classes=num_classes(cfg, meta))
     baseline_stage(ctx, model=model, schedule=schedule_from(cfg.baseline), loader=loader, engine=engine,
@@ -45,7 +45,7 @@ def run(cfg: Config, ctx: RunContext) -> None:
     for k in range(1, m.prune.iterations + 1):
         parent, fixed_parent = prune_stage(cfg, ctx, k, parent, fixed_parent, loader, engine)
     chain = ["baseline"] + [ctx.manifest.stages[f"prune_{k}"]["chosen"] for k in range(1, m.prune.iterations + 1)]
-    candidates = {n: s["val_acc"] for n, s in ctx.manifest.snapshots.items() if s.get("arm") in ("baseline", "onecycle")}
+    candidates = {n: select_acc(s) for n, s in ctx.manifest.snapshots.items() if s.get("arm") in ("baseline", "onecycle")}
     d = m.distill
     teachers = ensemble_stage(ctx, policy=d.teachers, chain=chain, candidates=candidates, k=d.num_teachers,
                               loader=loader, engine=engine)
@@ -95,12 +95,12 @@ def prune_stage(cfg: Config, ctx: RunContext, k: int, parent: str, fixed_parent:
         if not finished:
             detail = "; ".join(f"{name}: {why}" for name, why in failures.items()) or "no branch ran"
             raise RunError(f"iteration {k}: every branch failed ({detail})")
-        chosen = max(finished, key=lambda n: snaps[n]["val_acc"])
+        chosen = max(finished, key=lambda n: select_acc(snaps[n]))  # the holdout's: never the reported split
         fixed = f"iter{k}_fixed" if f"iter{k}_fixed" in snaps else None
         if m.fixed_lr.enabled and fixed is None:
             raise RunError(f"iteration {k}: the fixed-LR comparison arm failed ({failures.get(f'iter{k}_fixed')})")
         st.update(chosen=chosen, fixed=fixed, failed=failures)
-        ctx.print(f"  parent of the next iteration: {chosen} (val acc {100 * snaps[chosen]['val_acc']:.2f}%)")
+        ctx.print(f"  parent of the next iteration: {chosen} ({fmt_acc(snaps[chosen])})")
     return chosen, fixed or fixed_parent
 
 
