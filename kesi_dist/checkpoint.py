@@ -1,10 +1,13 @@
 """Model checkpoints that rebuild anywhere from what they store.
 
 A checkpoint is a plain `torch.save` of
-    {"format": "kesi_dist/v1", "arch", "widths", "num_classes", "state_dict", "masks", "metrics", **extra}
+    {"format": "kesi_dist/v1", "arch", "widths", "num_classes", "options", "state_dict", "masks", "metrics",
+     **extra}
 Loading uses `torch.load(weights_only=True)`, so a file can only contain tensors and plain
 containers: a pickle that would run code is refused, never executed. The pruning history is not
-needed: `(arch, widths, num_classes)` rebuilds the exact architecture.
+needed: `(arch, widths, num_classes, options)` rebuilds the exact architecture. `options` are the
+architecture's own choices (a CIFAR ResNet's shortcut); a checkpoint written before they existed has
+none and is rebuilt as it was built then (`LEGACY_OPTIONS`).
 
 Paths may be local or storage URIs (`kesi_dist.storage`): a URI is read into memory and loaded from
 bytes with the same `weights_only=True` checks, and written atomically through the storage helpers.
@@ -26,10 +29,13 @@ from kesi_dist.errors import KesiError, RunError
 from kesi_dist.models import build_model
 from kesi_dist.pruning.masks import apply_masks
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_tensors", "model_from_checkpoint"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_tensors", "model_from_checkpoint",
+           "checkpoint_options"]
 
 FORMAT = "kesi_dist/v1"
 _CORE = ("format", "arch", "widths", "num_classes", "state_dict", "masks", "metrics")
+# What checkpoints without "options" were built with: CIFAR ResNets sliced their shortcut.
+LEGACY_OPTIONS = {"shortcut": "slice"}
 
 
 def save_checkpoint(
@@ -43,6 +49,7 @@ def save_checkpoint(
     """
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_CORE))
+    clash += ["options"] if "options" in extra else []
     if clash:
         raise ValueError(f"extra keys {clash} would overwrite the checkpoint's own fields")
     ckpt: dict[str, Any] = {
@@ -50,6 +57,7 @@ def save_checkpoint(
         "arch": model.arch,
         "widths": list(model.widths),
         "num_classes": int(model.num_classes),
+        "options": dict(getattr(model, "options", {})),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "masks": None if masks is None else {k: v.detach().cpu() for k, v in masks.items()},
         "metrics": dict(metrics or {}),
@@ -106,7 +114,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise RunError(f"{path}: checkpoint lacks {', '.join(missing)}")
     try:
         with torch.device("meta"):
-            skeleton = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["widths"])
+            skeleton = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["widths"], **checkpoint_options(ckpt))
     except KesiError as e:
         raise RunError(f"{path}: {e}") from None
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -125,13 +133,23 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def checkpoint_options(ckpt: dict) -> dict:
+    """The architecture options a loaded checkpoint was built with (`LEGACY_OPTIONS` when it predates them)."""
+    from kesi_dist.models import model_options
+
+    options = ckpt.get("options")
+    if options is None:
+        options = {k: v for k, v in LEGACY_OPTIONS.items() if k in model_options(ckpt["arch"])}
+    return dict(options)
+
+
 def model_from_checkpoint(ckpt: dict) -> tuple[nn.Module, dict | None]:
     """Rebuild the model of a loaded checkpoint, load its weights and re-apply its masks.
 
     Returns:
         (model in eval mode, masks or None).
     """
-    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["widths"])
+    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["widths"], **checkpoint_options(ckpt))
     model.load_state_dict(ckpt["state_dict"])
     masks = ckpt.get("masks")
     if masks:

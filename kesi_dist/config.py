@@ -35,6 +35,22 @@ SOURCES = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "digits", "syn
 class ModelCfg(Strict):
     arch: str = Field("resnet56", description="model name from the zoo (`kesi plan --list` shows them)")
     num_classes: int | None = Field(None, ge=2, description="default: taken from the data")
+    shortcut: Literal["avgpool", "slice"] | None = Field(
+        None, description="CIFAR ResNets' parameter-free downsampling shortcut: avgpool (2x2 average + zero "
+        "channels, the reference code's; the default) or slice (every other pixel + zero channels)")
+
+    @model_validator(mode="after")
+    def _shortcut_applies(self) -> "ModelCfg":
+        from kesi_dist.models import model_options
+
+        if self.shortcut is not None and "shortcut" not in model_options(self.arch):
+            raise ValueError(f"model.shortcut applies to the CIFAR ResNets (resnet20/32/56/110) only; {self.arch} "
+                             "has no parameter-free shortcut: remove it")
+        return self
+
+    def options(self) -> dict:
+        """The architecture options to build with (`kesi_dist.models.build_model(**options)`)."""
+        return {} if self.shortcut is None else {"shortcut": self.shortcut}
 
     @field_validator("arch")
     @classmethod

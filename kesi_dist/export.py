@@ -8,7 +8,7 @@ Formats and what loading them needs:
 - ``torchscript`` (``torch.jit.trace``): torch alone. ``torch.jit.load(path)(x)``.
 - ``safetensors``: the weights (state_dict, BN statistics included) plus ``<out>.widths.json`` with
   ``arch``, ``widths`` and ``num_classes``: the architecture is code, so it is rebuilt by
-  ``kesi_dist.models.build_model(arch, num_classes, widths)`` and then
+  ``kesi_dist.models.build_model(arch, num_classes, widths, **options)`` and then
   ``load_state_dict(safetensors.torch.load_file(path))``.
 
 PFEC snapshots are already physically small; MWP masks are folded into the weights (masked weights are
@@ -83,16 +83,18 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def _to_safetensors(model: nn.Module) -> bytes:
     from safetensors.torch import save
 
-    meta = {"arch": model.arch, "num_classes": str(model.num_classes), "widths": json.dumps(list(model.widths))}
+    meta = {"arch": model.arch, "num_classes": str(model.num_classes), "widths": json.dumps(list(model.widths)),
+            "options": json.dumps(model.options)}
     return save(_state_tensors(model), metadata=meta)
 
 
-def _run_safetensors(data: bytes, arch: str, num_classes: int, widths: list, sample: torch.Tensor) -> torch.Tensor:
+def _run_safetensors(data: bytes, arch: str, num_classes: int, widths: list, options: dict,
+                     sample: torch.Tensor) -> torch.Tensor:
     from safetensors.torch import load
 
     from kesi_dist.models import build_model
 
-    rebuilt = build_model(arch, num_classes, widths)
+    rebuilt = build_model(arch, num_classes, widths, **options)
     rebuilt.load_state_dict(load(data))
     with torch.no_grad():
         return rebuilt.eval()(sample)
@@ -101,9 +103,10 @@ def _run_safetensors(data: bytes, arch: str, num_classes: int, widths: list, sam
 def _sidecar(model: nn.Module, input_size: tuple[int, int, int], weights_name: str) -> dict:
     return {
         "arch": model.arch, "widths": list(model.widths), "num_classes": int(model.num_classes),
-        "input_size": list(input_size), "weights": weights_name,
+        "options": model.options, "input_size": list(input_size), "weights": weights_name,
         "load": ("from safetensors.torch import load_file; from kesi_dist.models import build_model; "
-                 "m = build_model(arch, num_classes, widths); m.load_state_dict(load_file(weights)); m.eval()"),
+                 "m = build_model(arch, num_classes, widths, **options); m.load_state_dict(load_file(weights)); "
+                 "m.eval()"),
     }
 
 
@@ -130,7 +133,7 @@ def _build_and_run(model: nn.Module, fmt: str, sample: torch.Tensor) -> tuple[by
         data = _to_torchscript(model, sample)
         return data, _run_torchscript(data, sample)
     data = _to_safetensors(model)
-    return data, _run_safetensors(data, model.arch, model.num_classes, list(model.widths), sample)
+    return data, _run_safetensors(data, model.arch, model.num_classes, list(model.widths), model.options, sample)
 
 
 def _readable(path: Path) -> None:

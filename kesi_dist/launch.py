@@ -88,7 +88,8 @@ def train_baseline(cfg: Config, output: str, resume: bool = False) -> dict:
                        use_ray=cfg.train.num_workers > 0)
     try:
         data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
-        entry = baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta)),
+        entry = baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta),
+                                                               options=cfg.model.options()),
                                schedule=schedule_from(cfg.baseline), loader=loader_spec(cfg, data_dir),
                                engine=engine_spec(cfg), seed=cfg.seed, given=cfg.baseline.checkpoint)
     except KesiError as e:

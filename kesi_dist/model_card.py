@@ -170,7 +170,7 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
               "```python",
               "import json; from safetensors.torch import load_file; from kesi_dist.models import build_model",
               "spec = json.load(open(\"student.safetensors.widths.json\"))",
-              "model = build_model(spec[\"arch\"], spec[\"num_classes\"], spec[\"widths\"])",
+              "model = build_model(spec[\"arch\"], spec[\"num_classes\"], spec[\"widths\"], **spec[\"options\"])",
               "model.load_state_dict(load_file(\"student.safetensors\")); model.eval()",
               "```", ""]
     return "\n".join(lines)

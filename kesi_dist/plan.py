@@ -31,7 +31,7 @@ def default_num_classes(cfg: Config) -> int:
 def random_model(cfg: Config) -> nn.Module:
     """`cfg.model` with seeded random weights and no exactly-zero parameter."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.arch, default_num_classes(cfg))
+    model = build_model(cfg.model.arch, default_num_classes(cfg), **cfg.model.options())
     _randomize(model, cfg.seed)
     return model
 

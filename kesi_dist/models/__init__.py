@@ -8,6 +8,8 @@ Each model exposes `.arch`, `.widths`, `.num_classes` and `.units()` (the prunab
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -18,27 +20,27 @@ from kesi_dist.models.resnet import CifarResNet, ImageNetResNet
 from kesi_dist.models.vgg import VGG, VGG16_CFG
 from kesi_dist.models.wrn import WideResNet
 
-__all__ = ["MODELS", "PrunableNet", "Unit", "build_model", "default_widths", "model_units"]
+__all__ = ["MODELS", "PrunableNet", "Unit", "build_model", "model_options", "default_widths", "model_units"]
 
 
 @register
-def resnet20(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
-    return CifarResNet("resnet20", 20, num_classes, widths)
+def resnet20(num_classes: int = 10, widths: list | None = None, shortcut: str = "avgpool") -> PrunableNet:
+    return CifarResNet("resnet20", 20, num_classes, widths, shortcut)
 
 
 @register
-def resnet32(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
-    return CifarResNet("resnet32", 32, num_classes, widths)
+def resnet32(num_classes: int = 10, widths: list | None = None, shortcut: str = "avgpool") -> PrunableNet:
+    return CifarResNet("resnet32", 32, num_classes, widths, shortcut)
 
 
 @register
-def resnet56(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
-    return CifarResNet("resnet56", 56, num_classes, widths)
+def resnet56(num_classes: int = 10, widths: list | None = None, shortcut: str = "avgpool") -> PrunableNet:
+    return CifarResNet("resnet56", 56, num_classes, widths, shortcut)
 
 
 @register
-def resnet110(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
-    return CifarResNet("resnet110", 110, num_classes, widths)
+def resnet110(num_classes: int = 10, widths: list | None = None, shortcut: str = "avgpool") -> PrunableNet:
+    return CifarResNet("resnet110", 110, num_classes, widths, shortcut)
 
 
 @register
@@ -66,17 +68,26 @@ def resnet34(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
     return ImageNetResNet("resnet34", [3, 4, 6, 3], num_classes, widths)
 
 
-def build_model(arch: str, num_classes: int = 10, widths: list | None = None) -> nn.Module:
-    """Build `arch` with `num_classes` outputs; `widths=None` gives the unpruned network.
+def model_options(arch: str) -> tuple[str, ...]:
+    """The architecture options `arch`'s builder takes (`build_model(..., **options)`), e.g. ("shortcut",)."""
+    return tuple(p for p in inspect.signature(MODELS[arch]).parameters if p not in ("num_classes", "widths"))
+
+
+def build_model(arch: str, num_classes: int = 10, widths: list | None = None, **options) -> nn.Module:
+    """Build `arch` with `num_classes` outputs; `widths=None` gives the unpruned network. `options` are
+    the architecture's own choices (`model_options`; CIFAR ResNets: shortcut="avgpool" | "slice").
 
     Raises:
-        UsageError: unknown `arch`, or `widths` of the wrong length / with non-positive entries.
+        UsageError: unknown `arch` or option, or `widths` of the wrong length / with non-positive entries.
     """
     if arch not in MODELS:
         raise UsageError(f"unknown model {arch!r}; choose one of {', '.join(sorted(MODELS))}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise UsageError(f"{arch}: num_classes must be a positive int, got {num_classes!r}")
-    return MODELS[arch](num_classes=num_classes, widths=widths)
+    unknown = sorted(set(options) - set(model_options(arch)))
+    if unknown:
+        raise UsageError(f"{arch}: has no option {unknown[0]!r} (its options: {', '.join(model_options(arch)) or 'none'})")
+    return MODELS[arch](num_classes=num_classes, widths=widths, **options)
 
 
 def _skeleton(arch: str, widths: list | None = None) -> PrunableNet:

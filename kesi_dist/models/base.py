@@ -56,6 +56,12 @@ class PrunableNet(nn.Module):
     def units(self) -> list[Unit]:
         raise NotImplementedError
 
+    @property
+    def options(self) -> dict:
+        """Architecture choices beyond (arch, widths, num_classes) that `build_model` takes back (e.g. a
+        CIFAR ResNet's shortcut); saved with every checkpoint."""
+        return {}
+
 
 def check_widths(arch: str, widths: list | None, default: list[int]) -> list[int]:
     """Return `widths` (or `default`) after checking it has one positive int per unit."""

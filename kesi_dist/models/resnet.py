@@ -2,6 +2,11 @@
 
 Each block's inner width (conv1's filters) is one prunable unit named like the block ("layer2.0");
 the block's output width is fixed per stage so the residual additions always line up.
+
+CIFAR ResNets downsample the shortcut without parameters, in one of two ways (`shortcut`):
+"avgpool" (the reference code's, lehduong/kesi after rethinking-network-pruning: 2x2 average pooling,
+then zero channels) or "slice" (every other pixel, then zero channels, as in many re-implementations
+and in kesi_dist before the option existed; checkpoints without the option are of this kind).
 """
 
 from __future__ import annotations
@@ -10,31 +15,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kesi_dist.errors import UsageError
 from kesi_dist.models.base import PrunableNet, Unit, check_widths, init_weights
 
-__all__ = ["BasicBlock", "CifarResNet", "ImageNetResNet"]
+__all__ = ["BasicBlock", "CifarResNet", "ImageNetResNet", "SHORTCUTS"]
+
+
+SHORTCUTS = ("avgpool", "slice")
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option A: subsample by `stride` and zero-pad the new channels; no parameters."""
+    """Option A: downsample by `stride` (average pooling or slicing) and zero-pad the new channels; no
+    parameters."""
 
-    def __init__(self, stride: int, extra_channels: int):
+    def __init__(self, stride: int, extra_channels: int, mode: str = "avgpool"):
         super().__init__()
-        self.stride = stride
-        self.extra_channels = extra_channels
+        self.stride, self.extra_channels, self.mode = stride, extra_channels, mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
+        if self.mode == "avgpool":
+            x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        else:
+            x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
 
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut), ReLU. `mid` is the prunable inner width.
 
-    `shortcut` is "A" (zero padding, CIFAR) or "B" (1x1 conv + BN, ImageNet) when the shape changes.
+    `shortcut` is "A" (zero padding, CIFAR; `pad_mode` says how it downsamples) or "B" (1x1 conv + BN,
+    ImageNet) when the shape changes.
     """
 
-    def __init__(self, in_planes: int, mid: int, out_planes: int, stride: int, shortcut: str):
+    def __init__(self, in_planes: int, mid: int, out_planes: int, stride: int, shortcut: str,
+                 pad_mode: str = "avgpool"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, mid, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
@@ -43,7 +57,7 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != out_planes:
             if shortcut == "A":
-                self.shortcut = ZeroPadShortcut(stride, out_planes - in_planes)
+                self.shortcut = ZeroPadShortcut(stride, out_planes - in_planes, pad_mode)
             else:
                 self.shortcut = nn.Sequential(
                     nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
@@ -57,7 +71,7 @@ class BasicBlock(nn.Module):
 
 def make_stages(
     model: nn.Module, in_planes: int, stage_planes: list[int], blocks: int | list[int], mids: list[int],
-    shortcut: str, first_stride: int,
+    shortcut: str, first_stride: int, pad_mode: str = "avgpool",
 ) -> list[Unit]:
     """Attach `layer1..layerN` of basic blocks to `model`; return their units in order."""
     counts = [blocks] * len(stage_planes) if isinstance(blocks, int) else blocks
@@ -66,7 +80,7 @@ def make_stages(
         layer = []
         for b in range(n):
             stride = (first_stride if s == 0 else 2) if b == 0 else 1
-            layer.append(BasicBlock(in_planes, mids[i], planes, stride, shortcut))
+            layer.append(BasicBlock(in_planes, mids[i], planes, stride, shortcut, pad_mode))
             name = f"layer{s + 1}.{b}"
             units.append(Unit(name, s, f"{name}.conv1", (f"{name}.bn1",), (f"{name}.conv2",)))
             in_planes, i = planes, i + 1
@@ -77,20 +91,28 @@ def make_stages(
 class CifarResNet(PrunableNet):
     """ResNet-(6n+2) for 32x32 inputs: 3x3 stem, three stages of n blocks (16/32/64), avg-pool, fc."""
 
-    def __init__(self, arch: str, depth: int, num_classes: int = 10, widths: list | None = None):
+    def __init__(self, arch: str, depth: int, num_classes: int = 10, widths: list | None = None,
+                 shortcut: str = "avgpool"):
         assert (depth - 2) % 6 == 0, "CIFAR ResNet depth is 6n+2"
+        if shortcut not in SHORTCUTS:
+            raise UsageError(f"{arch}: shortcut {shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
         n = (depth - 2) // 6
         planes = [16, 32, 64]
         widths = check_widths(arch, widths, [p for p in planes for _ in range(n)])
         super().__init__(arch, widths, num_classes)
+        self.shortcut = shortcut
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        self._units = make_stages(self, 16, planes, n, widths, shortcut="A", first_stride=1)
+        self._units = make_stages(self, 16, planes, n, widths, shortcut="A", first_stride=1, pad_mode=shortcut)
         self.fc = nn.Linear(64, num_classes)
         init_weights(self)
 
     def units(self) -> list[Unit]:
         return list(self._units)
+
+    @property
+    def options(self) -> dict:
+        return {"shortcut": self.shortcut}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

@@ -63,7 +63,7 @@ def slice_units(model: nn.Module, keep: Mapping[str, torch.Tensor | Sequence[int
         for m in u.consumers:
             in_sel[m] = idx
     with torch.device("meta"):  # structure only; every tensor is assigned from `state` below
-        new = build_model(model.arch, model.num_classes, widths)
+        new = build_model(model.arch, model.num_classes, widths, **getattr(model, "options", {}))
     new_state = {}
     for key, ref in new.state_dict().items():
         module, _, leaf = key.rpartition(".")

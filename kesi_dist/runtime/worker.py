@@ -103,7 +103,8 @@ class _Worker:
         if m.init_checkpoint:
             self.model, self.masks = model_from_checkpoint(load_checkpoint(m.init_checkpoint))
         else:
-            self.model, self.masks = build_model(m.arch, num_classes=m.num_classes, widths=m.widths), None
+            self.model, self.masks = build_model(m.arch, num_classes=m.num_classes, widths=m.widths,
+                                                   **m.options), None
         lspec = self.lspec
         if lspec.batch_size % self.world:
             raise UsageError(f"data.batch_size {lspec.batch_size} is not divisible by train.num_workers "

@@ -25,6 +25,7 @@ class ModelSpec:
     num_classes: int = 10
     widths: list | None = None
     init_checkpoint: str | None = None
+    options: dict = field(default_factory=dict)  # the architecture's own choices (`build_model(**options)`)
 
 
 @dataclass(frozen=True)

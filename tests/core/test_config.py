@@ -115,3 +115,13 @@ def test_yaml_is_read_safely(tmp_path):
     with pytest.raises(UsageError, match="malformed YAML"):
         load_config(path)
     assert not marker.exists()
+
+
+def test_model_shortcut_is_the_references_and_only_for_cifar_resnets():
+    cfg = load_config(ROOT / "configs" / "kesi" / "cifar10_resnet56_pfec.yaml")
+    assert cfg.model.shortcut == "avgpool" and cfg.model.options() == {"shortcut": "avgpool"}
+    assert load_config(None, ["model.shortcut=slice"]).model.options() == {"shortcut": "slice"}
+    with pytest.raises(UsageError, match=r"model: model.shortcut applies to the CIFAR ResNets .* vgg16"):
+        load_config(None, ["model.arch=vgg16", "model.shortcut=slice"])
+    with pytest.raises(UsageError, match=r"model.shortcut: .*'avgpool'"):
+        load_config(None, ["model.shortcut=conv"])

@@ -1,7 +1,9 @@
 """The model zoo: every registered model builds, runs, rebuilds from its widths and prunes (timm-style)."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,13 +92,50 @@ def test_unit_names_and_stages():
 
 
 def test_option_a_shortcut_has_no_parameters():
-    model = build_model("resnet20")
-    assert not any("shortcut" in k for k in model.state_dict())
-    block = model.layer2[0]
+    """The reference's 2x2 average (the default) and the strided slice, both + zero channels."""
     x = torch.randn(1, 16, 8, 8)
-    sc = block.shortcut(x)
-    assert sc.shape == (1, 32, 4, 4)
-    assert torch.equal(sc[:, :16], x[:, :, ::2, ::2]) and not sc[:, 16:].any()
+    for shortcut, expect in (("avgpool", torch.nn.functional.avg_pool2d(x, 2)), ("slice", x[:, :, ::2, ::2])):
+        model = build_model("resnet20", shortcut=shortcut) if shortcut != "avgpool" else build_model("resnet20")
+        assert not any("shortcut" in k for k in model.state_dict()) and model.options == {"shortcut": shortcut}
+        sc = model.layer2[0].shortcut(x)
+        assert sc.shape == (1, 32, 4, 4)
+        assert torch.allclose(sc[:, :16], expect) and not sc[:, 16:].any()
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(UsageError, match="vgg16: has no option 'shortcut'"):
+        build_model("vgg16", shortcut="slice")
+    with pytest.raises(UsageError, match="shortcut 'conv'"):
+        build_model("resnet20", shortcut="conv")
+
+
+def test_both_shortcuts_survive_pruning_surgery_checkpoints_and_export(tmp_path):
+    """PFEC surgery keeps the shortcut; a checkpoint stores it; one from before the option (no
+    "options" key) loads as the slicing kind it was; ONNX export of the pruned net matches PyTorch."""
+    import onnxruntime as ort
+
+    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from kesi_dist.export import export_model
+    from kesi_dist.pruning import pfec_prune
+
+    x = torch.randn(3, 3, 16, 16)
+    for shortcut in ("avgpool", "slice"):
+        model = build_model("resnet20", 4, shortcut=shortcut).eval()
+        pruned = pfec_prune(model, [0.25, 0.5, 0.5]).eval()
+        assert pruned.options == {"shortcut": shortcut} and pruned.widths != model.widths
+        path = tmp_path / f"{shortcut}.pt"
+        save_checkpoint(path, pruned)
+        again, _ = model_from_checkpoint(load_checkpoint(path))
+        assert again.options == {"shortcut": shortcut} and torch.allclose(again(x), pruned(x), atol=1e-6)
+        onnx = tmp_path / f"{shortcut}.onnx"
+        export_model(pruned, "onnx", onnx, sample=x)  # verified against PyTorch by the export itself
+        got = ort.InferenceSession(str(onnx)).run(None, {"input": x.numpy()})[0]
+        assert np.allclose(got, pruned(x).detach().numpy(), atol=1e-4)
+        info = export_model(pruned, "safetensors", tmp_path / f"{shortcut}.safetensors", sample=x)  # rebuilt with options
+        assert json.loads(Path(info["widths_file"]).read_text())["options"] == {"shortcut": shortcut}
+    legacy = torch.load(tmp_path / "slice.pt", weights_only=True)
+    del legacy["options"]  # as written before the option existed
+    torch.save(legacy, tmp_path / "legacy.pt")
+    old, _ = model_from_checkpoint(load_checkpoint(tmp_path / "legacy.pt"))
+    assert old.options == {"shortcut": "slice"}
 
 
 def test_bad_arch_and_widths_are_usage_errors():

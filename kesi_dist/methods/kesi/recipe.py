@@ -38,7 +38,7 @@ def run(cfg: Config, ctx: RunContext) -> None:
     m = cfg.method
     data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
-    model = ModelSpec(arch=cfg.model.arch, num_classes=num_classes(cfg, meta))
+    model = ModelSpec(arch=cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options())
     baseline_stage(ctx, model=model, schedule=schedule_from(cfg.baseline), loader=loader, engine=engine,
                    seed=cfg.seed, given=cfg.baseline.checkpoint)
     parent = fixed_parent = "baseline"
