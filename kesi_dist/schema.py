@@ -6,9 +6,9 @@ Shared by the root config (`kesi_dist.config`) and each method's own section
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Strict", "Schedule"]
 
@@ -25,7 +25,11 @@ class Schedule(Strict):
     epochs: int = Field(40, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0, description="base LR (multistep/constant) or max LR (onecycle)")
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float | None = Field(None, ge=0, lt=1, description="SGD momentum (default 0.9); with onecycle and "
+                                   "momentum_cycle it is the cycle's, so this key must stay unset")
+    momentum_cycle: tuple[float, float] | None = Field(
+        (0.85, 0.95), description="onecycle only: [base, max] momentum (Adam: beta1), max -> base while the LR warms "
+        "up and back while it anneals, as torch's OneCycleLR and the reference code; null = a fixed `momentum`")
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
     schedule: Literal["multistep", "constant", "onecycle"] = "onecycle"
@@ -34,3 +38,20 @@ class Schedule(Strict):
     div_factor: float = Field(10.0, ge=1, description="onecycle: initial LR = lr / div_factor")
     pct_start: float = Field(0.1, gt=0, lt=1, description="onecycle: fraction of steps spent warming up")
     final_div_factor: float = Field(100.0, ge=1, description="onecycle: final LR = initial LR / final_div_factor")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _momentum_that_runs(cls, data: Any) -> Any:
+        """The config says what runs: one-cycle's momentum cycle replaces `momentum`, so both are refused."""
+        if not isinstance(data, dict):
+            return data
+        schedule = data.get("schedule", cls.model_fields["schedule"].default)
+        cycling = schedule == "onecycle" and data.get("momentum_cycle", cls.model_fields["momentum_cycle"].default)
+        if cycling and data.get("momentum") is not None:
+            lo, hi = data.get("momentum_cycle", cls.model_fields["momentum_cycle"].default)
+            raise ValueError(f"momentum {data['momentum']} would not be used: onecycle cycles momentum between "
+                             f"{lo} and {hi} (momentum_cycle); remove momentum, or set momentum_cycle: null to "
+                             "train with a fixed momentum")
+        if not cycling and data.get("momentum") is None:
+            data = {**data, "momentum": 0.9}
+        return data

@@ -6,6 +6,13 @@ that mean has the same gradient as KL(p_bar || softmax(s / T)) * T^2 with p_bar 
 teachers' softened probabilities. `kd_loss` takes p_bar: one distribution per sample, which is
 what the cached mode stores, and the value differs from the per-teacher mean only by a constant.
 
+Scale: the KL is summed over classes and averaged over the samples of the batch, then multiplied by T^2
+(Hinton et al.'s correction, so the soft term's gradient does not shrink as 1/T^2):
+    kd = (1/B) sum_b sum_c p_bc (log p_bc - log q_bc) * T^2,    q_b = softmax(s_b / T).
+The reference code computes the same value as `F.kl_div(log q, p)` (a mean over B x C elements) times C
+times T^2. The scale matters once `alpha` > 0 (it weighs kd against the cross-entropy) or with SGD (it
+sets the effective LR); Adam is invariant to it.
+
 Truncation (cached mode keeps the k largest probabilities): `dense_from_topk` spreads the missing
 mass r = 1 - sum(top-k) uniformly over the other C - k classes. With p the full and p' the
 expanded distribution, both agree on the top k and put mass r on the tail S; per sample

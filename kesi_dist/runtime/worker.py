@@ -147,14 +147,15 @@ class _Worker:
         self.constraints = [MaskConstraint(self.masks)] if self.masks else []
         s = self.sched
         self.optimizer = build_optimizer(self.model.parameters(), optimizer=s.optimizer, lr=s.lr,
-                                         momentum=s.momentum, nesterov=s.nesterov, weight_decay=s.weight_decay)
+                                         momentum=s.momentum if s.momentum is not None else max(s.momentum_cycle),
+                                         nesterov=s.nesterov, weight_decay=s.weight_decay)
         self.w = wrap_model(self.model, self.optimizer, engine=self.espec.engine, device=self.device,
                             zero_stage=self.espec.zero_stage, bf16=self.espec.bf16,
                             micro_batch_size=self.per_worker, masks=self.masks)
         self.scheduler = build_scheduler(self.optimizer, schedule=s.schedule, epochs=s.epochs,
                                          steps_per_epoch=self.steps_per_epoch, lr=s.lr, milestones=s.milestones,
                                          gamma=s.gamma, div_factor=s.div_factor, pct_start=s.pct_start,
-                                         final_div_factor=s.final_div_factor)
+                                         final_div_factor=s.final_div_factor, momentum_cycle=s.momentum_cycle)
         self.history: list[dict] = []
         start = 0
         if state is not None:

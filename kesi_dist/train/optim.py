@@ -49,15 +49,17 @@ def build_scheduler(
     div_factor: float = 10.0,
     pct_start: float = 0.1,
     final_div_factor: float = 100.0,
+    momentum_cycle: tuple[float, float] | None = (0.85, 0.95),
 ) -> LRScheduler:
     """A scheduler stepped once per batch.
 
     Args:
         schedule: "constant" (lr throughout), "multistep" (lr * gamma at each epoch in `milestones`) or
             "onecycle" (`OneCycleLR`, cosine, two phases: lr/div_factor -> lr over pct_start of the
-            steps, then down to lr/div_factor/final_div_factor), the paper's LR restart. Like the
-            reference code it keeps torch's default momentum cycling (0.95 -> 0.85 -> 0.95, beta1 for
-            Adam) unless SGD runs without momentum.
+            steps, then down to lr/div_factor/final_div_factor), the paper's LR restart. Momentum (beta1
+            for Adam) cycles over `momentum_cycle` = (base, max), max -> base -> max, torch's default
+            and what the reference code ran; None keeps the optimizer's momentum fixed, and so does SGD
+            without momentum.
         epochs, steps_per_epoch: the run's length; the schedule is laid out over epochs * steps.
         lr: base LR (constant/multistep) or max LR (onecycle). The optimizer's LR is overwritten.
     """
@@ -74,7 +76,8 @@ def build_scheduler(
         return OneCycleLR(
             opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=pct_start,
             anneal_strategy="cos", div_factor=div_factor, final_div_factor=final_div_factor,
-            three_phase=False, cycle_momentum=_has_momentum(opt),
+            three_phase=False, cycle_momentum=momentum_cycle is not None and _has_momentum(opt),
+            **({"base_momentum": momentum_cycle[0], "max_momentum": momentum_cycle[1]} if momentum_cycle else {}),
         )
     raise UsageError(f"schedule.schedule: unknown schedule {schedule!r}; choose multistep, constant or onecycle")
 

@@ -35,7 +35,8 @@ class ScheduleSpec:
     epochs: int = 40
     optimizer: str = "sgd"
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float | None = 0.9  # None: the one-cycle momentum cycle's (momentum_cycle)
+    momentum_cycle: tuple[float, float] | None = (0.85, 0.95)  # onecycle: (base, max) momentum / Adam beta1
     nesterov: bool = False
     weight_decay: float = 1e-4
     schedule: str = "onecycle"

@@ -125,3 +125,35 @@ def test_model_shortcut_is_the_references_and_only_for_cifar_resnets():
         load_config(None, ["model.arch=vgg16", "model.shortcut=slice"])
     with pytest.raises(UsageError, match=r"model.shortcut: .*'avgpool'"):
         load_config(None, ["model.shortcut=conv"])
+
+
+def test_the_config_says_which_momentum_runs():
+    """One-cycle cycles momentum, so a `momentum` next to it would be ignored: refused, naming the key."""
+    import torch
+
+    from kesi_dist.train.optim import build_optimizer, build_scheduler
+    from kesi_dist.train.spec import schedule_from
+
+    cfg = load_config(ROOT / "configs" / "kesi" / "cifar10_resnet56_pfec.yaml")
+    r = cfg.method.retrain
+    assert r.schedule == "onecycle" and r.momentum is None and r.momentum_cycle == (0.85, 0.95)
+    assert cfg.baseline.momentum == 0.9  # multistep: a fixed momentum
+    with pytest.raises(UsageError, match=r"retrain: momentum 0.9 would not be used: onecycle cycles momentum"):
+        load_config(ROOT / "configs" / "kesi" / "smoke.yaml", ["retrain.momentum=0.9"])
+    fixed = load_config(ROOT / "configs" / "kesi" / "smoke.yaml", ["retrain.momentum_cycle=null", "retrain.momentum=0.8"])
+    assert fixed.method.retrain.momentum == 0.8
+
+    def momenta(spec, steps=10):
+        opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], momentum=spec.momentum or max(spec.momentum_cycle))
+        sched = build_scheduler(opt, schedule="onecycle", epochs=1, steps_per_epoch=steps, lr=0.1, pct_start=0.5,
+                                momentum_cycle=spec.momentum_cycle)
+        seen = []
+        for _ in range(steps):
+            seen.append(opt.param_groups[0]["momentum"])
+            opt.step()
+            sched.step()
+        return seen
+
+    cycling = momenta(schedule_from(r))
+    assert cycling[0] == pytest.approx(0.95) and min(cycling) == pytest.approx(0.85, abs=0.01)
+    assert set(momenta(schedule_from(fixed.method.retrain))) == {0.8}

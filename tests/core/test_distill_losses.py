@@ -119,3 +119,17 @@ def test_select_diverse_trades_accuracy_for_disagreement():
     assert select_teachers("topk", chain=[], candidates=acc, k=3) == ["a", "b", "c"]
     with pytest.raises(BadValue, match="predictions"):
         select_teachers("diverse", chain=[], candidates=acc, k=2, predictions={"a": a})
+
+
+def test_kd_scale_is_the_textbook_per_sample_kl_times_t_squared():
+    """kd_loss == mean over samples of KL(p_t || p_s) * T^2, KL summed over classes (not averaged), and
+    equals the reference code's form F.kl_div(..., reduction="mean") * C * T^2."""
+    torch.manual_seed(0)
+    s, t, T = torch.randn(6, 7), torch.randn(6, 7), 4.0
+    p = F.softmax(t / T, 1)
+    q = F.softmax(s / T, 1)
+    textbook = sum(float((p[b] * (p[b].log() - q[b].log())).sum()) for b in range(6)) / 6 * T**2
+    got = float(kd_loss(s, p, temperature=T)["kd_loss"])
+    assert got == pytest.approx(textbook, rel=1e-5)
+    reference = float(F.kl_div(F.log_softmax(s / T, 1), p, reduction="mean") * 7 * T**2)
+    assert got == pytest.approx(reference, rel=1e-5)
