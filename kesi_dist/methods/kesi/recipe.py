@@ -54,7 +54,8 @@ def run(cfg: Config, ctx: RunContext) -> None:
                         teachers=tuple(ctx.snapshot(n) for n in teachers))
         if d.mode == "cached":
             cache = soft_labels_stage(ctx, teachers, loader=loader, engine=engine, seed=cfg.seed, epochs=d.epochs,
-                                      temperature=d.temperature, topk=d.cache_topk, actors=d.cache_actors)
+                                      temperature=d.temperature, topk=d.cache_topk or model.num_classes,
+                                      actors=d.cache_actors)
             task = TaskSpec(kind="distillation", temperature=d.temperature, alpha=d.alpha, soft_labels=cache)
         distill_stage(ctx, student=chain[-1], teachers=teachers, task=task, schedule=schedule_from(d), loader=loader,
                       engine=engine, seed=cfg.seed, iteration=m.prune.iterations)
