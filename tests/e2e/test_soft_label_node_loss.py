@@ -76,7 +76,9 @@ def test_a_run_survives_losing_nodes_in_the_baseline_and_the_soft_label_pass(clu
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "complete" and m["stages"]["soft_labels"]["status"] == "complete"
     base = m["snapshots"]["baseline"]
-    assert base["node_id"] not in killed and base["attempts"] == 2  # its Ray task ran twice
+    # Its Ray task ran twice, the second time on another node than the one killed under it (that node may
+    # be lost later, in the pass: the snapshot is on storage by then).
+    assert base["node_id"] != killed[0] and base["attempts"] == 2
     assert "baseline: worker group restarted, resuming at epoch 2" in run.text or \
         "baseline: worker group restarted, resuming at epoch 3" in run.text, run.text[-3000:]
     # The retried task went on after its last epoch checkpoint: epoch 1 was not trained twice.
