@@ -52,9 +52,9 @@ def select_acc(entry: dict) -> float:
 
 
 def fmt_acc(entry: dict) -> str:
-    """"val acc 97.50% (holdout 96.12%)": the reported test-split accuracy, and the selection one."""
+    """"val acc 97.50%, holdout 96.12%": the reported test-split accuracy, and the selection one."""
     held = entry.get("holdout_acc")
-    return f"val acc {100 * entry['val_acc']:.2f}%" + ("" if held is None else f" (holdout {100 * held:.2f}%)")
+    return f"val acc {100 * entry['val_acc']:.2f}%" + ("" if held is None else f", holdout {100 * held:.2f}%")
 
 
 @dataclass

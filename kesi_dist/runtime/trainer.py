@@ -42,6 +42,7 @@ class TrainResult:
         started: the epoch numbers the workers started, in order, across restarts (a failure shows as
             one epoch started twice).
         attempts: how many times the worker group (re)started.
+        resumed_at: the first epoch of every attempt (0, or the epoch after the checkpoint it restored).
         checkpoint: path of the final model in kesi_dist checkpoint format (`final_checkpoint`), or
             None when not asked for.
         run_dir: the run folder in storage (Ray's checkpoints live under it).
@@ -51,6 +52,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     started: list[int] = field(default_factory=list)
     attempts: int = 1
+    resumed_at: list[int] = field(default_factory=list)
     checkpoint: str | None = None
     run_dir: str = ""
 
@@ -145,6 +147,7 @@ def run_training(
     console = Console(stderr=True, highlight=False)
     history: list[dict] = []
     started: list[int] = []
+    resumed_at: list[int] = []
     attempts = 0
     writer = ScalarWriter(tensorboard_dir)
 
@@ -155,6 +158,7 @@ def run_training(
             attempts += 1
             history = list(event["history"])
             start = event["start_epoch"]
+            resumed_at.append(start)
             if attempts > 1 and progress:
                 console.print(f"[yellow]{name}: worker group restarted, resuming at epoch {start + 1}")
             elif start > 0 and progress:  # an earlier process (a killed driver) left epoch checkpoints
@@ -189,7 +193,7 @@ def run_training(
     finally:
         writer.close()
     return TrainResult(metrics=history[-1], history=history, started=started, attempts=attempts,
-                       checkpoint=final, run_dir=run_uri)
+                       resumed_at=resumed_at, checkpoint=final, run_dir=run_uri)
 
 
 def _run_local(config: dict, run_uri: str, handle: Callable[[dict], None]):

@@ -55,9 +55,9 @@ def ensemble_stage(ctx: RunContext, *, policy: str, chain: list[str], candidates
             predictions = dict(zip(names, preds))
         teachers = select_teachers(policy, chain=chain, candidates=candidates, k=k, predictions=predictions)
         ens = measure_ensemble([ctx.snapshot(n) for n in teachers], loader, engine)
-        best = max(teachers, key=lambda n: candidates[n])
         member = dict(zip(teachers, ens["member_acc"]))
         ctx.print(f"[bold]ensemble[/] ({policy}): {len(teachers)} teachers {', '.join(teachers)}: "
-                  f"val acc {100 * ens['acc']:.2f}% (best member {best} {100 * member[best]:.2f}%)")
+                  f"val acc {100 * ens['acc']:.2f}% (members {100 * min(member.values()):.2f}-"
+                  f"{100 * max(member.values()):.2f}%)")
         st.update(teachers=teachers, acc=ens["acc"], member_acc=member)
     return teachers
