@@ -51,7 +51,13 @@ def test_smoke_run_registers_every_snapshot(smoke_run):
     assert snaps["iter1_b0"]["parent"] == "baseline" and snaps["iter1_fixed"]["parent"] == "baseline"
     chosen1 = m["stages"]["prune_1"]["chosen"]
     assert snaps["iter2_b0"]["parent"] == chosen1 and snaps["iter2_fixed"]["parent"] == "iter1_fixed"
-    assert snaps[chosen1]["val_acc"] == max(snaps["iter1_b0"]["val_acc"], snaps["iter1_b1"]["val_acc"])
+    # Chosen on the held-out split, which no model trained on; the test split is only reported.
+    held = m["stages"]["data"]["holdout"]
+    assert held["size"] > 0 and held["train_size"] + held["size"] == m["stages"]["data"]["train_size"]
+    assert snaps[chosen1]["holdout_acc"] == max(snaps["iter1_b0"]["holdout_acc"], snaps["iter1_b1"]["holdout_acc"])
+    report = json.loads((run / "report.json").read_text())
+    assert report["protocol"]["selection"] == "holdout" and report["protocol"]["holdout_size"] == held["size"]
+    assert report["protocol"]["reported_on"] == "test" and report["protocol"]["holdout_sha256"] == held["sha256"]
     # The LR restart values of each branch are recorded.
     assert {snaps["iter1_b0"]["hparams"]["lr"], snaps["iter1_b1"]["hparams"]["lr"]} == {0.1, 0.05}
     assert snaps["iter1_fixed"]["hparams"] == {"lr": 0.001}
