@@ -1,0 +1,75 @@
+"""EKG's pure pieces against hand-computed values (no Ray, no files)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kesi_dist.distill.curriculum import curriculum_target, kld_t, memory_bank_loss
+from kesi_dist.methods.ekg.bank import pick_teachers
+from kesi_dist.methods.ekg.search import CLOSED, candidates, trimmed_otsu, unit_cost, update_knowledge
+
+
+def test_trimmed_otsu_by_hand():
+    # sorted: 0.5 1 2 3 9 10 11 12 50 100; trim ceil(10 * 0.2) = 2 each side -> 2 3 9 10 11 12
+    # t=1: 1*5*(2-9)^2 = 245; t=2: 2*4*(2.5-10.5)^2 = 512; t=3: 9*(14/3-11)^2 = 361; t=4: 8*(6-11.5)^2 = 242
+    # best t = 2 -> threshold (3 + 9) / 2 = 6
+    costs = [1, 2, 3, 10, 11, 12, 50, 0.5, 100, 9]
+    assert trimmed_otsu(costs) == 6.0
+    assert candidates(costs) == [0, 1, 2, 7]  # 1, 2, 3 and the trimmed low outlier 0.5
+    assert candidates(costs + [CLOSED]) == [0, 1, 2, 7]  # a closed unit is never a candidate nor counted
+    with pytest.raises(ValueError, match="at least 3"):
+        trimmed_otsu([1.0, 2.0, 3.0])  # trim 1 from each end leaves 1
+
+
+def test_unit_cost_sums_the_next_channels_to_go():
+    scores = torch.tensor([5.0, 0.0, 3.0, 1.0, 0.0, 4.0, 2.0, 6.0, 7.0, 8.0])  # 2 already pruned (score 0)
+    # sorted: 0 0 1 2 3 4 5 6 7 8; rate 0.8 -> positions round(0.2*10)=2 .. round(0.4*10)=4: 1 + 2
+    assert unit_cost(scores, rate=0.8, step=0.2) == 3.0
+    assert unit_cost(scores, rate=1.0, step=0.2) == 0.0  # the two zeros go first
+    assert unit_cost(scores, rate=0.0, step=0.2) == CLOSED
+
+
+def test_knowledge_is_the_running_mean_of_logits():
+    k, n = torch.tensor([[1.0, 2.0]]), 1
+    k, n = update_knowledge(k, n, torch.tensor([[3.0, 0.0]]))
+    assert n == 2 and torch.equal(k, torch.tensor([[2.0, 1.0]]))
+    k, n = update_knowledge(k, n, torch.tensor([[5.0, 3.0]]))
+    assert n == 3 and torch.allclose(k, torch.tensor([[3.0, 5.0 / 3.0]]))  # mean of the three
+
+
+def test_memory_bank_teachers_are_spread_in_loss():
+    # sorted losses .5 .6 .9 1.0 1.3 1.5 2.0; step (2.0 - .5) / 5 = .3; targets .5 .8 1.1 1.4 1.7
+    # nearest unused: .5 -> .5, .8 -> .9, 1.1 -> 1.0, 1.4 -> 1.3 (first of two at .1), 1.7 -> 1.5
+    losses = [1.3, 0.5, 2.0, 0.9, 0.6, 1.5, 1.0]  # history order, not sorted
+    assert [losses[i] for i in pick_teachers(losses, 5)] == [0.5, 0.9, 1.0, 1.3, 1.5]
+    assert pick_teachers([0.3, 0.1], 5) == [1, 0]  # fewer entries than teachers: all, best first
+
+
+def test_curriculum_keeps_the_teachers_closer_to_the_best_than_the_student():
+    best, same, other = torch.tensor([2.0, 0.0]), torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    bank = torch.stack([best, same, other], -1)[None]  # [1, 2, 3]
+    # A student near the best teacher: only the teachers at distance 0 (best, same) are closer.
+    target, used = curriculum_target(bank, torch.tensor([[1.5, 0.0]]), temperature=1.0)
+    assert used.tolist() == [True, True, False] and torch.allclose(target, best[None])
+    # A student far away (wrong class): every teacher is closer; the target is their mean logits.
+    target, used = curriculum_target(bank, torch.tensor([[-3.0, 0.0]]), temperature=1.0)
+    assert used.tolist() == [True, True, True] and torch.allclose(target, torch.tensor([[4 / 3, 2 / 3]]))
+
+
+def test_memory_bank_loss_is_ce_plus_t_times_kl_over_views():
+    torch.manual_seed(0)
+    views, labels, bank, T = torch.randn(4, 2, 5), torch.tensor([0, 1, 2, 3]), torch.randn(4, 5, 3), 4.0
+    out = memory_bank_loss(views, labels, bank, temperature=T)
+    target, _ = curriculum_target(bank, views.mean(1), T)
+    ce = sum(F.cross_entropy(views[:, v], labels) for v in range(2)) / 2
+    p = F.softmax(target / T, 1)
+    kd = sum((T * (p * (F.log_softmax(target / T, 1) - F.log_softmax(views[:, v] / T, 1))).sum(1)).mean()
+             for v in range(2)) / 2
+    assert float(out["task_loss"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(out["kd_loss"]) == pytest.approx(float(kd), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(float(ce + kd), rel=1e-5)
+    assert float(kld_t(target, target, T).abs().max()) < 1e-6 and not math.isnan(float(out["loss"]))
