@@ -73,3 +73,50 @@ def test_memory_bank_loss_is_ce_plus_t_times_kl_over_views():
     assert float(out["kd_loss"]) == pytest.approx(float(kd), rel=1e-5)
     assert float(out["loss"]) == pytest.approx(float(ce + kd), rel=1e-5)
     assert float(kld_t(target, target, T).abs().max()) < 1e-6 and not math.isnan(float(out["loss"]))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A random-weight ResNet-20 (4 classes) and a 48-image holdout at 8 px: only the mechanics matter."""
+    from kesi_dist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4).eval()
+    return model, torch.randn(48, 3, 8, 8), torch.randint(0, 4, (48,))
+
+
+def test_search_lands_on_the_widest_sub_network_under_the_target(toy):
+    from kesi_dist.methods.ekg.search import SubnetSearch
+
+    model, x, y = toy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    search = SubnetSearch(model, x, y, target_ratio=0.45, batch_size=16)
+    steps = search.run()
+    assert steps and steps[-1].macs_ratio <= 0.45 < steps[-2].macs_ratio
+    assert [s.macs for s in steps] == sorted((s.macs for s in steps), reverse=True)
+    assert len(search.history) == len(steps) + 1 and search.count == len(steps) + 1
+    # The last step's unit is as wide as the target allows: one more channel would pass it.
+    last = [u.name for u in search.units].index(steps[-1].unit)
+    wider = list(search.widths)
+    wider[last] += 1
+    assert search.ratio(wider) > 0.45
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN stats untouched
+
+
+def test_scores_and_kept_channels_match_the_sliced_network(toy):
+    from kesi_dist.methods.ekg.search import SubnetSearch
+    from kesi_dist.pruning.surgery import slice_units
+
+    model, x, y = toy
+    search = SubnetSearch(model, x, y, target_ratio=0.6, batch_size=16)
+    search.step()
+    scores = search.taylor_scores()
+    for i, w in enumerate(search.widths):
+        gone = search.order[i] >= w
+        assert torch.all(scores[i][gone] == 0) and torch.all(scores[i][~gone] >= 0)  # pruned channels: y = 0
+    keep = search.keep()
+    assert [len(keep[u.name]) for u in search.units] == search.widths
+    small = slice_units(model, keep).eval()
+    with torch.no_grad(), search._masked(search.widths):
+        masked = model.eval()(x)
+    torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-5)

@@ -1,21 +1,37 @@
-"""Pure pieces of EKG's greedy search (shared/design/EKG_SWP.md A.5-A.7; reference sseung0703/EKG).
+"""EKG's greedy, training-free sub-network search, plain PyTorch (shared/design/EKG_SWP.md A.3-A.7;
+reference sseung0703/EKG).
 
-    unit_cost        what narrowing one unit by its step would remove: the sum of the importance scores
-                     of the next channels to go
-    trimmed_otsu     the threshold that splits the units' costs into a cheap and a dear class (Otsu's
-                     between-class variance on the costs with the lowest and highest 20 % trimmed)
-    candidates       the units worth evaluating this step: cost at or below the threshold
-    update_knowledge the ensemble target K: the running mean of the logits of the original network and
-                     of every accepted sub-network
+A sub-network of a zoo model is one kept-channel count per prunable unit (the block inner widths, as
+PFEC); each unit keeps its channels ranked highest by a first-order Taylor importance. Every step:
+
+    scores      |sum_{n,h,w} y * dS/dy| per channel (per batch and call site, then summed) with
+                S = CE(labels) + soft CE to softmax(K), BN on batch statistics, running stats frozen
+    unit_cost   what narrowing a unit by its step removes: the sum of its next channels' scores
+    candidates  the units at or below the trimmed Otsu threshold of the costs
+    evaluate    each candidate's holdout score S with that unit narrowed (a step that would cross the
+                MACs target is refined channel by channel to the widest width at or under it)
+    accept      the lowest score; K becomes the running mean of the logits of the original network and
+                of every accepted sub-network (the ensemble knowledge, `update_knowledge`)
+
+until MACs <= target x the original's. The weights never change. Deviation from the reference: widths
+move in whole channels (step = round(0.2 x original width), at least 1), not in rounded fractions;
+the residual-stream gates the reference has need projection shortcuts, which the CIFAR ResNets lack,
+so only inner units are searched.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["unit_cost", "trimmed_otsu", "candidates", "update_knowledge", "CLOSED"]
+__all__ = ["unit_cost", "trimmed_otsu", "candidates", "update_knowledge", "CLOSED", "SubnetSearch", "Step"]
 
 CLOSED = 1e12  # the cost of a unit that cannot narrow further (the reference's)
 
@@ -70,3 +86,206 @@ def update_knowledge(knowledge: torch.Tensor, count: int, logits: torch.Tensor) 
     if knowledge.shape != logits.shape:
         raise ValueError(f"knowledge {tuple(knowledge.shape)} and logits {tuple(logits.shape)} differ in shape")
     return (knowledge * count + logits.to(knowledge)) / (count + 1), count + 1
+
+
+@dataclass
+class Step:
+    """One accepted step of the search (what the manifest records)."""
+
+    step: int
+    unit: str  # the unit narrowed
+    widths: list[int]  # every unit's kept channels after the step
+    macs: int
+    macs_ratio: float  # of the original network's
+    holdout_loss: float  # CE of the accepted sub-network on the holdout
+    score: float  # CE + soft CE to the ensemble target, what the step minimised
+    candidates: int  # how many units were evaluated
+
+
+@contextmanager
+def _batch_stat_bn(model: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm (batch statistics) whose running statistics do not move."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    was = model.training
+    model.train()
+    for m in norms:
+        m.track_running_stats = False  # in train mode: batch statistics, running ones neither read nor updated
+    try:
+        yield
+    finally:
+        for m, t in zip(norms, tracked):
+            m.track_running_stats = t
+        model.train(was)
+
+
+class SubnetSearch:
+    """The search over `model`'s units, on holdout tensors (`images` normalised NCHW, `labels`).
+
+    Args:
+        model: a zoo model (`kesi_dist.models`); its weights are only read.
+        target_ratio: stop once the sub-network's MACs are at most this fraction of the model's.
+        step: coarse step as a fraction of each unit's original width; cut: Otsu's trim fraction.
+        batch_size: holdout batch (BN statistics are per batch, as in the reference).
+        macs: widths -> MACs of the sub-network (default: `count_macs` of the rebuilt architecture).
+        evaluate_many: runs a step's candidate evaluations, (list of width vectors, K) -> list of
+            (score, ce, logits); default here, in turn (the runtime's actor pool spreads them).
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, target_ratio: float = 0.45,
+                 step: float = 0.2, cut: float = 0.2, batch_size: int = 256,
+                 macs: Callable[[tuple[int, ...]], int] | None = None,
+                 evaluate_many: Callable[[list[list[int]], torch.Tensor], list[tuple]] | None = None):
+        if not 0 < target_ratio < 1:
+            raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio}")
+        self.model, self.images, self.labels = model, images, labels
+        self.units = model.units()
+        self.full = [int(w) for w in model.widths]
+        self.widths = list(self.full)
+        self.steps = [max(1, round(step * c)) for c in self.full]
+        self.order = [torch.arange(c) for c in self.full]  # rank of each channel, 0 = most important
+        self.target, self.cut, self.batch_size = target_ratio, cut, batch_size
+        self._macs = functools.lru_cache(maxsize=None)(macs or self._count_macs)
+        self.base_macs = self._macs(tuple(self.full))
+        self.evaluate_many = evaluate_many or (lambda ws, k: [self.evaluate(w, k) for w in ws])
+        self.history: list[dict] = []  # the original network and every accepted sub-network: widths, order, loss
+        score, ce, logits = self.evaluate(self.widths, None)
+        self.knowledge, self.count = logits, 1
+        self.history.append({"widths": list(self.widths), "order": [o.clone() for o in self.order], "loss": ce})
+
+    # -- the sub-network ------------------------------------------------------------------------
+    def _count_macs(self, widths: tuple[int, ...]) -> int:
+        from kesi_dist.models import build_model
+        from kesi_dist.pruning.counting import count_macs
+
+        with torch.device("meta"):
+            net = build_model(self.model.arch, self.model.num_classes, list(widths), **self.model.options)
+        return count_macs(net, tuple(self.images.shape[1:]))
+
+    def ratio(self, widths: list[int]) -> float:
+        return self._macs(tuple(widths)) / self.base_macs
+
+    @contextmanager
+    def _masked(self, widths: list[int], scores: list[torch.Tensor] | None = None) -> Iterator[None]:
+        """Consumers of each unit see only its `widths[i]` best channels; with `scores`, every call adds
+        |sum(y * dS/dy)| per channel of the masked input y (the Taylor importance)."""
+        modules = dict(self.model.named_modules())
+        handles = []
+        for i, unit in enumerate(self.units):
+            mask = (self.order[i] < widths[i]).float()
+
+            def pre(module, args, mask=mask, i=i):
+                x = args[0]
+                y = x * mask.to(x).view(1, -1, *([1] * (x.dim() - 2)))
+                if scores is not None and y.requires_grad:
+                    dims = [d for d in range(y.dim()) if d != 1]
+
+                    def accumulate(g, y=y, dims=dims, i=i):  # returns None: the gradient passes unchanged
+                        scores[i].add_((g * y).sum(dims).abs().detach().cpu())
+
+                    y.register_hook(accumulate)
+                return (y, *args[1:])
+
+            for name in unit.consumers:
+                handles.append(modules[name].register_forward_pre_hook(pre))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _objective(self, logits: torch.Tensor, labels: torch.Tensor, knowledge: torch.Tensor | None) -> tuple:
+        ce = F.cross_entropy(logits, labels, reduction="sum")
+        soft = torch.zeros((), device=logits.device) if knowledge is None else \
+            -(F.softmax(knowledge.to(logits), 1) * F.log_softmax(logits, 1)).sum()
+        return ce + soft, ce
+
+    def evaluate(self, widths: list[int], knowledge: torch.Tensor | None) -> tuple[float, float, torch.Tensor]:
+        """(score, CE, logits) of the sub-network `widths` on the holdout: per-sample means."""
+        total = ce_total = 0.0
+        outs = []
+        with torch.no_grad(), _batch_stat_bn(self.model), self._masked(widths):
+            for a in range(0, len(self.labels), self.batch_size):
+                x, y = self.images[a:a + self.batch_size], self.labels[a:a + self.batch_size]
+                logits = self.model(x)
+                k = None if knowledge is None else knowledge[a:a + self.batch_size]
+                s, ce = self._objective(logits, y, k)
+                total, ce_total = total + float(s), ce_total + float(ce)
+                outs.append(logits.float().cpu())
+        n = len(self.labels)
+        return total / n, ce_total / n, torch.cat(outs)
+
+    def taylor_scores(self) -> list[torch.Tensor]:
+        """Importance of every channel of every unit for the current sub-network and K (A.5)."""
+        scores = [torch.zeros(c, dtype=torch.float64) for c in self.full]
+        params = [p for p in self.model.parameters()]
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)  # gradients reach the activations only: the weights never change
+        try:
+            with _batch_stat_bn(self.model), self._masked(self.widths, scores):
+                for a in range(0, len(self.labels), self.batch_size):
+                    x = self.images[a:a + self.batch_size].clone().requires_grad_(True)
+                    logits = self.model(x)
+                    s, _ = self._objective(logits, self.labels[a:a + self.batch_size],
+                                           self.knowledge[a:a + self.batch_size])
+                    (s / self.batch_size).backward()
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+        return scores
+
+    # -- the search -----------------------------------------------------------------------------
+    def _narrowed(self, i: int) -> int:
+        """Unit i's width after one step: a coarse step, refined to the widest width at or under the
+        target when the coarse one would pass it (the fine search)."""
+        w = max(1, self.widths[i] - self.steps[i])
+        trial = list(self.widths)
+        trial[i] = w
+        if self.ratio(trial) < self.target:
+            while trial[i] + 1 < self.widths[i]:
+                trial[i] += 1
+                if self.ratio(trial) > self.target:
+                    trial[i] -= 1
+                    break
+            w = trial[i]
+        return w
+
+    def step(self) -> Step:
+        scores = self.taylor_scores()
+        for i, s in enumerate(scores):
+            self.order[i] = torch.argsort(torch.argsort(s, descending=True, stable=True), stable=True)
+        costs = [unit_cost(s, w / c, st / c) if w > 1 else CLOSED
+                 for s, w, c, st in zip(scores, self.widths, self.full, self.steps)]
+        picks = candidates(costs, self.cut)
+        if not picks:
+            raise RuntimeError("no unit can narrow further, yet the MACs target is not reached")
+        trials = []
+        for i in picks:
+            t = list(self.widths)
+            t[i] = self._narrowed(i)
+            trials.append(t)
+        results = self.evaluate_many(trials, self.knowledge)
+        best = min(range(len(picks)), key=lambda j: results[j][0])
+        score, ce, logits = results[best]
+        self.widths = trials[best]
+        self.knowledge, self.count = update_knowledge(self.knowledge, self.count, logits)
+        self.history.append({"widths": list(self.widths), "order": [o.clone() for o in self.order], "loss": ce})
+        return Step(step=len(self.history) - 1, unit=self.units[picks[best]].name, widths=list(self.widths),
+                    macs=self._macs(tuple(self.widths)), macs_ratio=self.ratio(self.widths), holdout_loss=ce,
+                    score=score, candidates=len(picks))
+
+    def run(self, on_step: Callable[[Step], None] | None = None) -> list[Step]:
+        """Steps until the MACs target is met; `on_step` sees each accepted step as it happens."""
+        done = []
+        while self.ratio(self.widths) > self.target:
+            done.append(self.step())
+            if on_step is not None:
+                on_step(done[-1])
+        return done
+
+    def keep(self) -> dict[str, torch.Tensor]:
+        """Unit name -> the kept channel indices (ascending) of the current sub-network, for
+        `kesi_dist.pruning.surgery.slice_units`."""
+        return {u.name: torch.sort(torch.nonzero(self.order[i] < self.widths[i]).flatten()).values
+                for i, u in enumerate(self.units)}
