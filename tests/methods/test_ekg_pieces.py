@@ -120,3 +120,22 @@ def test_scores_and_kept_channels_match_the_sliced_network(toy):
     with torch.no_grad(), search._masked(search.widths):
         masked = model.eval()(x)
     torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_a_search_resumed_from_its_state_continues_where_it_stopped(toy, tmp_path):
+    """Saved after step 2 (as a stage does after every accepted step) and reloaded in a new search: the
+    remaining steps are those of an uninterrupted search."""
+    from kesi_dist.checkpoint import load_tensors
+    from kesi_dist.methods.ekg.search import SubnetSearch
+
+    model, x, y = toy
+    full = SubnetSearch(model, x, y, target_ratio=0.5, batch_size=16)
+    whole = full.run()
+    first = SubnetSearch(model, x, y, target_ratio=0.5, batch_size=16)
+    first.step(), first.step()
+    torch.save(first.state(), tmp_path / "search.pt")
+    resumed = SubnetSearch(model, x, y, target_ratio=0.5, batch_size=16)
+    resumed.load_state(load_tensors(tmp_path / "search.pt"))  # weights_only=True
+    rest = resumed.run()
+    assert [s.unit for s in rest] == [s.unit for s in whole[2:]] and resumed.widths == full.widths
+    assert torch.allclose(resumed.knowledge, full.knowledge) and len(resumed.history) == len(full.history)

@@ -284,6 +284,25 @@ class SubnetSearch:
                 on_step(done[-1])
         return done
 
+    def state(self) -> dict:
+        """What resuming needs after an accepted step (tensors and plain values: `torch.save`-able,
+        loadable with weights_only=True)."""
+        return {"widths": list(self.widths), "order": [o.clone() for o in self.order],
+                "knowledge": self.knowledge.clone(), "count": self.count,
+                "history": [{"widths": h["widths"], "order": h["order"], "loss": h["loss"]} for h in self.history]}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state()` of a search of the same model and holdout (a resumed run)."""
+        if [len(o) for o in state["order"]] != self.full:
+            raise ValueError("search state is of another architecture (unit widths differ)")
+        if tuple(state["knowledge"].shape) != tuple(self.knowledge.shape):
+            raise ValueError(f"search state's knowledge is {tuple(state['knowledge'].shape)}, the holdout gives "
+                             f"{tuple(self.knowledge.shape)}: another holdout")
+        self.widths = list(state["widths"])
+        self.order = [o.clone() for o in state["order"]]
+        self.knowledge, self.count = state["knowledge"].clone(), int(state["count"])
+        self.history = [dict(h) for h in state["history"]]
+
     def keep(self) -> dict[str, torch.Tensor]:
         """Unit name -> the kept channel indices (ascending) of the current sub-network, for
         `kesi_dist.pruning.surgery.slice_units`."""
