@@ -16,18 +16,23 @@ __all__ = ["main"]
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("config", help="experiment YAML (see configs/); KEY=VALUE words after it override values "
+                                  "like --set (e.g. prune.iterations=3)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set prune.iterations=3 (repeatable)",
     )
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *getattr(args, "sets", [])]
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from kesi_dist.config import load_config
     from kesi_dist.plan import plan_schedule, print_plan
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _overrides(args))
     plan = plan_schedule(cfg)
     if args.json:
         import json
@@ -42,7 +47,7 @@ def _config_and_output(args: argparse.Namespace):
     from kesi_dist.config import load_config
     from kesi_dist.errors import UsageError
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _overrides(args))
     output = args.output or cfg.output
     if not output:
         raise UsageError(f"{args.config}: no output folder; pass --output DIR or set output: in the config")
@@ -68,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     from kesi_dist.config import config_to_yaml, load_config
 
-    print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+    print(config_to_yaml(load_config(args.config, _overrides(args))), end="")
     return 0
 
 
@@ -108,10 +113,13 @@ def _method_names() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kesi_dist import __version__
+
     parser = argparse.ArgumentParser(
         prog="kesi", description="Distributed model compression on Ray: pruning whose by-products become "
                                  "teachers (methods: " + ", ".join(_method_names()) + ")."
     )
+    parser.add_argument("--version", action="version", version=f"kesi_dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="preview widths, params and MACs of every step of the method's pruning")
@@ -165,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `kesi run x.yaml prune.iterations=3` (torchtune/Hydra habit): bare KEY=VALUE words are overrides,
+    # wherever they stand among the options; anything else unknown is argparse's usual error.
+    args, extra = parser.parse_known_args(argv)
+    sets = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in sets]
+    if unknown or (sets and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or sets)}")
+    args.sets = sets
     try:
         return args.func(args)
     except KesiError as e:

@@ -33,7 +33,8 @@ SOURCES = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "digits", "syn
 
 
 class ModelCfg(Strict):
-    arch: str = Field("resnet56", description="model name from the zoo (`kesi plan --list` shows them)")
+    arch: str = Field("resnet56", description="model name from the zoo (kesi_dist.models.MODELS; an unknown "
+                      "name is refused with the list)")
     num_classes: int | None = Field(None, ge=2, description="default: taken from the data")
     shortcut: Literal["avgpool", "slice"] | None = Field(
         None, description="CIFAR ResNets' parameter-free downsampling shortcut: avgpool (2x2 average + zero "
@@ -218,12 +219,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise UsageError(f"{origin}: no such config file")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{origin}: not a text file (byte {e.object[e.start]:#04x} at offset {e.start} is not "
+                             "UTF-8); give a YAML config such as configs/kesi/quickstart.yaml") from None
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or "invalid YAML"
             raise UsageError(f"{origin}: malformed YAML{where}: {problem}") from None
+        if raw is None:  # empty, or only comments: running every default without a word would surprise
+            raise UsageError(f"{origin}: empty config (no sections); start from one in configs/ (each opens with "
+                             "its launch command)")
         if not isinstance(raw, dict):
             raise UsageError(f"{origin}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
     apply_overrides(raw, overrides or [])

@@ -71,8 +71,8 @@ BAD = [
     (_m("prune:\n  method: mwp\n  iterations: 3\n  targets: [0.2]"), [], ["prune.targets has 1 values"]),
     (_m("prune:\n  targets: [0.5, 0.2]"), [], ["method.prune.targets", "non-decreasing"]),
     (_m("tune:\n  space:\n    momentum: [0.9]"), [], ["method.tune.space", "unknown search key 'momentum'"]),
-    ("", ["prune.iterations"], ["--set 'prune.iterations'", "dotted.key=value"]),
-    ("", ["prune.nope=1"], ["method.prune.nope", "unknown key"]),
+    ("seed: 0\n", ["prune.iterations"], ["--set 'prune.iterations'", "dotted.key=value"]),
+    ("seed: 0\n", ["prune.nope=1"], ["method.prune.nope", "unknown key"]),
     ("seed: 3\n", ["seed.x=1"], ["seed", "not a section"]),
     # A method section at the top level (the layout before methods were units) says where it goes now.
     ("prune:\n  iterations: 3\n", [], ["prune: a section of method kesi", "move it under `method:`"]),
@@ -157,3 +157,27 @@ def test_the_config_says_which_momentum_runs():
     cycling = momenta(schedule_from(r))
     assert cycling[0] == pytest.approx(0.95) and min(cycling) == pytest.approx(0.85, abs=0.01)
     assert set(momenta(schedule_from(fixed.method.retrain))) == {0.8}
+
+
+def test_cli_takes_positional_overrides_and_refuses_files_that_are_not_configs(tmp_path, capsys):
+    from kesi_dist import __version__
+    from kesi_dist.cli import main
+
+    smoke = str(ROOT / "configs" / "kesi" / "smoke.yaml")
+    assert main(["config", smoke, "prune.iterations=3", "--set", "tune.branches=1"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["method"]["prune"]["iterations"] == 3 and printed["method"]["tune"]["branches"] == 1
+    with pytest.raises(SystemExit):  # argparse's own error for words that are not KEY=VALUE
+        main(["config", smoke, "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"kesi_dist {__version__}"
+    empty, binary = tmp_path / "empty.yaml", tmp_path / "binary.yaml"
+    empty.write_text("# nothing but a comment\n")
+    binary.write_bytes(b"model:\n  arch: \x80\x81\xfe\n")
+    for path, what in ((empty, "empty config (no sections)"), (binary, "not a text file (byte 0x80 at offset 15")):
+        assert main(["run", str(path), "--output", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: {what}") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
