@@ -79,7 +79,7 @@ def _m(x) -> str:
 
 
 def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, config_text: str, config_path: str,
-          cfg: dict, lat: dict) -> str:
+          cfg: dict, lat: dict, norm: dict) -> str:
     model_cfg, data_cfg = cfg.get("model", {}), cfg.get("data", {})
     arch = model_cfg.get("arch", "?")
     res = int(data_cfg.get("resolution", 32))
@@ -161,10 +161,13 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
               "(max |diff| <= 1e-4). Loading:", "",
               "```python",
               "import numpy as np, onnxruntime as ort, torch",
-              f"x = np.random.rand(1, 3, {res}, {res}).astype(np.float32)  # normalised NCHW images; any batch size",
+              "from PIL import Image",
+              *_preprocessing(norm, res),
               "logits = ort.InferenceSession(\"student.onnx\").run(None, {\"input\": x})[0]",
               "ts = torch.jit.load(\"student.ts\").eval()",
               "logits_ts = ts(torch.from_numpy(x))",
+              *([f"CLASSES = {norm['class_names']!r}", "print(CLASSES[int(logits.argmax())])"]
+                if norm.get("class_names") else []),
               "```", "",
               "The safetensors file holds weights only; the architecture is rebuilt from the widths file:", "",
               "```python",
@@ -181,6 +184,31 @@ def _split_sizes(data: dict) -> str:
     train = f"{data.get('train_size', '?')} training images" + (
         f" ({held} of them held out for selection, never trained on)" if held else "")
     return f"{train} / {data.get('val_size', '?')} test images"
+
+
+def _preprocessing(norm: dict, res: int) -> list[str]:
+    """The input the model was trained on, as code: RGB pixels on the 0-255 scale, normalised with the
+    prepared data's per-channel mean and std (meta.json), NCHW float32."""
+    if not norm.get("mean"):
+        return [f"x = ...  # float32 [N, 3, {res}, {res}]: (RGB 0-255 - mean) / std, with mean/std from the "
+                "prepared data's meta.json (0-255 scale)"]
+    return [f"MEAN = np.array({norm['mean']}, np.float32)  # per channel, on the 0-255 pixel scale (meta.json)",
+            f"STD = np.array({norm['std']}, np.float32)",
+            f"img = np.asarray(Image.open(\"image.png\").convert(\"RGB\").resize(({res}, {res})), np.float32)  # HxWx3, 0-255",
+            "x = ((img - MEAN) / STD).transpose(2, 0, 1)[None]  # 1x3xHxW; stack more images for a batch"]
+
+
+def _normalisation(manifest: dict) -> dict:
+    """mean, std (0-255 scale) and class names of the run's prepared data, if it can be read."""
+    from kesi_dist.data.loaders import read_meta
+    from kesi_dist.errors import KesiError
+
+    path = manifest.get("stages", {}).get("data", {}).get("path")
+    try:
+        meta = read_meta(path) if path else {}
+    except (KesiError, OSError):
+        return {}
+    return {k: meta.get(k) for k in ("mean", "std", "class_names")}
 
 
 def write_model_card(run_root: str | Path, manifest: dict, report: dict, layout: ReportLayout,
@@ -208,5 +236,6 @@ def write_model_card(run_root: str | Path, manifest: dict, report: dict, layout:
     names = [r["snapshot"] for r in (report.get("baseline"), report.get(final) if final else None) if r]
     lat = _latencies(root, manifest, names, res)
     path = storage.join(root, "MODEL_CARD.md")
-    storage.write_text(path, _card(root, manifest, report, layout, config_text, config_path, cfg, lat))
+    storage.write_text(path, _card(root, manifest, report, layout, config_text, config_path, cfg, lat,
+                                   _normalisation(manifest)))
     return path if storage.is_uri(path) else Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -73,3 +74,32 @@ def test_model_card_sections_and_numbers(tmp_path):
 def test_measure_latency_is_per_batch_size():
     lat = measure_latency(build_model("resnet20", 4), 16, batches=(1, 8), repeats=2)
     assert set(lat) == {1, 8} and all(v > 0 for v in lat.values())
+
+
+def test_the_cards_loading_snippet_normalises_as_the_run_did(tmp_path):
+    """The card's preprocessing lines, run on a test image saved as PNG, give the tensor the run's own
+    val loader gives for that image (mean/std on the 0-255 scale from meta.json, RGB, NCHW)."""
+    import numpy as np
+    from PIL import Image
+
+    from kesi_dist.data import make_loader, prepare_dataset
+    from kesi_dist.data.beton import BetonFile
+    from kesi_dist.model_card import _normalisation, _preprocessing
+
+    data = tmp_path / "data"
+    prepare_dataset("synthetic", None, data, resolution=16, seed=0, workers=1, num_train=40, num_val=8,
+                    num_classes=4)
+    norm = _normalisation({"stages": {"data": {"path": str(data)}}})
+    assert len(norm["mean"]) == 3 and len(norm["class_names"]) == 4
+    Image.fromarray(BetonFile(data / "val.beton").image(0)).save(tmp_path / "image.png")
+    scope: dict = {}
+    code = "\n".join(["import numpy as np", "from PIL import Image", *_preprocessing(norm, 16)])
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "MODEL_CARD.md", "exec"), scope)  # the card's own text, written by kesi_dist
+    finally:
+        os.chdir(cwd)
+    val = make_loader(data, "val", batch_size=8, resolution=16, augment="cifar", backend="torch", num_workers=0)
+    expected = next(iter(val))[0][0].numpy()
+    assert scope["x"].shape == (1, 3, 16, 16) and np.allclose(scope["x"][0], expected, atol=1e-4)
