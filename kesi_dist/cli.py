@@ -71,9 +71,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from kesi_dist.config import config_to_yaml, load_config
+    from kesi_dist.config import config_to_yaml, describe_config, load_config
 
-    print(config_to_yaml(load_config(args.config, _overrides(args))), end="")
+    cfg = load_config(args.config, _overrides(args))
+    print(describe_config(cfg) if args.describe else config_to_yaml(cfg), end="")
     return 0
 
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (every key, defaults filled in)")
     p.add_argument("config", nargs="?", help="experiment YAML; omit to print the defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--describe", action="store_true", help="one line per key: value, allowed values, what it does")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("data", help="dataset tools")

@@ -181,3 +181,16 @@ def test_cli_takes_positional_overrides_and_refuses_files_that_are_not_configs(t
         err = capsys.readouterr().err
         assert err.startswith(f"error: {path}: {what}") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_config_describe_lists_every_key_with_its_meaning(capsys):
+    from kesi_dist.cli import main
+
+    assert main(["config", str(ROOT / "configs" / "kesi" / "smoke.yaml"), "--describe", "prune.iterations=3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    by_key = {ln.split(":", 1)[0]: ln for ln in lines}
+    assert by_key["method.prune.iterations"].startswith("method.prune.iterations: 3")
+    assert "one of pfec, mwp" in by_key["method.prune.method"]
+    assert "held-out selection split" in by_key["data.holdout"]
+    flat = {ln.split(":", 1)[0] for ln in lines}
+    assert len(flat) == len(lines) > 80  # one line per key, nothing nested left over
