@@ -184,31 +184,59 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
     return raw
 
 
-def _format_error(origin: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    parts = [str(p) for p in first["loc"]]
+def _model_at(parts: list[str]):
+    """The config model class that holds the key at `parts` (pydantic's loc, union tag included)."""
+    from pydantic import BaseModel
+
+    model: type = Config
+    for part in parts[:-1]:
+        if model is Config and part == "method":
+            continue  # the next part is the union's tag
+        if part in METHOD_CONFIGS and model is Config:
+            model = METHOD_CONFIGS[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _one_error(error: dict) -> str:
+    raw_parts = [str(p) for p in error["loc"]]
+    parts = list(raw_parts)
     if len(parts) > 1 and parts[0] == "method" and parts[1] in METHOD_CONFIGS:
         parts.pop(1)  # pydantic puts the union's tag in the location; the user never wrote it
     loc = ".".join(parts)
-    msg = first["msg"]
+    msg = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
     owners = [n for n, c in METHOD_CONFIGS.items() if parts and parts[0] in c.model_fields]
-    if first["type"] == "extra_forbidden" and len(parts) == 1 and owners:
+    if error["type"] == "extra_forbidden" and len(parts) == 1 and owners:
         msg = (f"a section of method {owners[0]}: move it under `method:` (method: {{name: {owners[0]}, "
                f"{parts[0]}: ...}})")
-    elif first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; `kesi config` prints every key with its default)"
-    elif first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+    elif error["type"] == "extra_forbidden":
+        import difflib
+
+        holder = _model_at(raw_parts)
+        close = difflib.get_close_matches(parts[-1], list(getattr(holder, "model_fields", {})), n=1)
+        hint = f"did you mean {'.'.join(parts[:-1] + close)}? " if close else ""
+        msg = f"unknown key ({hint}check the spelling; `kesi config --describe` lists every key)"
+    elif error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc = "method.name"
-        msg = f"choose one of {', '.join(METHOD_CONFIGS)}" + (f", got {first['input'].get('name')!r}"
-                                                            if first["type"] == "union_tag_invalid" else "")
-    elif first["type"] == "literal_error":
-        msg = f"{msg}, got {first.get('input')!r}"
-    elif "input" in first and first["type"] not in ("value_error", "missing") and not isinstance(first["input"], dict):
-        msg = f"{msg}, got {first['input']!r}"
-    where = f"{loc}: " if loc else ""
-    return f"{origin}: {where}{msg}"
+        msg = f"choose one of {', '.join(METHOD_CONFIGS)}" + (f", got {error['input'].get('name')!r}"
+                                                            if error["type"] == "union_tag_invalid" else "")
+    elif error["type"] == "literal_error":
+        msg = f"{msg}, got {error.get('input')!r}"
+    elif "input" in error and error["type"] not in ("value_error", "missing") and not isinstance(error["input"], dict):
+        msg = f"{msg}, got {error['input']!r}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _format_error(origin: str, err: ValidationError) -> str:
+    """Every problem pydantic found, in one line: "<file>: key: what; other.key: what"."""
+    return f"{origin}: " + "; ".join(dict.fromkeys(_one_error(e) for e in err.errors()))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

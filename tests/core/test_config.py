@@ -194,3 +194,14 @@ def test_config_describe_lists_every_key_with_its_meaning(capsys):
     assert "held-out selection split" in by_key["data.holdout"]
     flat = {ln.split(":", 1)[0] for ln in lines}
     assert len(flat) == len(lines) > 80  # one line per key, nothing nested left over
+
+
+def test_every_config_error_at_once_with_a_suggestion_for_misspelt_keys():
+    smoke = ROOT / "configs" / "kesi" / "smoke.yaml"
+    with pytest.raises(UsageError) as e:
+        load_config(smoke, ["prune.iteratons=3", "data.holdot=1", "data.batch_size=-3"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{smoke}: ")
+    assert "method.prune.iteratons: unknown key (did you mean method.prune.iterations?" in msg
+    assert "data.holdot: unknown key (did you mean data.holdout?" in msg
+    assert "data.batch_size: Input should be greater than or equal to 1, got -3" in msg
