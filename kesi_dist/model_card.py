@@ -90,7 +90,7 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
     lines = [
         f"# Model card: {layout.card_titles.get(student_key, arch) if student_key else arch}",
         "",
-        f"The deliverable is the snapshot `{sname}` (`{storage.join(run_root, 'snapshots', sname + '.pt')}`), "
+        f"The deliverable is the snapshot `{sname}` (`snapshots/{sname}.pt` next to this card), "
         f"a {arch} with pruned widths, {report['status'] or 'unknown'} run.",
         "",
         "## Size and measured speed (CPU)", "",
@@ -147,15 +147,18 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
               f"{data.get('num_classes', '?')} classes",
               f"- input resolution: {res}x{res} px, augmentation `{data_cfg.get('augment', '?')}`; inputs are "
               "normalised with the dataset's mean/std (`meta.json` of the prepared data)",
+              "", "## Software", "", _versions(),
               "", "## Reproduce", "",
-              f"The run's resolved config is `{config_path}` (every key, defaults filled in):", "",
-              "```bash", f"kesi run {config_path} --output NEW_RUN_DIR", "```", "",
+              "The run's resolved config is `config.yaml` next to this card (every key, defaults filled in); "
+              "from this folder:", "",
+              "```bash", "kesi run config.yaml --output NEW_RUN_DIR", "```", "",
               "<details><summary>config.yaml</summary>", "", "```yaml", config_text.rstrip(), "```", "", "</details>",
               "", "## Export and load", "",
               "```bash",
-              f"kesi export {run_root} --format onnx --out student.onnx                # needs onnxruntime only",
-              f"kesi export {run_root} --format torchscript --out student.ts           # needs torch only",
-              f"kesi export {run_root} --format safetensors --out student.safetensors  # + student.safetensors.widths.json",
+              "# from this folder (the run folder); or pass its path or storage URI instead of .",
+              "kesi export . --format onnx --out student.onnx                # needs onnxruntime only",
+              "kesi export . --format torchscript --out student.ts           # needs torch only",
+              "kesi export . --format safetensors --out student.safetensors  # + student.safetensors.widths.json",
               "```", "",
               "Each export runs the written model on a batch of validation images and checks it matches PyTorch "
               "(max |diff| <= 1e-4). Loading:", "",
@@ -184,6 +187,21 @@ def _split_sizes(data: dict) -> str:
     train = f"{data.get('train_size', '?')} training images" + (
         f" ({held} of them held out for selection, never trained on)" if held else "")
     return f"{train} / {data.get('val_size', '?')} test images"
+
+
+def _versions() -> str:
+    """The packages that trained this model, as installed where the card was written."""
+    from importlib import metadata
+
+    found = []
+    for name in ("kesi_dist", "torch", "torchvision", "ray", "ffcv", "deepspeed", "onnxruntime"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    import platform
+
+    return f"Written with Python {platform.python_version()}: " + ", ".join(found) + "."
 
 
 def _preprocessing(norm: dict, res: int) -> list[str]:

@@ -64,9 +64,11 @@ def test_model_card_sections_and_numbers(tmp_path):
     assert "distilled from 2 teachers (ensemble top-1 94.12 %)" in card
     assert "- `baseline`: top-1 93.42 %" in card and "- `iter1_b0`: top-1 92.31 %" in card
     assert "- 1437 training images / 360 test images, 4 classes" in card and "16x16 px" in card
-    assert f"kesi run {config} --output NEW_RUN_DIR" in card and "  arch: resnet20" in card  # config embedded
+    assert "kesi run config.yaml --output NEW_RUN_DIR" in card and "  arch: resnet20" in card  # config embedded
     for fmt, out in (("onnx", "student.onnx"), ("torchscript", "student.ts"), ("safetensors", "student.safetensors")):
-        assert f"kesi export {tmp_path} --format {fmt} --out {out}" in card
+        assert f"kesi export . --format {fmt} --out {out}" in card
+    assert str(tmp_path) not in card  # no absolute path: the card stays true when the folder moves
+    assert f"torch {torch.__version__.split('+')[0]}" in card and "## Software" in card
     assert 'ort.InferenceSession("student.onnx").run(None, {"input": x})[0]' in card
     assert 'torch.jit.load("student.ts")' in card and "build_model(spec[\"arch\"]" in card
 
