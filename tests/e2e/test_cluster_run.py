@@ -207,9 +207,11 @@ def test_distillation_survives_losing_its_node(cluster, branch_loss, tmp_path):
     run = _Run(cluster, SMOKE, "--output", str(out), *TINY, "--set", "train.num_workers=1",
                "--set", "data.source=prepared", "--set", f"data.prepared={first / 'data'}",
                "--set", f"baseline.checkpoint={first / 'snapshots' / 'baseline.pt'}",
-               "--set", "retrain.epochs=1", "--set", "distill.mode=online", "--set", "distill.epochs=4")
-    run.wait_for("distill epoch 1/4", timeout=400)
-    assert not run.count("distill epoch 4/4"), "distillation finished before the node could be killed"
+               "--set", "retrain.epochs=1", "--set", "distill.mode=online", "--set", "distill.epochs=6")
+    # Ray Train registers a reported checkpoint asynchronously: killed right after epoch 1, the group may
+    # restart from scratch. After epoch 2, epoch 1's checkpoint is registered.
+    run.wait_for("distill epoch 2/6", timeout=400)
+    assert not run.count("distill epoch 6/6"), "distillation finished before the node could be killed"
     killed = _kill_node_running(cluster, "RayTrainWorker")
     code = run.finish(timeout=600)
     assert code == 0, run.text[-4000:]
@@ -217,5 +219,6 @@ def test_distillation_survives_losing_its_node(cluster, branch_loss, tmp_path):
     student = m["snapshots"]["student"]
     assert student["attempts"] == 2 and student["node_id"] != killed, student
     assert [e["event"] for e in m["events"]].count("distill retried") == 1
-    assert run.count("distill epoch 1/4") == 1 and run.count("distill epoch 4/4") == 1, run.text[-3000:]
-    assert "worker group restarted, resuming at epoch" in run.text
+    resumed = re.search(r"distill: worker group restarted, resuming at epoch (\d+)", run.text)
+    assert resumed and int(resumed.group(1)) >= 2, run.text[-3000:]  # from a checkpoint, not from scratch
+    assert run.count("distill epoch 1/6") == 1 and run.count("distill epoch 6/6") == 1, run.text[-3000:]

@@ -70,13 +70,19 @@ def _comm(pid: int) -> str:
         return ""
 
 
+# Ray's agents (ray::DashboardAgent, ray::RuntimeEnvAgent), orphaned when their raylet dies, outlive it
+# by a minute or two; every other ray:: process is a worker.
+AGENTS = ("ray::DashboardA", "ray::RuntimeEnv")
+
+
 def _gone(sid: int, seconds: float, only: tuple[str, ...] = ()) -> None:
-    """Assert that no process of session `sid` (a killed driver's; `only` those whose name starts so) is
-    left within `seconds`."""
+    """Assert that no process of session `sid` (a killed driver's; `only` those whose name starts so, the
+    agents apart) is left within `seconds`."""
     deadline = time.time() + seconds
 
     def left() -> list[int]:
-        return [p for p in _session_pids(sid) if not only or _comm(p).startswith(only)]
+        return [p for p in _session_pids(sid)
+                if not only or (_comm(p).startswith(only) and not _comm(p).startswith(AGENTS))]
 
     while (pids := left()) and time.time() < deadline:
         time.sleep(0.5)
