@@ -168,6 +168,7 @@ def test_bad_arguments_and_incomplete_folders(data_dir, tmp_path):
         read_meta(tmp_path)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU path: ToDevice, channels_last)")
 def test_gpu_path_matches_cpu(data_dir):
     kw = dict(batch_size=16, resolution=16, augment="cifar", seed=2, return_indices=True)
