@@ -22,13 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _permute_test_labels(root: Path) -> None:
-    path = root / "cifar-10-batches-py" / "test_batch"
-    with open(path, "rb") as f:
-        batch = pickle.load(f)  # our own file, written by tests.datafiles
-    labels = np.asarray(batch["labels"])
-    batch["labels"] = [int(x) for x in (labels + 1 + np.arange(len(labels)) % 9) % 10]  # every label changes
-    with open(path, "wb") as f:
+def _permute_test_labels(root: Path, ds) -> None:
+    """Rewrite test_batch (written by tests.datafiles, kept in `ds`) with every label changed."""
+    labels = np.asarray(ds.val_labels)
+    batch = {"batch_label": "testing batch 1 of 1",
+             "labels": [int(x) for x in (labels + 1 + np.arange(len(labels)) % 9) % 10],
+             "data": ds.val_images.transpose(0, 3, 1, 2).reshape(len(labels), 3072).copy(),
+             "filenames": [f"img_{i:05d}.png" for i in range(len(labels))]}
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump(batch, f, protocol=2)
 
 
@@ -44,10 +45,10 @@ def _run(root: Path, out: Path) -> dict:
 
 
 def test_changing_the_test_labels_cannot_change_the_chosen_branch(ray_local, tmp_path):
-    a = write_cifar10(tmp_path / "a", train_per_batch=40, test=100).root
-    b = tmp_path / "b"
+    ds = write_cifar10(tmp_path / "a", train_per_batch=40, test=100)
+    a, b = ds.root, tmp_path / "b"
     shutil.copytree(a, b)
-    _permute_test_labels(b)
+    _permute_test_labels(b, ds)
     m_a, m_b = _run(a, tmp_path / "run_a"), _run(b, tmp_path / "run_b")
 
     held = m_a["stages"]["data"]["holdout"]
