@@ -84,7 +84,8 @@ def print_plan(plan: dict) -> None:
     rows = plan["iterations"]
     base = rows[0]
     table = Table(
-        title=f"{plan['model']} · {plan['method']} · {len(rows) - 1} iterations",
+        title=f"{plan['model']} · {plan['method']} · " + (f"target {100 * plan['target_macs_ratio']:.0f}% of the MACs "
+              f"({plan['target_macs'] / 1e6:.2f} M)" if "target_macs" in plan else f"{len(rows) - 1} iterations"),
         caption="params, nonzero, MACs in millions; ↓ = reduction vs iteration 0",
         box=box.SIMPLE_HEAD,
     )
@@ -102,4 +103,7 @@ def print_plan(plan: dict) -> None:
             f"{r['macs'] / 1e6:.2f}", pct(r["nonzero_params"], base["nonzero_params"]),
             pct(r["macs"], base["macs"]), widths,
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if plan.get("note"):
+        console.print(plan["note"])

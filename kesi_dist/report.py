@@ -23,6 +23,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kesi_dist import storage
 
@@ -42,6 +43,7 @@ class ReportLayout:
     arms: snapshot arm -> legend label; those arms' snapshots are scattered in the plot.
     chain_acc_label: the chain table's accuracy column; chain_extra: (column label, chain key,
         TensorBoard tag) of further chain columns.
+    sections: report -> the method's own report.md lines after the table (a search's steps, ...).
     """
 
     title: str
@@ -51,6 +53,7 @@ class ReportLayout:
     arms: dict[str, str] = field(default_factory=dict)
     chain_acc_label: str = "top-1 (%)"
     chain_extra: tuple[tuple[str, str, str], ...] = ()
+    sections: Callable[[dict], list[str]] | None = None
 
     def deliverable(self, report: dict) -> str | None:
         return next((k for k in self.deliverables if report.get(k)), None)
@@ -102,10 +105,13 @@ def render_markdown(report: dict, layout: ReportLayout) -> str:
     if report.get("ensemble"):
         lines += ["", f"Ensemble: {len(report['ensemble']['teachers'])} teachers "
                       f"({', '.join(report['ensemble']['teachers'])}); its params/MACs are the sum over members."]
+    if layout.sections is not None:
+        lines += layout.sections(report)
     extra = layout.chain_extra
-    lines += ["", "## Chain", "", "| iteration | snapshot | " + " | ".join([layout.chain_acc_label, *(e[0] for e in extra)])
-              + " | params (M) | MACs (M) |", "|---|---|---|" + "---|" * len(extra) + "---|---|"]
-    for r in report["chain"]:
+    if report.get("chain"):
+        lines += ["", "## Chain", "", "| iteration | snapshot | " + " | ".join([layout.chain_acc_label, *(e[0] for e in extra)])
+                  + " | params (M) | MACs (M) |", "|---|---|---|" + "---|" * len(extra) + "---|---|"]
+    for r in report.get("chain") or []:
         cols = [_pct(r["val_acc"]), *(_pct(r.get(e[1])) for e in extra)]
         lines.append(f"| {r['iteration']} | {r['snapshot']} | {' | '.join(cols)} | {r['params'] / 1e6:.3f} | "
                      f"{r['macs'] / 1e6:.1f} |")
@@ -129,7 +135,7 @@ def _plot(report: dict, layout: ReportLayout, path: str) -> None:
         if pts:
             ax.scatter([s["macs"] / 1e6 for s in pts], [100 * s["val_acc"] for s in pts], marker=marker,
                        color=color, alpha=0.6, label=label)
-    chain = report["chain"]
+    chain = report.get("chain")
     if chain:
         ax.plot([r["macs"] / 1e6 for r in chain], [100 * r["val_acc"] for r in chain], "-", color="tab:blue",
                 alpha=0.8, label="chosen chain")
@@ -162,7 +168,7 @@ def _tensorboard(report: dict, layout: ReportLayout, logdir: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with storage.staged_dir(logdir) as local, SummaryWriter(local) as w:
-        for r in report["chain"]:
+        for r in report.get("chain") or []:
             w.add_scalar("chain/val_acc", r["val_acc"], r["iteration"])
             w.add_scalar("chain/macs", r["macs"], r["iteration"])
             w.add_scalar("chain/params", r["params"], r["iteration"])

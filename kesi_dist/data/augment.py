@@ -26,14 +26,15 @@ __all__ = [
     "RRC_SCALE",
     "RRC_RATIO",
     "CENTER_CROP_RATIO",
+    "views",
 ]
 
 RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CENTER_CROP_RATIO = 0.875  # val: resize to resolution / 0.875, center crop resolution
 
-# Stream ids: which random number of a sample a decision consumes.
-_K_DY, _K_DX, _K_FLIP, _K_RRC = 0, 1, 2, 16
+# Stream ids: which random number of a sample a decision consumes (views: 64 + 4 x view + 0/1/2).
+_K_DY, _K_DX, _K_FLIP, _K_RRC, _K_VIEWS = 0, 1, 2, 16, 64
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -127,3 +128,31 @@ def epoch_order(
     if drop_last:
         order = order[: (n // world_size) * world_size]
     return order[rank::world_size].astype(np.int64)
+
+
+def views(images, indices, *, seed: int, epoch: int, count: int, pad: int):
+    """`count` augmented views of every image of a batch (EKG's fine-tuning), made from clean images on
+    their device: reflect-pad `pad`, random crop back to size, horizontal flip. Every decision is a
+    function of (seed, epoch, sample index, view), like the loaders' own augmentation.
+
+    Args:
+        images: float [B, C, H, W] (normalised); indices: int [B], positions in the split.
+
+    Returns:
+        [B * count, C, H, W], the views of sample b at rows b * count .. b * count + count - 1.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect") if pad else images
+    out = []
+    n = 2 * pad + 1
+    for i, index in enumerate(indices.tolist()):
+        for v in range(count):
+            k = _K_VIEWS + 4 * v
+            dy = min(int(uniform(seed, epoch, index, k) * n), n - 1)
+            dx = min(int(uniform(seed, epoch, index, k + 1) * n), n - 1)
+            crop = padded[i, :, dy:dy + h, dx:dx + w]
+            out.append(torch.flip(crop, dims=(2,)) if uniform(seed, epoch, index, k + 2) < 0.5 else crop)
+    return torch.stack(out)

@@ -54,7 +54,7 @@ from kesi_dist.data.image_loader import CIFAR_PAD, ImageLoader, _plan
 from kesi_dist.data.torch_loader import TorchLoader
 from kesi_dist.errors import BadValue, RunError, UsageError
 
-__all__ = ["read_meta", "make_loader", "ImageLoader", "AUGMENTS", "BACKENDS", "SPLITS", "LOADER_SPLITS", "CIFAR_PAD"]
+__all__ = ["read_meta", "make_loader", "split_tensors", "ImageLoader", "AUGMENTS", "BACKENDS", "SPLITS", "LOADER_SPLITS", "CIFAR_PAD"]
 
 AUGMENTS = ("cifar", "imagenet", "none")
 BACKENDS = ("ffcv", "torch")
@@ -194,3 +194,17 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
         while len(_REUSABLE) > _REUSABLE_MAX:
             _REUSABLE.popitem(last=False)
     return loader
+
+
+def split_tensors(data_dir: str | Path, split: str, *, resolution: int, augment: str = "none", backend: str = "ffcv",
+                  device="cpu", holdout: float = 0, holdout_seed: int = 0,
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small evaluation split ("val", "holdout"), whole, as (images float32 NCHW normalised, labels
+    int64) on `device`, in order and as evaluation serves it (the holdout a search scores sub-networks on)."""
+    if split == "train":
+        raise BadValue("split", "train: split_tensors serves evaluation splits (val, holdout), which are small")
+    loader = make_loader(data_dir, split, batch_size=batch_size, resolution=resolution, augment=augment,
+                         backend=backend, num_workers=1, shuffle=False, drop_last=False, device=device,
+                         holdout=holdout, holdout_seed=holdout_seed)
+    images, labels = zip(*((x, y) for x, y in loader))
+    return torch.cat(images), torch.cat(labels)

@@ -13,6 +13,7 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+from kesi_dist.methods.ekg.config import EkgCfg
 from kesi_dist.methods.kesi.config import KesiCfg
 
 __all__ = ["Method", "METHODS"]
@@ -39,5 +40,14 @@ METHODS: dict[str, Method] = {
         smoke_config="configs/kesi/smoke.yaml",
         test_overrides=("baseline.epochs=1", "prune.iterations=1", "retrain.epochs=1", "fixed_lr.epochs=1",
                         "distill.epochs=1", "tune.branches=1", "distill.mode=online"),
+    ),
+    "ekg": Method(
+        name="ekg",
+        summary="greedy sub-network search scored by the ensemble of interim sub-networks, then fine-tuning "
+                "from a memory bank of their logits",
+        config=EkgCfg,
+        smoke_config="configs/ekg/smoke.yaml",
+        test_overrides=("baseline.epochs=1", "finetune.epochs=1", "finetune.milestones=[]", "target_macs_ratio=0.6",
+                        "search.actors=1", "bank.actors=1"),
     ),
 }

@@ -108,6 +108,12 @@ class RunContext:
             raise
         self.manifest.finish_stage(name, **st.info)
 
+    def note(self, stage: str, **info: Any) -> None:
+        """Record `info` with a running stage now (progress a resumed or watched run can read: a search's
+        accepted steps), not only when it completes."""
+        self.manifest.stages[stage].update(info)
+        self.manifest.save()
+
     def register(self, name: str, **info: Any) -> dict:
         """Register the snapshot file `ctx.snapshot(name)` with its size and `info`; returns its entry."""
         entry = {**describe_snapshot(self.snapshot(name), self.resolution), **info,

@@ -118,8 +118,9 @@ class _Worker:
                                seed=self.run["seed"], resolution=lspec.resolution, augment=lspec.augment,
                                epochs=self.sched.epochs, **lspec.split_args)
         # reuse: a Tune trial process trains branch after branch with the same loaders (FFCV compiles each)
+        train_common = {**common, "augment": "none"} if getattr(self.task, "augments", False) else common
         self.train_loader = make_loader(lspec.data_dir, "train", return_indices=self.task.needs_indices, reuse=True,
-                                        **common, **lspec.split_args)
+                                        **train_common, **lspec.split_args)
         self.val_loader = make_loader(lspec.data_dir, "val", reuse=True, **common)  # the test split: reported
         self.holdout_loader = (make_loader(lspec.data_dir, "holdout", reuse=True, **common, **lspec.split_args)
                                if lspec.holdout else None)  # the selection split: every epoch

@@ -8,6 +8,9 @@ times (several sub-networks per step, SWP's sandwich rule) without the loop chan
 - `Classification`: cross-entropy on the labels.
 - `Distillation`: the student learns from a `TeacherSource` (frozen teachers run on the batch, or
   soft labels cached per (epoch, sample)), KL at temperature T, plus `alpha` x cross-entropy.
+- `MemoryBankDistillation`: EKG's fine-tuning: V augmented views of each clean image, CE plus T x KL to
+  the curriculum target of a memory bank of teacher logits (`kesi_dist.distill.curriculum`). It makes
+  its views itself, so its loader serves clean images (`augments = True`).
 
 A worker process builds its task from a `TaskSpec`, plain data that travels in Ray's config.
 """
@@ -23,7 +26,8 @@ from torch import nn
 
 from kesi_dist.errors import BadValue, RunError
 
-__all__ = ["TaskOutput", "Task", "TeacherSource", "Classification", "Distillation", "TaskSpec", "build_task"]
+__all__ = ["TaskOutput", "Task", "TeacherSource", "Classification", "Distillation", "MemoryBankDistillation",
+           "TaskSpec", "build_task"]
 
 
 @dataclass
@@ -35,6 +39,7 @@ class TaskOutput:
 
 class Task(Protocol):
     needs_indices: bool  # the loader must yield each sample's index (cached soft labels)
+    augments: bool  # the task augments the batch itself: the loader serves clean images
 
     def set_epoch(self, epoch: int) -> None: ...
 
@@ -55,6 +60,7 @@ class TeacherSource(Protocol):
 
 class Classification:
     needs_indices = False
+    augments = False
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -66,6 +72,8 @@ class Classification:
 
 class Distillation:
     """KESI's loss: KL(teacher probs || softmax(student / T)) * T^2, plus `alpha` x CE (`kd_loss`)."""
+
+    augments = False
 
     def __init__(self, source: TeacherSource, *, temperature: float, alpha: float = 0.0):
         if temperature <= 0:
@@ -90,20 +98,56 @@ class Distillation:
         return TaskOutput(out["loss"], logits, {k: v for k, v in out.items() if k != "loss"})
 
 
+class MemoryBankDistillation:
+    """EKG's loss (`memory_bank_loss`): `views` views of each image (reflect-pad + crop + flip, keyed by
+    (seed, epoch, sample, view)), CE + T x KL to the bank's curriculum target, averaged over views."""
+
+    needs_indices = True
+    augments = True
+
+    def __init__(self, bank, *, temperature: float, views: int, seed: int, pad: int):
+        if temperature <= 0:
+            raise BadValue("temperature", f"must be > 0, got {temperature}")
+        if views < 1:
+            raise BadValue("views", f"must be >= 1, got {views}")
+        self.bank, self.temperature, self.views, self.seed, self.pad = bank, float(temperature), views, seed, pad
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __call__(self, model, images, labels, indices=None) -> TaskOutput:
+        from kesi_dist.data.augment import views
+        from kesi_dist.distill.curriculum import memory_bank_loss
+
+        if indices is None or self.epoch is None:
+            raise RunError("memory-bank distillation needs each batch's sample indices and set_epoch(epoch)")
+        x = views(images, indices, seed=self.seed, epoch=self.epoch, count=self.views, pad=self.pad)
+        logits = model(x).view(len(labels), self.views, -1)
+        bank = self.bank.lookup(indices).to(logits.device)
+        if bank.shape[1] != logits.shape[-1]:
+            raise RunError(f"student outputs {logits.shape[-1]} classes, the memory bank {bank.shape[1]}")
+        out = memory_bank_loss(logits, labels, bank, temperature=self.temperature)
+        return TaskOutput(out["loss"], logits[:, 0], {k: v for k, v in out.items() if k != "loss"})
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task as plain data. kind "classification", or "distillation" from `teachers` (checkpoint paths
-    or URIs, run on every batch: online) or from `soft_labels` (a cache folder: cached)."""
+    """A task as plain data. kind "classification"; "distillation" from `teachers` (checkpoint paths
+    or URIs, run on every batch: online) or from `soft_labels` (a cache folder: cached); or
+    "memory_bank" from `memory_bank` (a bank folder) with `views` views per image."""
 
     kind: str = "classification"
     teachers: tuple[str, ...] = ()
     soft_labels: str | None = None
     temperature: float = 4.0
     alpha: float = 0.0
+    memory_bank: str | None = None
+    views: int = 2
 
     @property
     def mode(self) -> str:
-        return "cached" if self.soft_labels else "online"
+        return "memory_bank" if self.memory_bank else "cached" if self.soft_labels else "online"
 
 
 def build_task(spec: TaskSpec, *, num_classes: int, device: torch.device, seed: int, resolution: int,
@@ -112,8 +156,20 @@ def build_task(spec: TaskSpec, *, num_classes: int, device: torch.device, seed: 
     settings: cached soft labels are only valid for the images and augmentation this worker replays."""
     if spec.kind == "classification":
         return Classification()
+    if spec.kind == "memory_bank":
+        from kesi_dist.data.image_loader import CIFAR_PAD
+        from kesi_dist.distill.memory_bank import MemoryBank
+
+        if not spec.memory_bank:
+            raise BadValue("memory_bank", "memory-bank distillation needs a bank folder")
+        bank = MemoryBank(spec.memory_bank)
+        bank.check(holdout=(holdout, holdout_seed if holdout else 0))
+        if bank.num_classes != num_classes:
+            raise RunError(f"{bank.dir}: the memory bank has {bank.num_classes} classes, the student {num_classes}")
+        pad = max(1, round(CIFAR_PAD * resolution / 32))  # CIFAR's 4 px at 32 px, in proportion elsewhere
+        return MemoryBankDistillation(bank, temperature=spec.temperature, views=spec.views, seed=seed, pad=pad)
     if spec.kind != "distillation":
-        raise BadValue("kind", f"unknown task {spec.kind!r}; choose classification or distillation")
+        raise BadValue("kind", f"unknown task {spec.kind!r}; choose classification, distillation or memory_bank")
     from kesi_dist.distill.sources import CachedSoftLabels, OnlineTeachers
 
     if spec.soft_labels:

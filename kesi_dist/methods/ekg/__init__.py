@@ -1,8 +1,12 @@
 """EKG (Lee & Song, ECCV 2022): a greedy, training-free sub-network search scored with the ensemble
 knowledge of the interim sub-networks, then fine-tuning from a memory bank of their logits.
 
-In progress (issue 15): the search (`search.SubnetSearch`, plain PyTorch on holdout tensors), the
-memory bank's teacher pick (`bank`) and the curriculum loss (`kesi_dist.distill.curriculum`) are here
-and tested; the recipe, config, registry entry, actor-pool evaluation and fine-tuning arms are not, so
-`method: {name: ekg}` is not yet accepted.
+    config.py   the `method: {name: ekg}` section
+    search.py   the search, plain PyTorch (evaluator + greedy loop), and the uniform arm's widths
+    bank.py     which interim sub-networks become the memory bank's teachers
+    stages.py   the search on an actor pool (resumable per step), teachers, the uniform arm
+    recipe.py   data -> baseline -> search -> memory_bank -> finetune (3 arms as Tune trials) -> report
+    plan.py, report.py
+The memory bank's format and pass are method-neutral (`kesi_dist.distill.memory_bank`,
+`kesi_dist.stages.memory_bank`), as is the curriculum loss (`kesi_dist.distill.curriculum`).
 """

@@ -13,10 +13,12 @@ PFEC); each unit keeps its channels ranked highest by a first-order Taylor impor
     accept      the lowest score; K becomes the running mean of the logits of the original network and
                 of every accepted sub-network (the ensemble knowledge, `update_knowledge`)
 
-until MACs <= target x the original's. The weights never change. Deviation from the reference: widths
-move in whole channels (step = round(0.2 x original width), at least 1), not in rounded fractions;
-the residual-stream gates the reference has need projection shortcuts, which the CIFAR ResNets lack,
-so only inner units are searched.
+until MACs <= target x the original's. The weights never change. Two roles: `SubnetEvaluator` holds a
+model and the holdout tensors and evaluates or scores a sub-network (what an actor of the runtime's
+pool holds); `SubnetSearch` is the greedy loop, which only needs the results (the driver keeps it).
+Deviation from the reference: widths move in whole channels (step = round(0.2 x original width), at
+least 1), not in rounded fractions; the residual-stream gates the reference has need projection
+shortcuts, which the CIFAR ResNets lack, so only inner units are searched.
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["unit_cost", "trimmed_otsu", "candidates", "update_knowledge", "CLOSED", "SubnetSearch", "Step"]
+from kesi_dist.train.bn import batch_statistics
+
+__all__ = ["unit_cost", "trimmed_otsu", "candidates", "update_knowledge", "CLOSED", "SubnetEvaluator",
+           "SubnetSearch", "Step", "uniform_widths"]
 
 CLOSED = 1e12  # the cost of a unit that cannot narrow further (the reference's)
+
+Order = list[torch.Tensor]  # per unit: each channel's rank, 0 = most important
+Result = tuple[float, float, torch.Tensor]  # (score, CE, logits) of a sub-network on the holdout
 
 
 def unit_cost(scores: torch.Tensor, rate: float, step: float) -> float:
@@ -88,6 +96,34 @@ def update_knowledge(knowledge: torch.Tensor, count: int, logits: torch.Tensor) 
     return (knowledge * count + logits.to(knowledge)) / (count + 1), count + 1
 
 
+def _count_macs(arch: str, num_classes: int, options: dict, input_shape: tuple, widths: tuple[int, ...]) -> int:
+    from kesi_dist.models import build_model
+    from kesi_dist.pruning.counting import count_macs
+
+    with torch.device("meta"):
+        net = build_model(arch, num_classes, list(widths), **options)
+    return count_macs(net, input_shape)
+
+
+def uniform_widths(model: nn.Module, target_ratio: float, input_shape: tuple) -> list[int]:
+    """The widest uniformly pruned widths (every unit keeps the same fraction f of its channels,
+    max(1, round(f C))) whose MACs are at most `target_ratio` of `model`'s: the comparison arm at equal MACs."""
+    full = [int(w) for w in model.widths]
+    macs = functools.partial(_count_macs, model.arch, model.num_classes, model.options, tuple(input_shape))
+    base = macs(tuple(full))
+
+    def widths(f: float) -> tuple[int, ...]:
+        return tuple(max(1, round(f * c)) for c in full)
+
+    lo, hi = 0.0, 1.0  # macs(widths(lo)) <= target < macs(widths(hi)); widths grow with f
+    if macs(widths(lo)) > target_ratio * base:
+        raise ValueError(f"even one channel per unit has more than {target_ratio:.0%} of the MACs")
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(widths(mid)) <= target_ratio * base else (lo, mid)
+    return list(widths(lo))
+
+
 @dataclass
 class Step:
     """One accepted step of the search (what the manifest records)."""
@@ -102,77 +138,27 @@ class Step:
     candidates: int  # how many units were evaluated
 
 
-@contextmanager
-def _batch_stat_bn(model: nn.Module) -> Iterator[None]:
-    """Train-mode BatchNorm (batch statistics) whose running statistics do not move."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    tracked = [m.track_running_stats for m in norms]
-    was = model.training
-    model.train()
-    for m in norms:
-        m.track_running_stats = False  # in train mode: batch statistics, running ones neither read nor updated
-    try:
-        yield
-    finally:
-        for m, t in zip(norms, tracked):
-            m.track_running_stats = t
-        model.train(was)
+class SubnetEvaluator:
+    """A zoo model and the holdout tensors (`images` normalised NCHW, `labels`), on `device`: evaluates
+    and scores sub-networks given as (widths, order). BatchNorm uses each batch's statistics (the batch
+    is `batch_size` images of the holdout, in order), the weights and running statistics never change."""
 
-
-class SubnetSearch:
-    """The search over `model`'s units, on holdout tensors (`images` normalised NCHW, `labels`).
-
-    Args:
-        model: a zoo model (`kesi_dist.models`); its weights are only read.
-        target_ratio: stop once the sub-network's MACs are at most this fraction of the model's.
-        step: coarse step as a fraction of each unit's original width; cut: Otsu's trim fraction.
-        batch_size: holdout batch (BN statistics are per batch, as in the reference).
-        macs: widths -> MACs of the sub-network (default: `count_macs` of the rebuilt architecture).
-        evaluate_many: runs a step's candidate evaluations, (list of width vectors, K) -> list of
-            (score, ce, logits); default here, in turn (the runtime's actor pool spreads them).
-    """
-
-    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, target_ratio: float = 0.45,
-                 step: float = 0.2, cut: float = 0.2, batch_size: int = 256,
-                 macs: Callable[[tuple[int, ...]], int] | None = None,
-                 evaluate_many: Callable[[list[list[int]], torch.Tensor], list[tuple]] | None = None):
-        if not 0 < target_ratio < 1:
-            raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio}")
-        self.model, self.images, self.labels = model, images, labels
-        self.units = model.units()
-        self.full = [int(w) for w in model.widths]
-        self.widths = list(self.full)
-        self.steps = [max(1, round(step * c)) for c in self.full]
-        self.order = [torch.arange(c) for c in self.full]  # rank of each channel, 0 = most important
-        self.target, self.cut, self.batch_size = target_ratio, cut, batch_size
-        self._macs = functools.lru_cache(maxsize=None)(macs or self._count_macs)
-        self.base_macs = self._macs(tuple(self.full))
-        self.evaluate_many = evaluate_many or (lambda ws, k: [self.evaluate(w, k) for w in ws])
-        self.history: list[dict] = []  # the original network and every accepted sub-network: widths, order, loss
-        score, ce, logits = self.evaluate(self.widths, None)
-        self.knowledge, self.count = logits, 1
-        self.history.append({"widths": list(self.widths), "order": [o.clone() for o in self.order], "loss": ce})
-
-    # -- the sub-network ------------------------------------------------------------------------
-    def _count_macs(self, widths: tuple[int, ...]) -> int:
-        from kesi_dist.models import build_model
-        from kesi_dist.pruning.counting import count_macs
-
-        with torch.device("meta"):
-            net = build_model(self.model.arch, self.model.num_classes, list(widths), **self.model.options)
-        return count_macs(net, tuple(self.images.shape[1:]))
-
-    def ratio(self, widths: list[int]) -> float:
-        return self._macs(tuple(widths)) / self.base_macs
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.units, self.batch_size = model.units(), batch_size
+        self.num_batches = math.ceil(len(labels) / batch_size)
 
     @contextmanager
-    def _masked(self, widths: list[int], scores: list[torch.Tensor] | None = None) -> Iterator[None]:
+    def masked(self, widths: list[int], order: Order, scores: list[torch.Tensor] | None = None) -> Iterator[None]:
         """Consumers of each unit see only its `widths[i]` best channels; with `scores`, every call adds
         |sum(y * dS/dy)| per channel of the masked input y (the Taylor importance)."""
         modules = dict(self.model.named_modules())
         handles = []
         for i, unit in enumerate(self.units):
-            mask = (self.order[i] < widths[i]).float()
+            mask = (order[i] < widths[i]).float()
 
             def pre(module, args, mask=mask, i=i):
                 x = args[0]
@@ -181,7 +167,7 @@ class SubnetSearch:
                     dims = [d for d in range(y.dim()) if d != 1]
 
                     def accumulate(g, y=y, dims=dims, i=i):  # returns None: the gradient passes unchanged
-                        scores[i].add_((g * y).sum(dims).abs().detach().cpu())
+                        scores[i].add_((g * y).sum(dims).abs().detach().double().cpu())
 
                     y.register_hook(accumulate)
                 return (y, *args[1:])
@@ -194,45 +180,119 @@ class SubnetSearch:
             for h in handles:
                 h.remove()
 
-    def _objective(self, logits: torch.Tensor, labels: torch.Tensor, knowledge: torch.Tensor | None) -> tuple:
-        ce = F.cross_entropy(logits, labels, reduction="sum")
-        soft = torch.zeros((), device=logits.device) if knowledge is None else \
-            -(F.softmax(knowledge.to(logits), 1) * F.log_softmax(logits, 1)).sum()
+    @staticmethod
+    def objective(logits: torch.Tensor, labels: torch.Tensor, knowledge: torch.Tensor | None) -> tuple:
+        """(CE + soft CE to softmax(K), CE), both summed over the batch (K absent: the soft term is 0)."""
+        ce = F.cross_entropy(logits.float(), labels, reduction="sum")
+        if knowledge is None:
+            return ce, ce
+        soft = -(F.softmax(knowledge.to(logits.device).float(), 1) * F.log_softmax(logits.float(), 1)).sum()
         return ce + soft, ce
 
-    def evaluate(self, widths: list[int], knowledge: torch.Tensor | None) -> tuple[float, float, torch.Tensor]:
-        """(score, CE, logits) of the sub-network `widths` on the holdout: per-sample means."""
+    def _batch(self, b: int) -> slice:
+        return slice(b * self.batch_size, (b + 1) * self.batch_size)
+
+    def evaluate(self, widths: list[int], order: Order, knowledge: torch.Tensor | None) -> Result:
+        """(score, CE, logits) of the sub-network on the holdout: per-sample means; logits on the CPU."""
         total = ce_total = 0.0
         outs = []
-        with torch.no_grad(), _batch_stat_bn(self.model), self._masked(widths):
-            for a in range(0, len(self.labels), self.batch_size):
-                x, y = self.images[a:a + self.batch_size], self.labels[a:a + self.batch_size]
-                logits = self.model(x)
-                k = None if knowledge is None else knowledge[a:a + self.batch_size]
-                s, ce = self._objective(logits, y, k)
+        with torch.no_grad(), batch_statistics(self.model), self.masked(widths, order):
+            for b in range(self.num_batches):
+                sl = self._batch(b)
+                logits = self.model(self.images[sl])
+                s, ce = self.objective(logits, self.labels[sl], None if knowledge is None else knowledge[sl])
                 total, ce_total = total + float(s), ce_total + float(ce)
                 outs.append(logits.float().cpu())
         n = len(self.labels)
         return total / n, ce_total / n, torch.cat(outs)
 
-    def taylor_scores(self) -> list[torch.Tensor]:
-        """Importance of every channel of every unit for the current sub-network and K (A.5)."""
-        scores = [torch.zeros(c, dtype=torch.float64) for c in self.full]
-        params = [p for p in self.model.parameters()]
+    def taylor(self, widths: list[int], order: Order, knowledge: torch.Tensor, start: int = 0,
+               stop: int | None = None) -> list[list[torch.Tensor]]:
+        """Per holdout batch `start` .. `stop` - 1: the Taylor importance of every channel of every unit
+        (float64, CPU) for the sub-network and K (A.5); the search sums them in batch order."""
+        params = list(self.model.parameters())
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(False)  # gradients reach the activations only: the weights never change
+        out = []
         try:
-            with _batch_stat_bn(self.model), self._masked(self.widths, scores):
-                for a in range(0, len(self.labels), self.batch_size):
-                    x = self.images[a:a + self.batch_size].clone().requires_grad_(True)
-                    logits = self.model(x)
-                    s, _ = self._objective(logits, self.labels[a:a + self.batch_size],
-                                           self.knowledge[a:a + self.batch_size])
+            for b in range(start, self.num_batches if stop is None else stop):
+                scores = [torch.zeros(len(o), dtype=torch.float64) for o in order]
+                sl = self._batch(b)
+                with batch_statistics(self.model), self.masked(widths, order, scores):
+                    x = self.images[sl].clone().requires_grad_(True)
+                    s, _ = self.objective(self.model(x), self.labels[sl], knowledge[sl])
                     (s / self.batch_size).backward()
+                out.append(scores)
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
+        return out
+
+
+class SubnetSearch:
+    """The greedy search over `model`'s units.
+
+    Args:
+        model: a zoo model (`kesi_dist.models`); its weights are only read.
+        images, labels: the holdout tensors, for the default local `SubnetEvaluator` (not needed when
+            both `evaluate_many` and `taylor_many` are given).
+        target_ratio: stop once the sub-network's MACs are at most this fraction of the model's.
+        step: coarse step as a fraction of each unit's original width; cut: Otsu's trim fraction.
+        batch_size: holdout batch (BN statistics are per batch, as in the reference).
+        input_shape: (C, H, W) the MACs are counted at (default: the images').
+        evaluate_many: runs a step's candidate evaluations, (width vectors, order, K) -> list of
+            (score, ce, logits) in the same order; default: the local evaluator, in turn.
+        taylor_many: (widths, order, K) -> per holdout batch, in order, every unit's channel scores;
+            default: the local evaluator. The runtime's actor pool spreads both over actors.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                 target_ratio: float = 0.45, step: float = 0.2, cut: float = 0.2, batch_size: int = 256,
+                 input_shape: tuple | None = None,
+                 evaluate_many: Callable[[list[list[int]], Order, torch.Tensor | None], list[Result]] | None = None,
+                 taylor_many: Callable[[list[int], Order, torch.Tensor], list[list[torch.Tensor]]] | None = None):
+        if not 0 < target_ratio < 1:
+            raise ValueError(f"target_ratio must be in (0, 1), got {target_ratio}")
+        self.model = model
+        self.units = model.units()
+        self.full = [int(w) for w in model.widths]
+        self.widths = list(self.full)
+        self.steps = [max(1, round(step * c)) for c in self.full]
+        self.order: Order = [torch.arange(c) for c in self.full]
+        self.target, self.cut = target_ratio, cut
+        shape = tuple(input_shape or images.shape[1:])
+        self._macs = functools.lru_cache(maxsize=None)(
+            functools.partial(_count_macs, model.arch, model.num_classes, model.options, shape))
+        self.base_macs = self._macs(tuple(self.full))
+        self.evaluator = None
+        if evaluate_many is None or taylor_many is None:
+            self.evaluator = SubnetEvaluator(model, images, labels, batch_size=batch_size)
+        ev = self.evaluator
+        self.evaluate_many = evaluate_many or (lambda ws, order, k: [ev.evaluate(w, order, k) for w in ws])
+        self.taylor_many = taylor_many or ev.taylor
+        self.history: list[dict] = []  # the original network and every accepted sub-network: widths, order, loss
+        score, ce, logits = self.evaluate_many([self.widths], self.order, None)[0]
+        self.knowledge, self.count = logits, 1
+        self.history.append({"widths": list(self.widths), "order": [o.clone() for o in self.order], "loss": ce})
+
+    # -- the sub-network ------------------------------------------------------------------------
+    def ratio(self, widths: list[int]) -> float:
+        return self._macs(tuple(widths)) / self.base_macs
+
+    def macs(self, widths: list[int]) -> int:
+        return self._macs(tuple(widths))
+
+    def _masked(self, widths: list[int]):
+        return self.evaluator.masked(widths, self.order)
+
+    def taylor_scores(self) -> list[torch.Tensor]:
+        """Importance of every channel of every unit for the current sub-network and K (A.5): the
+        per-batch scores summed in batch order."""
+        scores = [torch.zeros(c, dtype=torch.float64) for c in self.full]
+        for batch in self.taylor_many(self.widths, self.order, self.knowledge):
+            for total, s in zip(scores, batch):
+                total.add_(s)
         return scores
 
     # -- the search -----------------------------------------------------------------------------
@@ -265,20 +325,23 @@ class SubnetSearch:
             t = list(self.widths)
             t[i] = self._narrowed(i)
             trials.append(t)
-        results = self.evaluate_many(trials, self.knowledge)
+        results = self.evaluate_many(trials, self.order, self.knowledge)
         best = min(range(len(picks)), key=lambda j: results[j][0])
         score, ce, logits = results[best]
         self.widths = trials[best]
         self.knowledge, self.count = update_knowledge(self.knowledge, self.count, logits)
         self.history.append({"widths": list(self.widths), "order": [o.clone() for o in self.order], "loss": ce})
         return Step(step=len(self.history) - 1, unit=self.units[picks[best]].name, widths=list(self.widths),
-                    macs=self._macs(tuple(self.widths)), macs_ratio=self.ratio(self.widths), holdout_loss=ce,
+                    macs=self.macs(self.widths), macs_ratio=self.ratio(self.widths), holdout_loss=ce,
                     score=score, candidates=len(picks))
+
+    def done(self) -> bool:
+        return self.ratio(self.widths) <= self.target
 
     def run(self, on_step: Callable[[Step], None] | None = None) -> list[Step]:
         """Steps until the MACs target is met; `on_step` sees each accepted step as it happens."""
         done = []
-        while self.ratio(self.widths) > self.target:
+        while not self.done():
             done.append(self.step())
             if on_step is not None:
                 on_step(done[-1])
@@ -303,8 +366,9 @@ class SubnetSearch:
         self.knowledge, self.count = state["knowledge"].clone(), int(state["count"])
         self.history = [dict(h) for h in state["history"]]
 
-    def keep(self) -> dict[str, torch.Tensor]:
-        """Unit name -> the kept channel indices (ascending) of the current sub-network, for
-        `kesi_dist.pruning.surgery.slice_units`."""
-        return {u.name: torch.sort(torch.nonzero(self.order[i] < self.widths[i]).flatten()).values
+    def keep(self, entry: dict | None = None) -> dict[str, torch.Tensor]:
+        """Unit name -> the kept channel indices (ascending) of the current sub-network (or of a
+        `history` entry), for `kesi_dist.pruning.surgery.slice_units`."""
+        widths, order = (self.widths, self.order) if entry is None else (entry["widths"], entry["order"])
+        return {u.name: torch.sort(torch.nonzero(order[i] < widths[i]).flatten()).values
                 for i, u in enumerate(self.units)}

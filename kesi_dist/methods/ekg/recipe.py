@@ -1,0 +1,78 @@
+"""EKG, top to bottom (Lee & Song, ECCV 2022; shared/design/EKG_SWP.md part A).
+
+    data -> baseline -> search -> memory_bank -> finetune -> report
+      search: the greedy, training-free sub-network search on the held-out split, scored by CE + soft CE
+              to K, the running mean of the logits of every accepted interim sub-network; a step's
+              candidate evaluations run in parallel on an actor pool (`stages.search_stage`)
+      memory_bank: `bank.teachers` interim sub-networks spread in holdout loss; their logits on every
+              clean training image, sharded over an actor pool (`kesi_dist.stages.memory_bank`)
+      finetune: the arms as parallel Ray Tune trials, each on Ray Train like every stage: the searched
+              net with the memory bank's curriculum loss (EKG, snapshot "student"), the same net with CE
+              only (`ce_finetune`), and a uniformly pruned net at the same MACs with CE (`uniform`)
+
+Every stage records itself in the manifest only after its outputs are on disk; the search also saves
+its state after every accepted step, so `--resume` continues a killed search where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_classes
+from kesi_dist.errors import RunError
+from kesi_dist.methods.ekg.report import build_report, layout
+from kesi_dist.methods.ekg.stages import search_stage, uniform_stage
+from kesi_dist.runs import RunContext
+from kesi_dist.stages.baseline import baseline_stage
+from kesi_dist.stages.data import data_stage
+from kesi_dist.stages.memory_bank import memory_bank_stage
+from kesi_dist.stages.report import report_stage
+from kesi_dist.stages.retrain import Branch, retrain
+from kesi_dist.train.spec import ModelSpec, schedule_from
+from kesi_dist.train.tasks import TaskSpec
+
+__all__ = ["run"]
+
+
+def run(cfg: Config, ctx: RunContext) -> None:
+    m = cfg.method
+    data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
+    loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
+    classes = num_classes(cfg, meta)
+    baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=classes, options=cfg.model.options()),
+                   schedule=schedule_from(cfg.baseline), loader=loader, engine=engine, seed=cfg.seed,
+                   given=cfg.baseline.checkpoint)
+    found = search_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine,
+                         target=m.target_macs_ratio, step=m.search.step, cut=m.search.otsu_cut,
+                         batch_size=m.search.batch_size, actors=m.search.actors, teachers=m.bank.teachers)
+    bank = memory_bank_stage(ctx, [t["file"] for t in found["teachers"]], loader=loader, engine=engine,
+                             actors=m.bank.actors, batch_size=m.search.batch_size)
+
+    with ctx.stage("finetune") as st:
+        if not st.done:
+            f = m.finetune
+            schedule = vars(schedule_from(f))
+            arms = [Branch(name="student", arm="ekg", init_checkpoint=found["subnet"], checkpoint=ctx.snapshot("student"),
+                           schedule=schedule, compete=False, hparams={"loss": "memory bank", "views": f.views},
+                           task=asdict(TaskSpec(kind="memory_bank", memory_bank=bank, views=f.views,
+                                                temperature=m.temperature(classes))),
+                           meta={"iteration": 1, "branch": None, "parent": "baseline"})]
+            if m.arms.ce_finetune:
+                arms.append(Branch(name="ce_finetune", arm="ce_finetune", init_checkpoint=found["subnet"],
+                                   checkpoint=ctx.snapshot("ce_finetune"), schedule=schedule, compete=False,
+                                   hparams={"loss": "CE"}, meta={"iteration": 1, "branch": None, "parent": "baseline"}))
+            if m.arms.uniform:
+                init = uniform_stage(ctx, baseline=ctx.snapshot("baseline"), target=m.target_macs_ratio)
+                arms.append(Branch(name="uniform", arm="uniform", init_checkpoint=init, checkpoint=ctx.snapshot("uniform"),
+                                   schedule=schedule, compete=False, hparams={"loss": "CE", "pruning": "uniform L1"},
+                                   meta={"iteration": 1, "branch": None, "parent": "baseline"}))
+            todo = [a for a in arms if a.name not in ctx.manifest.snapshots]
+            ctx.print(f"[bold]finetune[/]: {', '.join(a.name for a in todo)} in parallel for {f.epochs} epochs"
+                      + (f" ({len(arms) - len(todo)} already done)" if len(todo) < len(arms) else ""))
+            failures = retrain(ctx, "finetune", arms, loader=loader, engine=engine, seed=cfg.seed)
+            missing = [a.name for a in arms if a.name not in ctx.manifest.snapshots]
+            if missing:
+                raise RunError(f"finetune: {', '.join(f'{n} failed ({failures.get(n)})' for n in missing)}")
+            st.update(arms=[a.name for a in arms], failed=failures)
+    ctx.complete()
+    report_stage(ctx, build_report(ctx.manifest.data), layout(cfg))

@@ -1,0 +1,99 @@
+"""EKG's report, built from the manifest alone: the three fine-tuning arms at (about) equal MACs, the
+search's trajectory and the memory bank's teachers.
+
+    ekg          the searched sub-network fine-tuned with the memory bank's curriculum loss ("student")
+    ce_finetune  the same sub-network fine-tuned with CE only: EKG vs this is what the bank is worth
+    uniform      every unit pruned by the same ratio (L1) to the same MACs, CE: CE fine-tune vs this is
+                 what the search is worth
+"""
+
+from __future__ import annotations
+
+from kesi_dist.report import ReportLayout, size_row
+
+__all__ = ["build_report", "layout", "sections"]
+
+
+def build_report(manifest: dict) -> dict:
+    """The report dict for a manifest (complete or not: missing rows are None)."""
+    snaps: dict[str, dict] = manifest["snapshots"]
+    stages: dict[str, dict] = manifest["stages"]
+    search = stages.get("search", {})
+    bank = stages.get("memory_bank", {})
+    timings = {name: round(st["end"] - st["start"], 2) for name, st in stages.items()
+               if st.get("status") == "complete" and "end" in st and "start" in st}
+    return {
+        "method": "ekg",
+        "status": manifest.get("status"),
+        "baseline": size_row(snaps.get("baseline")),
+        "ekg": size_row(snaps.get("student")),
+        "ce_finetune": size_row(snaps.get("ce_finetune")),
+        "uniform": size_row(snaps.get("uniform")),
+        "search": {
+            "target_macs_ratio": search.get("target_macs_ratio"), "macs_ratio": search.get("macs_ratio"),
+            "widths": search.get("widths"), "holdout_images": search.get("holdout"),
+            "resumed_from": search.get("resumed_from"), "original_loss": search.get("original_loss"),
+            "steps": [{k: s[k] for k in ("step", "unit", "widths", "macs", "macs_ratio", "holdout_loss", "score",
+                                         "candidates", "actors")} for s in search.get("steps") or []],
+        },
+        "teachers": [{k: t[k] for k in ("step", "widths", "macs", "holdout_loss")} for t in search.get("teachers") or []],
+        "memory_bank": {k: bank.get(k) for k in ("samples", "reused", "actors")} if bank else None,
+        "test_images": stages.get("data", {}).get("val_size"),
+        "chain": [],
+        "snapshots": list(snaps.values()),
+        "timings": timings,
+    }
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def sections(report: dict) -> list[str]:
+    """report.md's EKG part: what the arms say, the search and the teachers."""
+    lines: list[str] = []
+    e, ce, u = report.get("ekg"), report.get("ce_finetune"), report.get("uniform")
+    held = (report.get("protocol") or {}).get("holdout_size") or 0
+    if e and ce and u:
+        val = report.get("test_images")
+        lines += ["", "## What the arms say", "",
+                  f"- memory bank vs CE on the same searched net: {100 * (e['val_acc'] - ce['val_acc']):+.2f} points",
+                  f"- searched vs uniform widths, both CE: {100 * (ce['val_acc'] - u['val_acc']):+.2f} points "
+                  f"(MACs {u['macs'] / 1e6:.2f} M uniform vs {ce['macs'] / 1e6:.2f} M searched)"]
+        if val:
+            lines.append(f"- one test image is {100 / val:.2f} points on this test split")
+    s = report.get("search") or {}
+    if s.get("steps"):
+        lines += ["", "## Search", "",
+                  f"{len(s['steps'])} accepted steps on {s.get('holdout_images') or held} held-out images, "
+                  f"to {100 * s['macs_ratio']:.2f} % of the baseline's MACs (target {100 * s['target_macs_ratio']:.0f} %)"
+                  + (f"; resumed after step {s['resumed_from']} of a stopped run" if s.get("resumed_from") else "")
+                  + ". Plot: `search.png`; TensorBoard: `tensorboard/search`.", "",
+                  "| step | unit narrowed | MACs (%) | holdout CE | score | candidates | actors |", "|---|---|---|---|---|---|---|"]
+        for r in s["steps"]:
+            lines.append(f"| {r['step']} | {r['unit']} | {100 * r['macs_ratio']:.1f} | {r['holdout_loss']:.4f} | "
+                         f"{r['score']:.4f} | {r['candidates']} | {len(r['actors'])} |")
+    if report.get("teachers"):
+        lines += ["", "## Memory-bank teachers", "",
+                  "Interim sub-networks of the search (weights of the baseline, not trained), spread evenly in holdout "
+                  "loss; teacher 0 is the best, the curriculum's anchor.", "",
+                  "| teacher | step | MACs (M) | holdout CE |", "|---|---|---|---|"]
+        for j, t in enumerate(report["teachers"]):
+            lines.append(f"| {j} | {t['step']} | {t['macs'] / 1e6:.2f} | {t['holdout_loss']:.4f} |")
+    return lines
+
+
+def layout(cfg) -> ReportLayout:
+    """How EKG's report reads for config `cfg` (the root Config)."""
+    m = cfg.method
+    what = f"{cfg.model.arch} searched by EKG to {100 * m.target_macs_ratio:.0f}% of its MACs"
+    return ReportLayout(
+        title=f"{cfg.model.arch} · EKG to {100 * m.target_macs_ratio:.0f}% MACs · {cfg.data.source}",
+        rows=(("baseline", "baseline", "baseline"), ("EKG: searched + memory-bank fine-tune", "ekg", "EKG"),
+              ("searched + CE fine-tune", "ce_finetune", "CE fine-tune"),
+              ("uniform L1 + CE fine-tune (equal MACs)", "uniform", "uniform")),
+        deliverables=("ekg", "ce_finetune"),
+        card_titles={"ekg": f"{what} + memory-bank fine-tuning", "ce_finetune": f"{what}, CE fine-tuning"},
+        arms={"ekg": "EKG", "ce_finetune": "CE fine-tune", "uniform": "uniform"},
+        sections=sections,
+    )
