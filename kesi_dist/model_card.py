@@ -138,6 +138,13 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
             m = members.get(t, {})
             lines.append(f"- `{t}`: top-1 {_pct(m.get('val_acc'))}, {_m(m.get('params'))} params, "
                          f"{(m.get('macs') or 0) / 1e6:.1f} M MACs")
+    elif report.get("teachers"):  # EKG: a memory bank of interim sub-networks of the search
+        lines += [f"The student was fine-tuned from a memory bank of {len(report['teachers'])} interim sub-networks of "
+                  "the search (the baseline's weights, not trained; their logits on the clean training images), "
+                  "with the curriculum loss:", ""]
+        for j, t in enumerate(report["teachers"]):
+            lines.append(f"- teacher {j}: search step {t['step']}, {t['macs'] / 1e6:.1f} M MACs, holdout CE "
+                         f"{t['holdout_loss']:.4f}")
     else:
         lines.append("No ensemble stage completed (distillation off or the run stopped early).")
     lines += ["", "## Data", "",

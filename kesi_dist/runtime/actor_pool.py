@@ -108,6 +108,20 @@ class ActorPool:
         actor_id, pid, node_id, host, plus the object's own `info()` if any."""
         return [self._infos[i] for i in sorted(self._infos)]
 
+    def wait(self, count: int, timeout_s: float = 300) -> int:
+        """Block until `count` actors are up (or `timeout_s` passed); returns how many are up. The pool
+        never needs this (it works with the actors it has); a caller that wants the work spread does."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while len(self._live) < count and self._starting and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self._starting), num_returns=1, timeout=1.0)
+            for ref in ready:
+                i = self._starting.pop(ref)
+                self._infos[i] = {"actor": i, "up_s": round(time.monotonic() - self._began, 4), **ray.get(ref)}
+                self._live.add(i)
+        return len(self._live)
+
     def map(self, units: Sequence[tuple], *, on_result: Callable[[tuple, Any, dict], None] | None = None,
             method: str = "compute") -> list[Any]:
         """Run `method(*unit)` for every unit, each exactly once to completion; returns the results in

@@ -139,3 +139,71 @@ def test_a_search_resumed_from_its_state_continues_where_it_stopped(toy, tmp_pat
     rest = resumed.run()
     assert [s.unit for s in rest] == [s.unit for s in whole[2:]] and resumed.widths == full.widths
     assert torch.allclose(resumed.knowledge, full.knowledge) and len(resumed.history) == len(full.history)
+
+
+def test_uniform_widths_are_the_widest_uniform_net_under_the_target():
+    from kesi_dist.methods.ekg.search import _count_macs, uniform_widths
+    from kesi_dist.models import build_model
+
+    model = build_model("resnet20", 10)
+    shape = (3, 16, 16)
+    widths = uniform_widths(model, 0.45, shape)
+    macs = lambda w: _count_macs("resnet20", 10, model.options, shape, tuple(w))  # noqa: E731
+    base = macs(model.widths)
+    assert macs(widths) <= 0.45 * base
+    # Uniform: one fraction f gives every unit's round(f * C): the units' intervals of f intersect.
+    lo = max((w - 0.5) / c for w, c in zip(widths, model.widths))
+    hi = min((w + 0.5) / c for w, c in zip(widths, model.widths))
+    assert lo <= hi
+    # The next fraction that widens any unit passes the target: no wider uniform net fits.
+    f = hi + 1e-9
+    assert macs([max(1, round(f * c)) for c in model.widths]) > 0.45 * base
+
+
+def test_views_replay_by_seed_epoch_and_index_and_differ_between_views():
+    from kesi_dist.data.augment import views
+
+    torch.manual_seed(0)
+    images, indices = torch.randn(6, 3, 8, 8), torch.arange(10, 16)
+    a = views(images, indices, seed=3, epoch=1, count=2, pad=2)
+    assert a.shape == (12, 3, 8, 8)
+    assert torch.equal(a, views(images, indices, seed=3, epoch=1, count=2, pad=2))  # replayable
+    # A sample's views depend on its index, not its place in the batch.
+    perm = torch.tensor([5, 4, 3, 2, 1, 0])
+    b = views(images[perm], indices[perm], seed=3, epoch=1, count=2, pad=2)
+    assert torch.equal(b.view(6, 2, 3, 8, 8)[perm.argsort()], a.view(6, 2, 3, 8, 8))
+    assert not torch.equal(a[0::2], a[1::2])  # two views are two draws
+    assert not torch.equal(a, views(images, indices, seed=3, epoch=2, count=2, pad=2))  # a new epoch, new views
+    # Each view is a flip and/or shift of the reflect-padded image: its pixels come from that image.
+    pad = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
+    v = a[0]
+    found = any(torch.equal(v, c) or torch.equal(v, c.flip(2))
+                for c in (pad[0, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)))
+    assert found
+
+
+def test_memory_bank_task_is_the_curriculum_loss_over_the_views():
+    from kesi_dist.data.augment import views
+    from kesi_dist.models import build_model
+    from kesi_dist.train.tasks import MemoryBankDistillation
+
+    class Bank:
+        def __init__(self, logits):
+            self.logits = logits
+
+        def lookup(self, idx):
+            return self.logits[idx]
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4).eval()
+    bank = Bank(torch.randn(20, 4, 3))
+    task = MemoryBankDistillation(bank, temperature=4.0, views=2, seed=7, pad=2)
+    task.set_epoch(3)
+    x, y, idx = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0]), torch.tensor([4, 9, 1, 17, 0])
+    out = task(model, x, y, idx)
+    with torch.no_grad():
+        logits = model(views(x, idx, seed=7, epoch=3, count=2, pad=2)).view(5, 2, 4)
+    expected = memory_bank_loss(logits, y, bank.logits[idx], temperature=4.0)
+    assert float(out.loss.detach()) == pytest.approx(float(expected["loss"]), rel=1e-5)
+    assert torch.allclose(out.logits, logits[:, 0], atol=1e-5) and "kd_loss" in out.parts
+    assert task.needs_indices and task.augments

@@ -78,3 +78,15 @@ def test_constructor_and_unit_errors_stop_the_pool_with_their_message(ray_local)
         map_units(Squarer, [(1,)], num_actors=1, kwargs={"fail_init": True}, what="pool", on_result=lambda *a: None)
     with pytest.raises(UsageError, match="negative unit -1"):
         map_units(Squarer, [(2,), (-1,)], num_actors=1, on_result=lambda *a: None)
+
+
+def test_a_pool_keeps_its_actors_between_calls(ray_local):
+    from kesi_dist.runtime import ActorPool
+
+    with ActorPool(Squarer, num_actors=2, num_cpus=1, what="pool") as pool:
+        assert pool.wait(2, timeout_s=120) == 2
+        first = pool.map([(i,) for i in range(6)])
+        second = pool.map([(i,) for i in range(6, 10)])
+        assert [r["y"] for r in first + second] == [i * i for i in range(10)]  # in the order of the units
+        pids = {r["pid"] for r in first} | {r["pid"] for r in second}
+        assert pids == {i["pid"] for i in pool.infos} and len(pids) == 2  # the same two processes throughout

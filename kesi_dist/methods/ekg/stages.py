@@ -22,7 +22,7 @@ from kesi_dist.methods.ekg.search import Step, SubnetEvaluator, SubnetSearch, un
 from kesi_dist.runs import RunContext, fmt_size
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
-__all__ = ["SearchWorker", "search_stage", "uniform_stage"]
+__all__ = ["SearchWorker", "search_pool", "pool_functions", "search_stage", "uniform_stage"]
 
 
 def _abs(path: str) -> str:
@@ -57,6 +57,35 @@ class SearchWorker:
         return self.evaluator.taylor(widths, order, knowledge, start, stop)
 
 
+def search_pool(baseline: str, loader: LoaderSpec, engine: EngineSpec, batch_size: int, actors: int):
+    """An `ActorPool` of `SearchWorker`s, each holding one training worker's resources."""
+    from kesi_dist.runtime import ActorPool
+
+    return ActorPool(SearchWorker, num_actors=actors, args=(_abs(baseline), vars(loader)),
+                     kwargs=dict(batch_size=batch_size, threads=max(1, int(engine.cpus_per_worker)),
+                                 gpus=engine.gpus_per_worker),
+                     num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, what="ekg search")
+
+
+def pool_functions(pool, used: set[int]):
+    """(evaluate_many, taylor_many) of `SubnetSearch` on `pool`: a step's candidates are evaluated in
+    parallel, one unit per candidate, the actors that did so added to `used`; the Taylor scores are split
+    into contiguous runs of holdout batches, one per live actor, and come back in batch order."""
+
+    def evaluate_many(trials, order, knowledge):
+        return pool.map([(w, order, knowledge) for w in trials], method="evaluate",
+                        on_result=lambda unit, r, actor: used.add(actor["actor"]))
+
+    def taylor_many(widths, order, knowledge):
+        n = pool.infos[0]["batches"]
+        k = min(n, len(pool.infos))
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        parts = pool.map([(widths, order, knowledge, bounds[i], bounds[i + 1]) for i in range(k)], method="taylor")
+        return [batch for part in parts for batch in part]
+
+    return evaluate_many, taylor_many
+
+
 def _save_tensors(path: str, obj) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -75,7 +104,6 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
     final widths, MACs and ratio, the teachers (step, widths, holdout loss, file) and `subnet` (the cut
     sub-network's snapshot file, not trained)."""
     from kesi_dist.checkpoint import load_checkpoint, load_tensors, model_from_checkpoint
-    from kesi_dist.runtime import ActorPool
     from kesi_dist.train.tensorboard import ScalarWriter
 
     with ctx.stage("search", target_macs_ratio=target) as st:
@@ -84,24 +112,9 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
         model, _ = model_from_checkpoint(load_checkpoint(baseline))
         state_path = ctx.run.path("ekg", "search_state.pt")
         res = ctx.resolution
-        with ActorPool(SearchWorker, num_actors=actors, args=(_abs(baseline), vars(loader)),
-                       kwargs=dict(batch_size=batch_size, threads=max(1, int(engine.cpus_per_worker)),
-                                   gpus=engine.gpus_per_worker),
-                       num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, what="ekg search") as pool:
+        with search_pool(baseline, loader, engine, batch_size, actors) as pool:
             used: set[int] = set()
-
-            def evaluate_many(trials, order, knowledge):
-                return pool.map([(w, order, knowledge) for w in trials], method="evaluate",
-                                on_result=lambda unit, r, actor: used.add(actor["actor"]))
-
-            def taylor_many(widths, order, knowledge):
-                n = pool.infos[0]["batches"]
-                k = min(n, len(pool.infos))  # contiguous runs of holdout batches, one per live actor
-                bounds = [round(i * n / k) for i in range(k + 1)]
-                parts = pool.map([(widths, order, knowledge, bounds[i], bounds[i + 1]) for i in range(k)],
-                                 method="taylor")
-                return [batch for part in parts for batch in part]
-
+            evaluate_many, taylor_many = pool_functions(pool, used)
             search = SubnetSearch(model, target_ratio=target, step=step, cut=cut, batch_size=batch_size,
                                   input_shape=(3, res, res), evaluate_many=evaluate_many, taylor_many=taylor_many)
             holdout = pool.infos[0]["holdout"]
@@ -109,9 +122,9 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
             steps: list[dict] = []
             resumed = 0
             if storage.is_file(state_path):  # a killed driver's search: continue from its last accepted step
-                search.load_state(load_tensors(state_path))
-                resumed = len(search.history) - 1
-                steps = list(st.record.get("steps") or [])[:resumed]
+                state = load_tensors(state_path)
+                search.load_state(state)
+                resumed, steps = len(search.history) - 1, list(state["records"])
                 ctx.print(f"  search: resuming after step {resumed} of a stopped run (MACs "
                           f"{100 * search.ratio(search.widths):.1f}%)")
             ctx.print(f"[bold]search[/]: {model.arch} to {100 * target:.0f}% of {search.base_macs / 1e6:.1f} M MACs on "
@@ -122,8 +135,8 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
 
             def on_step(s: Step) -> None:
                 nonlocal began
-                _save_tensors(state_path, search.state())
                 steps.append(_record(s, used, time.perf_counter() - began))
+                _save_tensors(state_path, {**search.state(), "records": steps})
                 ctx.note("search", steps=steps)
                 writer.scalars({"search/macs_ratio": s.macs_ratio, "search/holdout_loss": s.holdout_loss,
                                 "search/score": s.score, "search/candidates": s.candidates}, step=s.step)
