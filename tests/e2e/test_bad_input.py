@@ -162,7 +162,7 @@ CASES = [
     Case("method_section_at_top_level", lambda c: c.run(config=c.yaml("prune:\n  iterations: 3\n")), 2,
          "prune: a section of method kesi: move it under `method:`"),
     Case("unknown_method_name", lambda c: c.run("method.name=lottery"), 2,
-         "method.name: choose one of kesi, got 'lottery'"),
+         "method.name: choose one of kesi, ekg, got 'lottery'"),
     Case("skip_names_no_unit", lambda c: c.run("prune.skip=[layer9.9]"), 2,
          "method.prune.skip: 'layer9.9' matches no prunable unit", sub=True),
     Case("wrong_type_in_set", lambda c: c.run("data.batch_size=abc"), 2, "data.batch_size"),

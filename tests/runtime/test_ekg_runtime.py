@@ -13,6 +13,8 @@ from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
 HOLDOUT = 0.1
 
+pytestmark = pytest.mark.slow  # actor pools that each load a model and data: ~40 s
+
 
 def _loader(data: str) -> LoaderSpec:
     return LoaderSpec(data_dir=data, batch_size=64, resolution=16, augment="cifar", backend="torch", num_workers=0,
