@@ -78,9 +78,9 @@ def protocol_line(report: dict) -> str:
     """One sentence for report.md and MODEL_CARD.md."""
     p = report.get("protocol") or {"selection": "test"}
     if p["selection"] == "holdout":
-        return (f"Every choice by accuracy (branches, early stops, teachers) was made on {p['holdout_size']} "
-                "training images held out from training (`data.holdout`); every top-1 here is on the test split, "
-                "measured once per snapshot.")
+        return (f"Every choice the method made (branches, early stops, teachers, search steps) was made on "
+                f"{p['holdout_size']} training images held out from training (`data.holdout`); every top-1 here is "
+                "on the test split, measured once per snapshot.")
     return ("Selection used the test split (`data.holdout: 0`): the rows chosen by accuracy are optimistic, "
             "since the split they were chosen on is the one reported.")
 

@@ -115,3 +115,16 @@ def test_resume_reuses_what_is_complete_and_redoes_the_stage_in_flight(finished_
             assert again["stages"][stage]["end"] == st["end"], f"{stage} was redone"
     assert set(again["snapshots"]) == set(before["snapshots"])  # re-registered, not duplicated
     assert sum(e["event"] == "resume" for e in again["events"]) == 2
+
+
+@pytest.mark.slow
+def test_kesi_export_writes_the_deliverable(finished_run, tmp_path):
+    """`kesi export RUN` (the default snapshot, "student") works on every method's run, verified."""
+    from kesi_dist.export import export_run
+
+    name, cfg, out = finished_run
+    info = export_run(str(out), "onnx", tmp_path / "model.onnx")
+    report = json.loads((out / "report.json").read_text())
+    final = METHODS[name].module("report").layout(cfg).deliverable(report)
+    assert info["snapshot"] == report[final]["snapshot"] == "student" and info["max_abs_diff"] < 1e-4
+    assert info["macs"] == report[final]["macs"] and (tmp_path / "model.onnx").stat().st_size > 0

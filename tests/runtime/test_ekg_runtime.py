@@ -108,3 +108,25 @@ def test_memory_bank_pass_holds_each_teachers_logits_of_the_clean_batches(ray_lo
         MemoryBank(out)
     rebuilt = build_memory_bank([str(tmp_path / "t0.pt"), str(tmp_path / "t1.pt")], tiny_data, str(out), **kwargs)
     assert not rebuilt["reused"] and MemoryBank(out).logits.shape == bank.logits.shape
+
+
+def test_memory_bank_fine_tuning_on_a_two_worker_ray_train_group(ray_local, tiny_data, baseline, tmp_path):
+    """The EKG arm's task on Ray Train (DDP, gloo, 2 workers): each worker looks up its shard's bank rows by
+    sample index and makes the views itself; the loss parts reach the epoch metrics."""
+    from kesi_dist.runtime import run_training
+    from kesi_dist.stages.memory_bank import build_memory_bank
+    from kesi_dist.train.spec import ModelSpec, ScheduleSpec
+    from kesi_dist.train.tasks import TaskSpec
+
+    bank = tmp_path / "bank"
+    build_memory_bank([baseline, baseline], tiny_data, str(bank), batch_size=64, resolution=16, backend="torch",
+                      num_actors=1, holdout=HOLDOUT, holdout_seed=0)
+    result = run_training(
+        model=ModelSpec(arch="", init_checkpoint=baseline), schedule=ScheduleSpec(epochs=1, lr=0.01, schedule="constant"),
+        loader=_loader(tiny_data), engine=EngineSpec(num_workers=2, cpus_per_worker=1), storage_path=str(tmp_path / "t"),
+        name="ekg_arm", max_steps_per_epoch=2, progress=False,
+        task=TaskSpec(kind="memory_bank", memory_bank=str(bank), views=2, temperature=4.0))
+    m = result.metrics
+    assert m["world_size"] == 2 and m["images"] == 2 * 64  # 2 steps of the global batch, over both workers
+    assert m["train/kd_loss"] >= 0 and m["train/task_loss"] > 0 and 1 <= m["train/teachers_used"] <= 2
+    assert 0 <= m["holdout/acc"] <= 1 and 0 <= m["val/acc"] <= 1
