@@ -2,7 +2,8 @@
 knowledge of the interim sub-networks, then fine-tuning from a memory bank of their logits.
 
     config.py   the `method: {name: ekg}` section
-    search.py   the search, plain PyTorch (evaluator + greedy loop), and the uniform arm's widths
+    search.py   the greedy loop, plain PyTorch, and the uniform arm's widths
+    evaluator.py  what scores a sub-network on the holdout (what each actor of the search holds)
     bank.py     which interim sub-networks become the memory bank's teachers
     stages.py   the search on an actor pool (resumable per step), teachers, the uniform arm
     recipe.py   data -> baseline -> search -> memory_bank -> finetune (3 arms as Tune trials) -> report

@@ -18,7 +18,8 @@ import torch
 
 from kesi_dist import storage
 from kesi_dist.methods.ekg.bank import pick_teachers
-from kesi_dist.methods.ekg.search import Step, SubnetEvaluator, SubnetSearch, uniform_widths
+from kesi_dist.methods.ekg.evaluator import SubnetEvaluator
+from kesi_dist.methods.ekg.search import Step, SubnetSearch, uniform_widths
 from kesi_dist.runs import RunContext, fmt_size
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
