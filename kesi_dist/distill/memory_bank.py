@@ -32,7 +32,7 @@ from kesi_dist import storage
 from kesi_dist.distill.softlabels import load_npy, verified
 from kesi_dist.errors import RunError
 
-__all__ = ["BANK_FORMAT", "BANK_KINDS", "bank_key", "MemoryBankWorker", "MemoryBank", "complete_bank"]
+__all__ = ["BANK_FORMAT", "BANK_KINDS", "bank_key", "MemoryBankWorker", "MemoryBank"]
 
 BANK_FORMAT = "kesi_dist/memory-bank/v1"
 BANK_KINDS = ("samples", "logits")
@@ -93,23 +93,6 @@ class MemoryBankWorker:
         return {"shard": unit, "batches": list(range(first, stop)),
                 "samples": torch.cat(samples).numpy().astype(np.int64),
                 "logits": torch.cat(logits).numpy().astype(np.float32), "compute_s": time.perf_counter() - start}
-
-
-def complete_bank(out_dir: str, key: str) -> dict | None:
-    """The meta of a complete, intact bank with `key` in `out_dir`, else None."""
-    path = storage.join(out_dir, "meta.json")
-    if not storage.is_file(path):
-        return None
-    try:
-        meta = json.loads(storage.read_text(path))
-        if meta.get("format") != BANK_FORMAT or meta.get("key") != key:
-            return None
-        for shard in meta["shards"]:
-            for kind in BANK_KINDS:
-                verified(out_dir, shard["files"][kind])
-    except (ValueError, KeyError, TypeError, RunError):
-        return None
-    return meta
 
 
 class MemoryBank:

@@ -47,7 +47,7 @@ from kesi_dist.distill.losses import dense_from_topk
 from kesi_dist.errors import RunError
 
 __all__ = ["FORMAT", "KINDS", "VALUE_DTYPES", "SoftLabelWorker", "SoftLabelCache", "cache_key", "file_sha256",
-           "data_fingerprint", "save_npy", "verified", "load_npy", "complete_meta", "work_units"]
+           "data_fingerprint", "check_teachers", "save_npy", "verified", "load_npy", "complete_meta", "work_units"]
 
 FORMAT = "kesi_dist/soft-labels/v1"
 KINDS = ("samples", "values", "indices")
@@ -84,6 +84,25 @@ def data_fingerprint(data_dir: str | Path) -> tuple[str, dict]:
     return fp, meta
 
 
+def check_teachers(teacher_paths: list[str], data_dir: str | Path) -> tuple[str, dict]:
+    """(data fingerprint, meta) after checking that every teacher file exists and predicts the dataset's
+    classes: fails here, naming the file, rather than inside an actor's constructor."""
+    from kesi_dist.checkpoint import load_checkpoint
+
+    if not teacher_paths:
+        raise RunError("no teacher checkpoints given")
+    missing = [p for p in teacher_paths if not storage.is_file(p)]
+    if missing:
+        raise RunError(f"{missing[0]}: no such teacher checkpoint")
+    data_fp, data_meta = data_fingerprint(data_dir)
+    for path in teacher_paths:
+        classes = load_checkpoint(path)["num_classes"]
+        if classes != data_meta["num_classes"]:
+            raise RunError(f"{path}: teacher predicts {classes} classes, the dataset in {data_dir} has "
+                           f"{data_meta['num_classes']}")
+    return data_fp, data_meta
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> dict:
     """np.save, written atomically (local or URI, see kesi_dist.storage); returns {name, bytes, sha256}."""
     buf = io.BytesIO()
@@ -113,17 +132,18 @@ def load_npy(path: str, data: bytes) -> np.ndarray:
         raise RunError(f"{path}: not a readable .npy soft-label shard ({e})") from None
 
 
-def complete_meta(out_dir: str | Path, key: str) -> dict | None:
-    """The meta of a complete, intact cache with `key` in `out_dir`, else None."""
+def complete_meta(out_dir: str | Path, key: str, fmt: str = FORMAT, kinds: tuple[str, ...] = KINDS) -> dict | None:
+    """The meta of a complete, intact cache (format `fmt`, shard files `kinds`) with `key` in `out_dir`,
+    else None."""
     path = storage.join(out_dir, "meta.json")
     if not storage.is_file(path):
         return None
     try:
         meta = json.loads(storage.read_text(path))
-        if meta.get("format") != FORMAT or meta.get("key") != key:
+        if meta.get("format") != fmt or meta.get("key") != key:
             return None
         for shard in meta["shards"]:
-            for kind in KINDS:
+            for kind in kinds:
                 verified(out_dir, shard["files"][kind])
     except (ValueError, KeyError, TypeError, RunError):
         return None

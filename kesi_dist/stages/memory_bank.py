@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 from kesi_dist import storage
-from kesi_dist.distill.memory_bank import BANK_FORMAT, BANK_KINDS, MemoryBankWorker, bank_key, complete_bank
-from kesi_dist.distill.softlabels import data_fingerprint, file_sha256, save_npy, work_units
-from kesi_dist.errors import RunError
+from kesi_dist.distill.memory_bank import BANK_FORMAT, BANK_KINDS, MemoryBankWorker, bank_key
+from kesi_dist.distill.softlabels import check_teachers, complete_meta, file_sha256, save_npy, work_units
 from kesi_dist.runs import RunContext
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
@@ -52,19 +51,10 @@ def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, 
                       backend: str, num_actors: int, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                       holdout: float = 0, holdout_seed: int = 0) -> dict:
     """Compute (or reuse) the bank; returns its meta (plus "reused"). Ray must be initialised."""
-    from kesi_dist.checkpoint import load_checkpoint
     from kesi_dist.runtime import map_units
 
     start = time.perf_counter()
-    missing = [p for p in teacher_paths if not storage.is_file(p)]
-    if not teacher_paths or missing:
-        raise RunError(f"memory bank: {missing[0] if missing else 'no teacher'}: no such teacher checkpoint")
-    data_fp, data_meta = data_fingerprint(data_dir)
-    for path in teacher_paths:
-        classes = load_checkpoint(path)["num_classes"]
-        if classes != data_meta["num_classes"]:
-            raise RunError(f"{path}: teacher predicts {classes} classes, the dataset in {data_dir} has "
-                           f"{data_meta['num_classes']}")
+    data_fp, data_meta = check_teachers(teacher_paths, data_dir)
     held, samples = None, int(data_meta["train_size"])
     if holdout:
         from kesi_dist.data.holdout import describe_holdout
@@ -74,7 +64,7 @@ def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, 
     hashes = [file_sha256(p) for p in teacher_paths]
     key = bank_key(teacher_hashes=hashes, data_fingerprint=data_fp, resolution=resolution, batch_size=batch_size,
                    holdout=held["sha256"] if held else None)
-    found = complete_bank(out_dir, key)
+    found = complete_meta(out_dir, key, BANK_FORMAT, BANK_KINDS)
     if found is not None:
         return {**found, "reused": True}
     storage.makedirs(out_dir)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from kesi_dist import storage
 from kesi_dist.distill.softlabels import (
-    FORMAT, KINDS, VALUE_DTYPES, SoftLabelWorker, cache_key, complete_meta, data_fingerprint, file_sha256,
+    FORMAT, KINDS, VALUE_DTYPES, SoftLabelWorker, cache_key, check_teachers, complete_meta, file_sha256,
     load_npy, save_npy, verified, work_units,
 )
-from kesi_dist.errors import RunError, UsageError
+from kesi_dist.errors import UsageError
 from kesi_dist.runs import RunContext
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
@@ -119,18 +119,7 @@ def build_soft_label_cache(
         raise UsageError(f"soft-label cache: values_dtype {values_dtype!r} must be one of {', '.join(VALUE_DTYPES)}")
     if cpus_per_actor <= 0 or gpus_per_actor < 0:
         raise UsageError(f"soft-label cache: cpus_per_actor {cpus_per_actor} must be > 0, gpus_per_actor >= 0")
-    missing = [p for p in teacher_paths if not storage.is_file(p)]
-    if missing:
-        raise RunError(f"{missing[0]}: no such teacher checkpoint")
-    data_fp, data_meta = data_fingerprint(data_dir)
-    # Fail here, with the file's name, rather than inside an actor's constructor.
-    from kesi_dist.checkpoint import load_checkpoint
-
-    for path in teacher_paths:
-        classes = load_checkpoint(path)["num_classes"]
-        if classes != data_meta["num_classes"]:
-            raise RunError(f"{path}: teacher predicts {classes} classes, the dataset in {data_dir} has "
-                           f"{data_meta['num_classes']}")
+    data_fp, data_meta = check_teachers(teacher_paths, data_dir)
     settings = {"seed": int(seed), "epochs": int(epochs), "resolution": int(resolution), "augment": augment,
                 "temperature": float(temperature), "topk": int(topk), "values_dtype": values_dtype}
     teacher_hashes = [file_sha256(p) for p in teacher_paths]
