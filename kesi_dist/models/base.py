@@ -62,6 +62,47 @@ class PrunableNet(nn.Module):
         CIFAR ResNet's shortcut); saved with every checkpoint."""
         return {}
 
+    # -- stages (residual nets: SWP's stage-wise supernets) ------------------------------------------
+    # A net whose stage outputs keep a fixed width (the residual stream) splits into stages that can be
+    # run and trained apart: stage 0 = stem + layer1, stage s = layer{s+1}, the last one also the head.
+    # Subclasses that can set `num_stages` and implement `stem` and `head` (module names in
+    # `stem_modules` / `head_modules`); 0 stages = not stage-wise (VGG: a stage's output is a unit).
+    num_stages: int = 0
+    stem_modules: tuple[str, ...] = ()
+    head_modules: tuple[str, ...] = ()
+
+    def stem(self, x):
+        raise NotImplementedError
+
+    def head(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        for s in range(self.num_stages):
+            x = self.forward_stage(x, s)
+        return x
+
+    def forward_stage(self, x, s: int):
+        """Stage `s` alone: its input is the previous stage's output (the image for stage 0), its output
+        the next stage's input (the logits for the last one)."""
+        if not 0 <= s < self.num_stages:
+            raise ValueError(f"{self.arch}: no stage {s} (it has {self.num_stages})")
+        if s == 0:
+            x = self.stem(x)
+        x = getattr(self, f"layer{s + 1}")(x)
+        return self.head(x) if s == self.num_stages - 1 else x
+
+    def stage_of(self, key: str) -> int:
+        """The stage a parameter or buffer (state-dict key) belongs to."""
+        first = key.split(".", 1)[0]
+        if first.startswith("layer") and first[5:].isdigit():
+            return int(first[5:]) - 1
+        if first in self.stem_modules:
+            return 0
+        if first in self.head_modules:
+            return self.num_stages - 1
+        raise ValueError(f"{self.arch}: {key} belongs to no stage")
+
 
 def check_widths(arch: str, widths: list | None, default: list[int]) -> list[int]:
     """Return `widths` (or `default`) after checking it has one positive int per unit."""

@@ -107,6 +107,8 @@ class CifarResNet(PrunableNet):
         self.fc = nn.Linear(64, num_classes)
         init_weights(self)
 
+    num_stages, stem_modules, head_modules = 3, ("conv1", "bn1"), ("fc",)
+
     def units(self) -> list[Unit]:
         return list(self._units)
 
@@ -114,9 +116,10 @@ class CifarResNet(PrunableNet):
     def options(self) -> dict:
         return {"shortcut": self.shortcut}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
@@ -134,10 +137,13 @@ class ImageNetResNet(PrunableNet):
         self.fc = nn.Linear(512, num_classes)
         init_weights(self)
 
+    num_stages, stem_modules, head_modules = 4, ("conv1", "bn1", "maxpool"), ("fc",)
+
     def units(self) -> list[Unit]:
         return list(self._units)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(F.relu(self.bn1(self.conv1(x))))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -56,10 +56,13 @@ class WideResNet(PrunableNet):
         self.fc = nn.Linear(in_planes, num_classes)
         init_weights(self)
 
+    num_stages, stem_modules, head_modules = 3, ("conv1",), ("bn", "fc")
+
     def units(self) -> list[Unit]:
         return list(self._units)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        x = F.relu(self.bn(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1), 1))

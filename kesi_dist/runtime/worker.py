@@ -143,14 +143,18 @@ class _Worker:
             self.masks = ck.get("masks") or self.masks
             state = load_tensors(os.path.join(self.resume_dir, "train_state.pt"))
         self.model.to(self.device)
+        # A task may train a module built around the model (a supernet inside the frozen baseline); the
+        # model itself is what every checkpoint saves.
+        self.module = self.task.prepare(self.model) if hasattr(self.task, "prepare") else self.model
         if self.masks:
             self.masks = {k: v.to(self.device) for k, v in self.masks.items()}
         self.constraints = [MaskConstraint(self.masks)] if self.masks else []
         s = self.sched
-        self.optimizer = build_optimizer(self.model.parameters(), optimizer=s.optimizer, lr=s.lr,
+        self.optimizer = build_optimizer([p for p in self.module.parameters() if p.requires_grad],
+                                         optimizer=s.optimizer, lr=s.lr,
                                          momentum=s.momentum if s.momentum is not None else max(s.momentum_cycle),
                                          nesterov=s.nesterov, weight_decay=s.weight_decay)
-        self.w = wrap_model(self.model, self.optimizer, engine=self.espec.engine, device=self.device,
+        self.w = wrap_model(self.module, self.optimizer, engine=self.espec.engine, device=self.device,
                             zero_stage=self.espec.zero_stage, bf16=self.espec.bf16,
                             micro_batch_size=self.per_worker, masks=self.masks)
         self.scheduler = build_scheduler(self.optimizer, schedule=s.schedule, epochs=s.epochs,
@@ -215,7 +219,7 @@ class _Worker:
         if self.rank == 0 or self.w.engine is not None:  # under ZeRO every rank owns optimizer state
             ckpt_dir = tempfile.mkdtemp(prefix=f"epoch{epoch}-", dir=self.tmp)
             if self.rank == 0:
-                save_checkpoint(os.path.join(ckpt_dir, "model.pt"), self.w.bare, masks=self.masks,
+                save_checkpoint(os.path.join(ckpt_dir, "model.pt"), self.model, masks=self.masks,
                                 metrics=metrics, extra={"epoch": epoch})
                 torch.save({"epoch": epoch, "scheduler": self.scheduler.state_dict(), "history": self.history,
                             "schedule": self.config["schedule"]}, os.path.join(ckpt_dir, "train_state.pt"))

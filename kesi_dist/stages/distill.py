@@ -21,11 +21,11 @@ def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: T
     """Distil snapshot `student` with `task` into snapshot `name`; returns its registry entry."""
     from kesi_dist.runtime import run_training
 
-    with ctx.stage("distill", student=student, teachers=teachers, mode=task.mode) as st:
+    with ctx.stage("distill", student=student, teachers=teachers, mode=task.source) as st:
         if st.done:
             return ctx.manifest.snapshots[name]
         start = time.time()
-        ctx.print(f"[bold]distill[/] ({task.mode}): {student} learns from {len(teachers)} teachers for "
+        ctx.print(f"[bold]distill[/] ({task.source}): {student} learns from {len(teachers)} teachers for "
                   f"{schedule.epochs} epochs, T={task.temperature:g}, alpha={task.alpha:g}")
         result = run_training(
             model=ModelSpec(arch="", init_checkpoint=ctx.snapshot(student)), schedule=schedule, loader=loader,
@@ -34,7 +34,7 @@ def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: T
             max_steps_per_epoch=ctx.max_steps, task=task,
         )
         entry = ctx.register(name, arm="student", iteration=iteration, branch=None, parent=student,
-                             hparams={"teachers": teachers, "mode": task.mode}, val_acc=result.metrics["val/acc"],
+                             hparams={"teachers": teachers, "mode": task.source}, val_acc=result.metrics["val/acc"],
                              holdout_acc=result.metrics.get("holdout/acc"),
                              node_id=result.metrics.get("node_id"), start=start, end=time.time(),
                              attempts=result.attempts, workers=result.metrics.get("world_size", 1))

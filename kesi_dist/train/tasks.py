@@ -11,6 +11,10 @@ times (several sub-networks per step, SWP's sandwich rule) without the loop chan
 - `MemoryBankDistillation`: EKG's fine-tuning: V augmented views of each clean image, CE plus T x KL to
   the curriculum target of a memory bank of teacher logits (`kesi_dist.distill.curriculum`). It makes
   its views itself, so its loader serves clean images (`augments = True`).
+- `SupernetTraining` (`kesi_dist.train.supernet`): several width configurations of a slimmable net per
+  step (SWP's sandwich rule with in-place distillation, or uniform sampling). A task with `prepare(model)`
+  hands the worker the module to train and wrap (the supernet inside the frozen baseline); the worker
+  still saves `model` itself.
 
 A worker process builds its task from a `TaskSpec`, plain data that travels in Ray's config.
 """
@@ -134,8 +138,10 @@ class MemoryBankDistillation:
 @dataclass(frozen=True)
 class TaskSpec:
     """A task as plain data. kind "classification"; "distillation" from `teachers` (checkpoint paths
-    or URIs, run on every batch: online) or from `soft_labels` (a cache folder: cached); or
-    "memory_bank" from `memory_bank` (a bank folder) with `views` views per image."""
+    or URIs, run on every batch: online) or from `soft_labels` (a cache folder: cached);
+    "memory_bank" from `memory_bank` (a bank folder) with `views` views per image; or "supernet": the
+    frozen baseline `teachers[0]` around stage `stage` (None: the whole net), `mode` sandwich or uniform,
+    width fractions `ratios`, `n_random` random configurations per step."""
 
     kind: str = "classification"
     teachers: tuple[str, ...] = ()
@@ -144,9 +150,14 @@ class TaskSpec:
     alpha: float = 0.0
     memory_bank: str | None = None
     views: int = 2
+    stage: int | None = None
+    mode: str = "sandwich"
+    ratios: tuple[float, ...] = ()
+    n_random: int = 2
 
     @property
-    def mode(self) -> str:
+    def source(self) -> str:
+        """Where distillation targets come from: memory_bank, cached or online."""
         return "memory_bank" if self.memory_bank else "cached" if self.soft_labels else "online"
 
 
@@ -156,6 +167,15 @@ def build_task(spec: TaskSpec, *, num_classes: int, device: torch.device, seed: 
     settings: cached soft labels are only valid for the images and augmentation this worker replays."""
     if spec.kind == "classification":
         return Classification()
+    if spec.kind == "supernet":
+        from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+        from kesi_dist.train.supernet import SupernetTraining
+
+        if not spec.teachers or not spec.ratios:
+            raise BadValue("teachers", "a supernet task needs the baseline checkpoint and the width ratios")
+        teacher, _ = model_from_checkpoint(load_checkpoint(spec.teachers[0]))
+        return SupernetTraining(teacher=teacher, stage=spec.stage, ratios=spec.ratios, mode=spec.mode,
+                                n_random=spec.n_random, seed=seed)
     if spec.kind == "memory_bank":
         from kesi_dist.data.image_loader import CIFAR_PAD
         from kesi_dist.distill.memory_bank import MemoryBank
@@ -169,7 +189,8 @@ def build_task(spec: TaskSpec, *, num_classes: int, device: torch.device, seed: 
         pad = max(1, round(CIFAR_PAD * resolution / 32))  # CIFAR's 4 px at 32 px, in proportion elsewhere
         return MemoryBankDistillation(bank, temperature=spec.temperature, views=spec.views, seed=seed, pad=pad)
     if spec.kind != "distillation":
-        raise BadValue("kind", f"unknown task {spec.kind!r}; choose classification, distillation or memory_bank")
+        raise BadValue("kind", f"unknown task {spec.kind!r}; choose classification, distillation, memory_bank "
+                                   "or supernet")
     from kesi_dist.distill.sources import CachedSoftLabels, OnlineTeachers
 
     if spec.soft_labels:
