@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["count_params", "count_nonzero_params", "count_macs"]
+__all__ = ["count_params", "count_nonzero_params", "count_macs", "macs_function"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -25,6 +25,53 @@ def count_params(model: nn.Module) -> int:
 def count_nonzero_params(model: nn.Module) -> int:
     """Number of parameters that are not exactly zero (what unstructured pruning reduces)."""
     return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def _meta_forward(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    # Shapes are all that is needed: run the forward on the meta device (no arithmetic, no memory)
+    # by swapping in meta stand-ins for every parameter and buffer.
+    meta = {k: torch.empty_like(v, device="meta") for k, v in (*model.named_parameters(), *model.named_buffers())}
+    was_training = model.training
+    try:
+        model.eval()  # BatchNorm1d refuses a batch of one in training mode
+        with torch.no_grad():
+            functional_call(model, meta, (torch.zeros(1, *input_size, device="meta"),))
+    finally:
+        model.train(was_training)
+
+
+def macs_function(model: nn.Module, input_size: tuple[int, int, int]):
+    """widths -> `count_macs` of `build_model(arch, widths)`, without building anything: every conv and
+    linear layer costs positions x kernel x in x out, and a unit's width is the `out` of its conv and the
+    `in` of its consumers. For searches that price thousands of width vectors."""
+    units = model.units()
+    out_of = {u.conv: i for i, u in enumerate(units)}
+    in_of = {c: i for i, u in enumerate(units) for c in u.consumers}
+    terms: list[tuple[int, int | None, int, int | None, int]] = []
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            def hook(mod, inputs, out, name=name):
+                if isinstance(mod, nn.Conv2d):
+                    kh, kw = mod.kernel_size
+                    cin, cout, factor = mod.in_channels // mod.groups, mod.out_channels, kh * kw
+                else:
+                    cin, cout, factor = mod.in_features, mod.out_features, 1
+                positions = out.numel() // out.shape[0] // cout
+                terms.append((positions * factor, out_of.get(name), cout, in_of.get(name), cin))
+
+            handles.append(m.register_forward_hook(hook))
+    try:
+        _meta_forward(model, input_size)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def macs(widths) -> int:
+        return int(sum(f * (cout if o is None else widths[o]) * (cin if i is None else widths[i])
+                       for f, o, cout, i, cin in terms))
+
+    return macs
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -46,16 +93,9 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
-    # Shapes are all that is needed: run the forward on the meta device (no arithmetic, no memory)
-    # by swapping in meta stand-ins for every parameter and buffer.
-    meta = {k: torch.empty_like(v, device="meta") for k, v in (*model.named_parameters(), *model.named_buffers())}
-    was_training = model.training
     try:
-        model.eval()  # BatchNorm1d refuses a batch of one in training mode
-        with torch.no_grad():
-            functional_call(model, meta, (torch.zeros(1, *input_size, device="meta"),))
+        _meta_forward(model, input_size)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return int(macs)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from kesi_dist.errors import BadValue
 from kesi_dist.models.base import Unit
 
-__all__ = ["kept_count", "unit_ratios", "sparsity_target"]
+__all__ = ["kept_count", "unit_ratios", "sparsity_target", "uniform_widths"]
 
 # int(C * (1 - p)) in floating point gives 62 for C=90, p=0.3 (90 * 0.7 = 62.999...); the epsilon
 # makes the rounding the exact decimal one the configs mean.
@@ -71,3 +71,22 @@ def sparsity_target(targets: Sequence[float], iteration: int) -> float:
     if iteration > len(targets):
         raise BadValue("targets", f"iteration {iteration} needs a target, only {len(targets)} given {list(targets)}")
     return float(targets[iteration - 1])
+
+
+def uniform_widths(full: Sequence[int], macs, target: float) -> list[int]:
+    """The widest uniformly pruned widths (every unit keeps max(1, round(f C)) of its C channels, one f
+    for all) whose MACs (`macs(widths)`, e.g. `counting.macs_function`) are at most `target` x the
+    unpruned ones: the comparison arm of a search at equal MACs."""
+    full = [int(c) for c in full]
+    budget = target * macs(full)
+
+    def widths(f: float) -> list[int]:
+        return [max(1, round(f * c)) for c in full]
+
+    if macs(widths(0.0)) > budget:
+        raise BadValue("target", f"{target}: even one channel per unit has more MACs than that")
+    lo, hi = 0.0, 1.0  # macs(widths(lo)) <= budget < macs(widths(hi)); widths grow with f
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(widths(mid)) <= budget else (lo, mid)
+    return widths(lo)

@@ -116,3 +116,16 @@ def test_bn_recalibration_restores_a_sliced_networks_accuracy(tiny_data):
     fixed = acc(recalibrate_bn(small, calib))
     assert fixed > 0.6 and fixed > broken + 0.2, (broken, fixed)
     assert not small.training
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "preresnet164", "vgg16", "wrn16_8", "resnet18"])
+def test_macs_function_prices_a_width_vector_as_the_built_network(arch):
+    from kesi_dist.pruning import count_macs, macs_function
+
+    model = build_model(arch, 10)
+    price = macs_function(model, (3, 32, 32))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        widths = [int(torch.randint(1, c + 1, (1,), generator=g)) for c in model.widths]
+        assert price(widths) == count_macs(build_model(arch, 10, widths), (3, 32, 32))
+    assert price(model.widths) == count_macs(model, (3, 32, 32))

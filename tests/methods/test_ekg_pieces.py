@@ -142,13 +142,14 @@ def test_a_search_resumed_from_its_state_continues_where_it_stopped(toy, tmp_pat
 
 
 def test_uniform_widths_are_the_widest_uniform_net_under_the_target():
-    from kesi_dist.methods.ekg.search import _count_macs, uniform_widths
+    from kesi_dist.methods.ekg.search import uniform_widths
     from kesi_dist.models import build_model
+    from kesi_dist.pruning import count_macs
 
     model = build_model("resnet20", 10)
     shape = (3, 16, 16)
     widths = uniform_widths(model, 0.45, shape)
-    macs = lambda w: _count_macs("resnet20", 10, model.options, shape, tuple(w))  # noqa: E731
+    macs = lambda w: count_macs(build_model("resnet20", 10, list(w)), shape)  # noqa: E731
     base = macs(model.widths)
     assert macs(widths) <= 0.45 * base
     # Uniform: one fraction f gives every unit's round(f * C): the units' intervals of f intersect.

@@ -92,32 +92,13 @@ def update_knowledge(knowledge: torch.Tensor, count: int, logits: torch.Tensor) 
     return (knowledge * count + logits.to(knowledge)) / (count + 1), count + 1
 
 
-def _count_macs(arch: str, num_classes: int, options: dict, input_shape: tuple, widths: tuple[int, ...]) -> int:
-    from kesi_dist.models import build_model
-    from kesi_dist.pruning.counting import count_macs
-
-    with torch.device("meta"):
-        net = build_model(arch, num_classes, list(widths), **options)
-    return count_macs(net, input_shape)
-
-
 def uniform_widths(model: nn.Module, target_ratio: float, input_shape: tuple) -> list[int]:
-    """The widest uniformly pruned widths (every unit keeps the same fraction f of its channels,
-    max(1, round(f C))) whose MACs are at most `target_ratio` of `model`'s: the comparison arm at equal MACs."""
-    full = [int(w) for w in model.widths]
-    macs = functools.partial(_count_macs, model.arch, model.num_classes, model.options, tuple(input_shape))
-    base = macs(tuple(full))
+    """The uniform comparison arm's widths at `target_ratio` of `model`'s MACs
+    (`kesi_dist.pruning.uniform_widths`)."""
+    from kesi_dist.pruning import macs_function
+    from kesi_dist.pruning import uniform_widths as widest_uniform
 
-    def widths(f: float) -> tuple[int, ...]:
-        return tuple(max(1, round(f * c)) for c in full)
-
-    lo, hi = 0.0, 1.0  # macs(widths(lo)) <= target < macs(widths(hi)); widths grow with f
-    if macs(widths(lo)) > target_ratio * base:
-        raise ValueError(f"even one channel per unit has more than {target_ratio:.0%} of the MACs")
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if macs(widths(mid)) <= target_ratio * base else (lo, mid)
-    return list(widths(lo))
+    return widest_uniform(model.widths, macs_function(model, tuple(input_shape)), target_ratio)
 
 
 @dataclass
@@ -165,9 +146,9 @@ class SubnetSearch:
         self.steps = [max(1, round(step * c)) for c in self.full]
         self.order: Order = [torch.arange(c) for c in self.full]
         self.target, self.cut = target_ratio, cut
-        shape = tuple(input_shape or images.shape[1:])
-        self._macs = functools.lru_cache(maxsize=None)(
-            functools.partial(_count_macs, model.arch, model.num_classes, model.options, shape))
+        from kesi_dist.pruning import macs_function
+
+        self._macs = functools.lru_cache(maxsize=None)(macs_function(model, tuple(input_shape or images.shape[1:])))
         self.base_macs = self._macs(tuple(self.full))
         self.evaluator = None
         if evaluate_many is None or taylor_many is None:
