@@ -15,6 +15,7 @@ from types import ModuleType
 
 from kesi_dist.methods.ekg.config import EkgCfg
 from kesi_dist.methods.kesi.config import KesiCfg
+from kesi_dist.methods.swp.config import SwpCfg
 
 __all__ = ["Method", "METHODS"]
 
@@ -49,5 +50,14 @@ METHODS: dict[str, Method] = {
         smoke_config="configs/ekg/smoke.yaml",
         test_overrides=("baseline.epochs=1", "finetune.epochs=1", "finetune.milestones=[]", "target_macs_ratio=0.6",
                         "search.actors=1", "bank.actors=1"),
+    ),
+    "swp": Method(
+        name="swp",
+        summary="stage-wise supernets trained in parallel with the sandwich rule and in-place distillation, "
+                "then an evolutionary search under a MACs budget",
+        config=SwpCfg,
+        smoke_config="configs/swp/smoke.yaml",
+        test_overrides=("baseline.epochs=1", "supernet.epochs=1", "retrain.epochs=1", "correlation.subnets=2",
+                        "search.generations=1", "search.population=6", "search.actors=1"),
     ),
 }

@@ -22,6 +22,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -207,7 +208,7 @@ class _Worker:
             m.update(evaluate(self.w.model, ld, self.device, autocast_bf16=e.bf16, channels_last=e.channels_last,
                               prefix=prefix))
         m.update({"epoch": epoch, "lr": lr, "lr_end": current_lr(self.optimizer), "world_size": self.world,
-                  "node_id": self.node_id})
+                  "node_id": self.node_id, "time": time.time()})
         self.history.append(m)
         return m
 

@@ -1,0 +1,64 @@
+"""SWP's driver killed (SIGKILL to its process group) twice and `--resume`d: during the stage supernets'
+training, then during the search. Supernets that finished before the kill are not trained again; the
+search continues after its last saved generation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.killing import _manifest, run_until
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "swp" / "smoke.yaml")
+SETS = ("baseline.epochs=2", "retrain.epochs=1", "search.generations=8", "correlation.subnets=2")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(2000)
+def test_killed_during_supernets_and_search_resumes_without_redoing_finished_work(tmp_path):
+    run = tmp_path / "run"
+
+    def some_supernets(r: Path, m: dict) -> bool:
+        done = [n for n in m["snapshots"] if n.startswith("supernet_")]
+        return m["stages"].get("supernets", {}).get("status") == "running" and 1 <= len(done) < 4
+
+    m1, _ = run_until(run, some_supernets, "supernets", resume=False, config=SMOKE, sets=SETS)
+    finished = {n: e for n, e in m1["snapshots"].items() if n.startswith("supernet_")}
+    files = {n: (run / "snapshots" / f"{n}.pt").stat().st_mtime_ns for n in finished}
+
+    def in_search(r: Path, m: dict) -> bool:
+        return len(m["stages"].get("search", {}).get("generations") or []) >= 2  # generation 1 saved
+
+    m2, _ = run_until(run, in_search, "search", resume=True, config=SMOKE, sets=SETS)
+    log2 = (run.parent / "run-search.log").read_text()
+    for name, entry in finished.items():  # reused, not trained again
+        assert m2["snapshots"][name]["end"] == entry["end"], name
+        assert (run / "snapshots" / f"{name}.pt").stat().st_mtime_ns == files[name], name
+        assert f"{name} done" not in log2
+    assert all(f"supernet_{s}" in m2["snapshots"] for s in ("s0", "s1", "s2", "whole"))
+    saved = len(m2["stages"]["search"]["generations"]) - 1  # the last generation noted before the kill
+
+    log = tmp_path / "resume.log"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run), *SETS,
+                               "--resume"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=1500)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    # The state file is written before the manifest notes a generation: the kill may fall in between.
+    resumed = next(int(line.split("after generation ")[1].split()[0]) for line in text.splitlines()
+                   if "resuming after generation" in line)
+    assert resumed in (saved, saved + 1) and resumed >= 1
+    assert "generation 0:" not in text and f"generation {resumed + 1}:" in text
+    m = _manifest(run)
+    gens = m["stages"]["search"]["generations"]
+    assert [g["generation"] for g in gens] == list(range(9))  # 0..8, each once
+    assert gens[:saved + 1] == m2["stages"]["search"]["generations"]
+    assert m["stages"]["supernets"]["end"] == m2["stages"]["supernets"]["end"]
+    assert m["status"] == "complete" and {"student", "uniform", "subnet0", "subnet1"} <= set(m["snapshots"])
+    report = (run / "report.md").read_text()
+    assert "Proxy vs retrained accuracy" in report and (run / "correlation.png").read_bytes()[:4] == b"\x89PNG"
