@@ -59,6 +59,10 @@ def test_killed_during_supernets_and_search_resumes_without_redoing_finished_wor
     assert [g["generation"] for g in gens] == list(range(9))  # 0..8, each once
     assert gens[:saved + 1] == m2["stages"]["search"]["generations"]
     assert m["stages"]["supernets"]["end"] == m2["stages"]["supernets"]["end"]
+    nets = m["stages"]["supernets"]
+    # Every supernet was a Ray Train run (a worker group), and stage supernets trained at the same time.
+    assert all(m["snapshots"][r["name"]]["workers"] >= 1 and r["end"] > r["start"] for r in nets["runs"])
+    assert nets["overlap"] > 0
     assert m["status"] == "complete" and {"student", "uniform", "subnet0", "subnet1"} <= set(m["snapshots"])
     report = (run / "report.md").read_text()
     assert "Proxy vs retrained accuracy" in report and (run / "correlation.png").read_bytes()[:4] == b"\x89PNG"

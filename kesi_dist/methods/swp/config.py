@@ -80,7 +80,11 @@ class SwpCfg(Strict):
         if not root.data.holdout:
             raise UsageError("data.holdout: SWP's search scores sub-nets on the held-out split, and it is 0; set a "
                              "fraction or a count per class")
-        if not build_model(root.model.arch, 10).num_stages:
+        import torch
+
+        with torch.device("meta"):  # the structure only
+            staged = build_model(root.model.arch, 10).num_stages
+        if not staged:
             raise UsageError(f"model.arch: {root.model.arch} has no fixed-width stages (a stage's output is a pruned "
                              "unit), so it cannot be split into stage-wise supernets; use a residual net")
         if self.target_macs_ratio - self.search.band <= 0:
