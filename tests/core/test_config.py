@@ -9,6 +9,7 @@ import yaml
 
 from kesi_dist.config import Config, config_to_yaml, load_config
 from kesi_dist.errors import UsageError
+from kesi_dist.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
@@ -76,7 +77,7 @@ BAD = [
     ("seed: 3\n", ["seed.x=1"], ["seed", "not a section"]),
     # A method section at the top level (the layout before methods were units) says where it goes now.
     ("prune:\n  iterations: 3\n", [], ["prune: a section of method kesi", "move it under `method:`"]),
-    ("method:\n  name: lottery\n", [], ["method.name: choose one of kesi, ekg, got 'lottery'"]),
+    ("method:\n  name: lottery\n", [], [f"method.name: choose one of {', '.join(METHODS)}, got 'lottery'"]),
     # Visible only next to the model: names and stage counts of the architecture.
     (_m("prune:\n  skip: [layer9.9]"), [], ["method.prune.skip", "'layer9.9' matches no prunable unit"]),
     ("model:\n  arch: resnet20\n", ["prune.stage_ratios=[0.1, 0.1]"],

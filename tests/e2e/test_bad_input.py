@@ -25,6 +25,7 @@ import ray  # noqa: F401 - imported at collection, so Ray's log handler never ho
 
 from kesi_dist.checkpoint import save_checkpoint
 from kesi_dist.cli import main
+from kesi_dist.methods import METHODS
 from kesi_dist.models import build_model
 from tests.datafiles import write_cifar10, write_tiny_imagenet
 
@@ -162,7 +163,7 @@ CASES = [
     Case("method_section_at_top_level", lambda c: c.run(config=c.yaml("prune:\n  iterations: 3\n")), 2,
          "prune: a section of method kesi: move it under `method:`"),
     Case("unknown_method_name", lambda c: c.run("method.name=lottery"), 2,
-         "method.name: choose one of kesi, ekg, got 'lottery'"),
+         f"method.name: choose one of {', '.join(METHODS)}, got 'lottery'"),
     Case("skip_names_no_unit", lambda c: c.run("prune.skip=[layer9.9]"), 2,
          "method.prune.skip: 'layer9.9' matches no prunable unit", sub=True),
     Case("wrong_type_in_set", lambda c: c.run("data.batch_size=abc"), 2, "data.batch_size"),
