@@ -85,3 +85,30 @@ def test_the_stage_split_shrinks_each_supernets_search_space():
     assert plan["search_space"] == {"per_stage": [7 ** 3] * 3, "whole_net": 7 ** 9}  # resnet20: 3 units a stage
     base, uniform = plan["iterations"]
     assert uniform["macs"] <= 0.45 * base["macs"] and plan["target_macs"] == int(0.45 * base["macs"])
+
+
+def test_the_report_scores_each_supernets_proxies_against_the_retrained_accuracies():
+    from kesi_dist.methods.swp.report import build_report, sections
+    from kesi_dist.methods.swp.correlation import summary
+
+    def snap(name, acc):
+        return {"name": name, "val_acc": acc, "holdout_acc": acc - 0.01, "params": 10, "nonzero_params": 10,
+                "macs": 100}
+
+    proxies = [(0.90, 0.80), (0.92, 0.95), (0.94, 0.85)]
+    retrained = [0.91, 0.93, 0.96]
+    manifest = {"status": "complete", "snapshots": {
+        "baseline": snap("baseline", 0.97), "student": snap("student", 0.95), "uniform": snap("uniform", 0.94),
+        **{f"subnet{i}": snap(f"subnet{i}", a) for i, a in enumerate(retrained)}},
+        "stages": {"data": {"val_size": 360}, "supernets": {"runs": [], "overlap": 3.0},
+                   "search": {"subnets": [{"widths": [1], "macs": 44, "proxy_swp": a, "proxy_whole_net": b}
+                                          for a, b in proxies], "generations": [], "proxy": 0.95}}}
+    report = build_report(manifest)
+    c = report["correlation"]
+    assert [s["retrained"] for s in c["subnets"]] == [91.0, 93.0, 96.0]  # percent
+    assert c["swp"] == summary([90.0, 92.0, 94.0], [91.0, 93.0, 96.0]) and c["swp"]["kendall_tau"] == 1.0
+    assert c["whole_net"]["kendall_tau"] == pytest.approx(1 / 3)  # one discordant pair of three
+    assert c["swp"]["mean_gap"] == pytest.approx(4 / 3)
+    md = "\n".join(sections(report))
+    assert "| SWP (stage-wise, sandwich, in-place KD) | 1.000 | 1.000 | 1.33 |" in md
+    assert "-1.00 points" not in md and "+1.00 points" in md  # searched 95 vs uniform 94
