@@ -4,7 +4,8 @@
                              params, nonzero_params, macs; the chain; every snapshot; timings)
     <run>/report.md          the method's table, its chain and the stage timings
     <run>/accuracy_vs_macs.png
-    <run>/tensorboard/report summary scalars per chain step
+    <run>/tensorboard/report summary scalars per chain step, the plot, widths and the config as text, and
+                             an hparams entry per snapshot
 
 What the rows are and what they are called is the method's (`ReportLayout`, e.g.
 `kesi_dist.methods.kesi.report`); this module only renders. `run_root` may be a storage URI
@@ -121,7 +122,7 @@ def render_markdown(report: dict, layout: ReportLayout) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, layout: ReportLayout, path: str) -> None:
+def _plot(report: dict, layout: ReportLayout, path: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,6 +156,10 @@ def _plot(report: dict, layout: ReportLayout, path: str) -> None:
                    zorder=4)
     ax.set_xlabel("MACs (M)")
     ax.set_ylabel("test top-1 (%)")
+    ax.set_title(layout.title)
+    for r in chain or []:  # which point is which iteration
+        ax.annotate(str(r["iteration"]), (r["macs"] / 1e6, 100 * r["val_acc"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7, color="tab:blue")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -162,9 +167,19 @@ def _plot(report: dict, layout: ReportLayout, path: str) -> None:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     storage.write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def _tensorboard(report: dict, layout: ReportLayout, logdir: str) -> None:
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and v != v)
+
+
+def _tensorboard(report: dict, layout: ReportLayout, logdir: str, png: bytes, config_text: str | None) -> None:
+    """The report run: chain scalars, the plot as an image, widths and the resolved config as text, and
+    one hparams entry per snapshot (its hyper-parameters; accuracy, params and MACs as metrics), so the
+    HPARAMS tab compares every model of the run."""
+    import numpy as np
+    from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 
     with storage.staged_dir(logdir) as local, SummaryWriter(local) as w:
@@ -178,6 +193,21 @@ def _tensorboard(report: dict, layout: ReportLayout, logdir: str) -> None:
         for key in ("ensemble", *layout.deliverables[:1], "baseline"):
             if report.get(key):
                 w.add_scalar(f"{key}/val_acc", report[key]["val_acc"], 0)
+        w.add_image("accuracy_vs_macs", np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), 0, dataformats="HWC")
+        rows = ["| snapshot | arm | widths | params | MACs | top-1 test (%) |", "|---|---|---|---|---|---|"]
+        rows += [f"| {s['name']} | {s.get('arm', '')} | {s.get('widths')} | {s['params']} | {s['macs']} | "
+                 f"{_pct(s.get('val_acc'))} |" for s in report.get("snapshots", [])]
+        w.add_text("snapshots/widths", "\n".join(rows), 0)
+        if config_text:
+            w.add_text("config", "```yaml\n" + config_text + "\n```", 0)
+        for snap in report.get("snapshots", []):
+            if snap.get("val_acc") is None:
+                continue
+            hp = {"snapshot": snap["name"], "arm": snap.get("arm") or "", "iteration": snap.get("iteration") or 0,
+                  **{k: v for k, v in (snap.get("hparams") or {}).items() if _scalar(v)}}
+            metrics = {f"hparam/{k}": float(snap[k]) for k in ("val_acc", "holdout_acc", "params", "macs")
+                       if snap.get(k) is not None}
+            w.add_hparams(hp, metrics, run_name=f"hparams/{snap['name']}")
 
 
 def write_report(run_root: str | Path, report: dict, layout: ReportLayout) -> None:
@@ -185,5 +215,7 @@ def write_report(run_root: str | Path, report: dict, layout: ReportLayout) -> No
     root = run_root if storage.is_uri(run_root) else str(run_root)
     storage.write_text(storage.join(root, "report.json"), json.dumps(report, indent=1))
     storage.write_text(storage.join(root, "report.md"), render_markdown(report, layout))
-    _plot(report, layout, storage.join(root, "accuracy_vs_macs.png"))
-    _tensorboard(report, layout, storage.join(root, "tensorboard", "report"))
+    png = _plot(report, layout, storage.join(root, "accuracy_vs_macs.png"))
+    config = storage.join(root, "config.yaml")
+    _tensorboard(report, layout, storage.join(root, "tensorboard", "report"), png,
+                 storage.read_text(config) if storage.is_file(config) else None)

@@ -165,6 +165,10 @@ def run_training(
                 console.print(f"{name}: resuming at epoch {start + 1} from its epoch-{start} checkpoint")
         elif kind == "epoch_start":
             started.append(event["epoch"])
+        elif kind == "steps":  # the LR and momentum of every optimizer step of an epoch
+            for i, (lr, momentum) in enumerate(zip(event["lr"], event["momentum"])):
+                writer.scalars({"step/lr": lr, "step/momentum": momentum}, step=event["first"] + i, flush=False)
+            writer.flush()
         elif kind == "epoch":
             m = event["metrics"]
             history.append(m)

@@ -192,13 +192,17 @@ class _Worker:
             loader = _FailOnce(self.train_loader, marker, self.steps_per_epoch)
         lr = current_lr(self.optimizer)
         e = self.espec
+        trace: list = []
         try:
             m = train_epoch(self.w.model, loader, self.optimizer, self.scheduler, task=self.task,
                             constraints=self.constraints, device=self.device, autocast_bf16=e.bf16,
                             channels_last=e.channels_last, max_steps=self.run.get("max_steps_per_epoch"),
-                            engine=self.w.engine)
+                            engine=self.w.engine, trace=trace)
         except DivergedError as err:
             raise DivergedError(f"diverged at epoch {epoch + 1}: {err}") from None
+        # Per-step LR and momentum for TensorBoard (the driver writes them), not kept in the metrics.
+        self.session.emit({"event": "steps", "first": epoch * self.steps_per_epoch,
+                           "lr": [t[0] for t in trace], "momentum": [t[1] for t in trace]})
         # Selection sees the holdout every epoch; the test split is measured once, after the last epoch
         # (every epoch when there is no holdout: it is then the selection split too).
         evals = [(self.holdout_loader, "holdout")] if self.holdout_loader is not None else []

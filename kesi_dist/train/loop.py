@@ -79,6 +79,7 @@ def train_epoch(
     max_steps: int | None = None,
     grad_clip: float | None = None,
     engine: StepEngine | None = None,
+    trace: list | None = None,
 ) -> dict[str, float]:
     """Train `model` for one pass over `loader` (or `max_steps` batches).
 
@@ -142,6 +143,9 @@ def train_epoch(
             optimizer.step()
         for c in constraints:
             c.after_step(bare)
+        if trace is not None:  # the LR and momentum this step used (one-cycle moves them every step)
+            group = optimizer.param_groups[0]
+            trace.append((float(group["lr"]), float(group.get("momentum", group.get("betas", (0.0,))[0]))))
         if scheduler is not None:
             scheduler.step()
         n = labels.shape[0]

@@ -41,7 +41,7 @@ class ScalarWriter:
     def enabled(self) -> bool:
         return self._writer is not None
 
-    def scalars(self, values: Mapping[str, Any], step: int) -> None:
+    def scalars(self, values: Mapping[str, Any], step: int, flush: bool = True) -> None:
         """Write every finite numeric value of `values` at `step` (other entries are skipped)."""
         if self._writer is None:
             return
@@ -49,7 +49,12 @@ class ScalarWriter:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
             self._writer.add_scalar(key, value, global_step=step)
-        self._flush()
+        if flush:
+            self._flush()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._flush()
 
     def _flush(self) -> None:
         self._writer.flush()

@@ -133,3 +133,37 @@ def test_resume_of_a_different_config_is_refused(smoke_run):
     assert proc.returncode == 2
     assert "different config (changed: method.prune.iterations)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_tensorboard_shows_the_run(smoke_run):
+    """The event files of a finished run: per-step LR whose peak is the configured one-cycle maximum, the
+    report's plot as an image and text summaries, and an hparams entry for the baseline, every branch and
+    the student."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _, _ = smoke_run
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+
+    def events(folder: Path, **size) -> EventAccumulator:
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0, **size})
+        acc.Reload()
+        return acc
+
+    base = events(run / "tensorboard" / "baseline")
+    lrs = [e.value for e in base.Scalars("step/lr")]
+    steps = [e.step for e in base.Scalars("step/lr")]
+    assert steps == list(range(len(steps))) and len(steps) > cfg["baseline"]["epochs"]  # every step, not per epoch
+    assert max(lrs) == pytest.approx(cfg["baseline"]["lr"], rel=1e-6) and min(lrs) < max(lrs) / 5
+    assert len(base.Scalars("step/momentum")) == len(steps)
+    branch = events(run / "tensorboard" / "prune_1" / "iter1_b0")
+    assert max(e.value for e in branch.Scalars("step/lr")) == pytest.approx(0.1, rel=1e-6)  # tune.space's lr
+
+    report = events(run / "tensorboard" / "report")
+    assert report.Tags()["images"] == ["accuracy_vs_macs"]
+    text = set(report.Tags()["tensors"])
+    assert {"snapshots/widths/text_summary", "config/text_summary"} <= text
+    entries = {p.name for p in (run / "tensorboard" / "report" / "hparams").iterdir()}
+    m = manifest(run)
+    assert entries == {n for n, s in m["snapshots"].items() if s.get("val_acc") is not None}
+    assert {"baseline", "student", "iter1_b0", "iter1_b1", "iter2_fixed"} <= entries
