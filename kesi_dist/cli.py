@@ -107,6 +107,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from kesi_dist.status import format_status, run_status
+
+    status = run_status(args.run)
+    if args.json:
+        import json
+
+        print(json.dumps(status))
+    else:
+        print(format_status(status))
+    return 0
+
+
 def _method_names() -> list[str]:
     from kesi_dist.methods import METHODS
 
@@ -148,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
     p.add_argument("--out", required=True, help="file to write (safetensors also writes OUT.widths.json)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("status", help="where a run is (running or finished): stages, what trains now with its "
+                                      "epoch, accuracy, node and ETA, the result once complete")
+    p.add_argument("run", help="run folder or storage URI (the --output of kesi run)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("config", help="print the resolved config (every key, defaults filled in)")
     p.add_argument("config", nargs="?", help="experiment YAML; omit to print the defaults")

@@ -88,6 +88,10 @@ class RunContext:
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)
 
+    def progress_file(self, name: str) -> str:
+        """Where training run `name` keeps its progress (`kesi status` reads `<run>/progress/`)."""
+        return self.run.path("progress", f"{name}.json")
+
     def snapshot(self, name: str) -> str:
         """Where snapshot `name`'s checkpoint lives (written or not)."""
         return self.run.snapshot(name)

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from kesi_dist.errors import RunError
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec, selection_key
 from kesi_dist.train.tasks import TaskSpec
 
@@ -74,6 +73,7 @@ def _trial(config: dict) -> None:
             resume=True,  # a branch restarted after a driver crash continues from its last epoch
             final_checkpoint=b.checkpoint,
             tensorboard_dir=f"{config['tensorboard']}/{b.name}",
+            progress_file=f"{config['progress']}/{b.name}.json" if config.get("progress") else None,
             hparams={"arm": b.arm, **b.hparams},
             on_epoch=on_epoch,
             progress=False,
@@ -114,6 +114,7 @@ def run_branches(
     on_progress: Callable[[Branch, dict], None] | None = None,
     on_retry: Callable[[Branch, str, int], None] | None = None,
     max_steps_per_epoch: int | None = None,
+    progress: str | None = None,
 ) -> None:
     """Run `branches` as parallel Tune trials; call `on_done(branch, final_result)` as each finishes.
 
@@ -153,6 +154,7 @@ def run_branches(
             "branch": tune.grid_search([asdict(b) for b in branches]),
             "loader": asdict(loader), "engine": asdict(engine), "storage": storage,
             "tensorboard": tensorboard, "seed": seed, "max_steps_per_epoch": max_steps_per_epoch,
+            "progress": progress,
         },
         # A finished trial's process runs the next waiting one: its imports (torch, Ray Train) and
         # warm caches are not paid again per branch.

@@ -101,6 +101,7 @@ def run_training(
     max_steps_per_epoch: int | None = None,
     inject_failure_at_epoch: int | None = None,
     task: TaskSpec = TaskSpec(),
+    progress_file: str | None = None,
 ) -> TrainResult:
     """Train one model on a Ray Train worker group (or in-process when engine.num_workers == 0).
 
@@ -121,6 +122,8 @@ def run_training(
         progress: print one rich line per epoch.
         max_steps_per_epoch: cap on batches per epoch (quick runs, benchmarks).
         inject_failure_at_epoch: TEST ONLY, see `kesi_dist.runtime.worker`.
+        progress_file: a small JSON file (local or URI) rewritten after every epoch with where the run is:
+            name, epoch, epochs, the last metrics, node, epoch times (what `kesi status` reads).
 
     Raises:
         DivergedError: the loss became NaN/inf (no checkpoint of that epoch was written).
@@ -172,6 +175,8 @@ def run_training(
         elif kind == "epoch":
             m = event["metrics"]
             history.append(m)
+            if progress_file:
+                _write_progress(progress_file, name, schedule.epochs, history, attempts)
             writer.scalars({k: v for k, v in m.items() if k.startswith(("train/", "val/", "holdout/"))
                             or k in ("lr", "images_per_s", "epoch_s")}, step=m["epoch"] + 1)
             if progress:
@@ -198,6 +203,21 @@ def run_training(
         writer.close()
     return TrainResult(metrics=history[-1], history=history, started=started, attempts=attempts,
                        resumed_at=resumed_at, checkpoint=final, run_dir=run_uri)
+
+
+def _write_progress(path: str, name: str, epochs: int, history: list[dict], attempts: int) -> None:
+    import json
+    import time
+
+    m = history[-1]
+    keep = ("train/loss", "train/acc", "holdout/acc", "val/acc", "epoch_s", "node_id", "world_size", "time")
+    doc = {"name": name, "epoch": m["epoch"] + 1, "epochs": epochs, "attempts": attempts, "updated": time.time(),
+           "metrics": {k: m[k] for k in keep if k in m},
+           "epoch_times": [h["time"] for h in history if "time" in h]}
+    try:
+        storage.write_text(path, json.dumps(doc))
+    except (OSError, RunError):  # progress is for watching; a failed write must not fail the training
+        pass
 
 
 def _run_local(config: dict, run_uri: str, handle: Callable[[dict], None]):

@@ -34,6 +34,7 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
                 model=model, schedule=schedule, loader=loader, engine=engine, storage_path=ctx.run.train,
                 name="baseline", seed=seed, resume=True, final_checkpoint=ctx.snapshot("baseline"),
                 tensorboard_dir=ctx.run.path("tensorboard", "baseline"), max_steps_per_epoch=ctx.max_steps,
+                progress_file=ctx.progress_file("baseline"),
             )
             val_acc, node_id, attempts = result.metrics["val/acc"], result.metrics.get("node_id"), result.attempts
             holdout_acc, workers = result.metrics.get("holdout/acc"), result.metrics.get("world_size", 1)

@@ -31,6 +31,7 @@ def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: T
             model=ModelSpec(arch="", init_checkpoint=ctx.snapshot(student)), schedule=schedule, loader=loader,
             engine=engine, storage_path=ctx.run.train, name="distill", seed=seed, resume=True,
             final_checkpoint=ctx.snapshot(name), tensorboard_dir=ctx.run.path("tensorboard", "distill"),
+            progress_file=ctx.progress_file(name),
             max_steps_per_epoch=ctx.max_steps, task=task,
         )
         entry = ctx.register(name, arm="student", iteration=iteration, branch=None, parent=student,

@@ -51,5 +51,5 @@ def retrain(ctx: RunContext, stage: str, branches: list[Branch], *, loader: Load
     run_branches(todo, loader=loader, engine=engine, storage=ctx.run.path("train", stage),
                  tensorboard=ctx.run.path("tensorboard", stage), experiment="tune", seed=seed, asha=asha,
                  asha_grace_epochs=asha_grace_epochs, on_done=done, on_failed=failed, on_progress=progress,
-                 on_retry=retry, max_steps_per_epoch=ctx.max_steps)
+                 on_retry=retry, max_steps_per_epoch=ctx.max_steps, progress=ctx.run.path("progress"))
     return failures

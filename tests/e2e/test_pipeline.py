@@ -167,3 +167,48 @@ def test_tensorboard_shows_the_run(smoke_run):
     m = manifest(run)
     assert entries == {n for n, s in m["snapshots"].items() if s.get("val_acc") is not None}
     assert {"baseline", "student", "iter1_b0", "iter1_b1", "iter2_fixed"} <= entries
+
+
+def test_kesi_status_on_a_finished_run(smoke_run):
+    run, _, _ = smoke_run
+    proc = kesi("status", str(run))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"{run}  ·  kesi  ·  resnet20  ·  complete" in out
+    assert "training now" not in out  # nothing in flight
+    for stage in ("data", "baseline", "prune_1", "prune_2", "ensemble", "soft_labels", "distill"):
+        assert f"  {stage} " in out and "complete" in out.split(f"  {stage} ")[1].splitlines()[0]
+    report = json.loads((run / "report.json").read_text())
+    assert f"student      {100 * report['student']['val_acc']:.2f}%" in out
+    as_json = json.loads(kesi("status", str(run), "--json").stdout)
+    assert as_json["status"] == "complete" and as_json["snapshots"] == len(manifest(run)["snapshots"])
+
+
+def test_kesi_status_on_a_run_in_progress(tmp_path):
+    """While the baseline trains: the stage is running, and the baseline's epoch, accuracy, node and ETA show."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run),
+                             "baseline.epochs=30"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "progress" / "baseline.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "the baseline never reported an epoch"
+            time.sleep(0.5)
+        time.sleep(3)  # a second epoch, for an ETA from epoch times
+        status = kesi("status", str(run))
+        assert proc.poll() is None, "the run ended before the status was read"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    out = status.stdout
+    assert status.returncode == 0, status.stderr
+    assert "·  running (started" in out and "baseline" in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("baseline  epoch"))
+    assert "/30" in line and "holdout acc" in line and "node " in line and "ETA" in line
+    stage = next(ln for ln in out.splitlines() if ln.strip().startswith("baseline ") and "epoch" not in ln)
+    assert "running" in stage
