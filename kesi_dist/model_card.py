@@ -172,7 +172,7 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
               "```python",
               "import numpy as np, onnxruntime as ort, torch",
               "from PIL import Image",
-              *_preprocessing(norm, res),
+              *_preprocessing(norm, res, data_cfg.get("augment", "cifar")),
               "logits = ort.InferenceSession(\"student.onnx\").run(None, {\"input\": x})[0]",
               "ts = torch.jit.load(\"student.ts\").eval()",
               "logits_ts = ts(torch.from_numpy(x))",
@@ -211,15 +211,22 @@ def _versions() -> str:
     return f"Written with Python {platform.python_version()}: " + ", ".join(found) + "."
 
 
-def _preprocessing(norm: dict, res: int) -> list[str]:
-    """The input the model was trained on, as code: RGB pixels on the 0-255 scale, normalised with the
-    prepared data's per-channel mean and std (meta.json), NCHW float32."""
+def _preprocessing(norm: dict, res: int, augment: str = "cifar") -> list[str]:
+    """The input the model was evaluated on, as code: RGB pixels on the 0-255 scale (with "imagenet"
+    evaluation, the central 0.875 of the short side first), resized to the model's side, normalised with
+    the prepared data's per-channel mean and std (meta.json), NCHW float32. The run's loader resizes with
+    OpenCV's area filter and this with PIL's: identical pixels for an image already at that side."""
     if not norm.get("mean"):
         return [f"x = ...  # float32 [N, 3, {res}, {res}]: (RGB 0-255 - mean) / std, with mean/std from the "
                 "prepared data's meta.json (0-255 scale)"]
+    load = ["img = Image.open(\"image.png\").convert(\"RGB\")"]
+    if augment == "imagenet":
+        load += ["w, h = img.size; c = int(0.875 * min(w, h)); l, t = (w - c) // 2, (h - c) // 2  # central crop",
+                 "img = img.crop((l, t, l + c, t + c))"]
     return [f"MEAN = np.array({norm['mean']}, np.float32)  # per channel, on the 0-255 pixel scale (meta.json)",
             f"STD = np.array({norm['std']}, np.float32)",
-            f"img = np.asarray(Image.open(\"image.png\").convert(\"RGB\").resize(({res}, {res})), np.float32)  # HxWx3, 0-255",
+            *load,
+            f"img = np.asarray(img.resize(({res}, {res})) if img.size != ({res}, {res}) else img, np.float32)  # HxWx3",
             "x = ((img - MEAN) / STD).transpose(2, 0, 1)[None]  # 1x3xHxW; stack more images for a batch"]
 
 

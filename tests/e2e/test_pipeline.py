@@ -212,3 +212,47 @@ def test_kesi_status_on_a_run_in_progress(tmp_path):
     assert "/30" in line and "holdout acc" in line and "node " in line and "ETA" in line
     stage = next(ln for ln in out.splitlines() if ln.strip().startswith("baseline ") and "epoch" not in ln)
     assert "running" in stage
+
+
+def test_model_card_snippet_reproduces_the_students_accuracy(smoke_run, tmp_path):
+    """MODEL_CARD.md's loading snippet, as printed, in a fresh process that never imports kesi_dist, on
+    every test image of the run (PNG files of the prepared data): the student's reported top-1."""
+    import re
+    import shutil
+
+    from PIL import Image
+
+    from kesi_dist.data.beton import BetonFile
+
+    run, _, _ = smoke_run
+    folder = tmp_path / "card"
+    folder.mkdir()
+    for fmt, out in (("onnx", "student.onnx"), ("torchscript", "student.ts")):
+        assert kesi("export", str(run), "--format", fmt, "--out", str(folder / out)).returncode == 0
+    snippet = re.search(r"```python\n(.*?)```", (run / "MODEL_CARD.md").read_text(), re.S).group(1)
+    (folder / "snippet.py").write_text(snippet)
+    val = BetonFile(run / "data" / "val.beton")
+    (folder / "val").mkdir()
+    for i in range(len(val.labels)):
+        Image.fromarray(val.image(i)).save(folder / "val" / f"{i}.png")
+    (folder / "labels.json").write_text(json.dumps([int(y) for y in val.labels]))
+    (folder / "score.py").write_text(
+        "import json, shutil, sys\n"
+        "code = compile(open('snippet.py').read(), 'MODEL_CARD.md', 'exec')\n"
+        "labels = json.load(open('labels.json'))\n"
+        "correct = 0\n"
+        "for i, y in enumerate(labels):\n"
+        "    shutil.copy(f'val/{i}.png', 'image.png')\n"
+        "    scope = {}\n"
+        "    exec(code, scope)\n"
+        "    correct += int(scope['logits'].argmax(1)[0] == y)\n"
+        "assert 'kesi_dist' not in sys.modules\n"
+        "print(correct, len(labels))\n")
+    proc = subprocess.run([sys.executable, "score.py"], cwd=folder, capture_output=True, text=True, timeout=600,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    correct, total = map(int, proc.stdout.split()[-2:])
+    report = json.loads((run / "report.json").read_text())
+    assert total == len(val.labels) == 360  # digits' test split
+    assert correct == round(report["student"]["val_acc"] * total)
+    shutil.rmtree(folder / "val")
