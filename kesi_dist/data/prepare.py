@@ -81,7 +81,20 @@ def _write_beton(split, path: Path, errors_path: Path, write_mode: str, workers:
         num_workers=workers,
         page_size=1 << 21,  # FFCV's minimum; larger pages only waste space on small datasets
     )
-    writer.from_indexed_dataset(_Guarded(split, str(errors_path)), chunksize=100)
+    import functools
+
+    import ffcv.writer
+    import tqdm
+
+    # FFCV's writer shows a tqdm bar; keep it on a terminal (with the split's name), out of logs:
+    # tqdm's disable=None turns itself off when stderr is not a TTY. (KESI_PROGRESS=0/1 as elsewhere.)
+    flag = os.environ.get("KESI_PROGRESS", "")
+    shown = functools.partial(tqdm.tqdm, desc=label, unit="img", disable={"0": True, "1": False}.get(flag))
+    original, ffcv.writer.tqdm = ffcv.writer.tqdm, shown
+    try:
+        writer.from_indexed_dataset(_Guarded(split, str(errors_path)), chunksize=100)
+    finally:
+        ffcv.writer.tqdm = original
 
 
 def _read_existing(meta_path: Path) -> dict | None:

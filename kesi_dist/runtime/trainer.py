@@ -14,6 +14,7 @@ process that called `run_training` (a CLI, a Tune trial), prints one line per ep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import asdict, dataclass, field
@@ -147,7 +148,11 @@ def run_training(
 
     from kesi_dist.train.tensorboard import ScalarWriter
 
+    from kesi_dist.progress import bar
+
     console = Console(stderr=True, highlight=False)
+    live = contextlib.ExitStack()
+    within = live.enter_context(bar(console, name, None, unit="step")) if progress else None
     history: list[dict] = []
     started: list[int] = []
     resumed_at: list[int] = []
@@ -168,6 +173,12 @@ def run_training(
                 console.print(f"{name}: resuming at epoch {start + 1} from its epoch-{start} checkpoint")
         elif kind == "epoch_start":
             started.append(event["epoch"])
+            if within is not None:
+                within.update(completed=0, total=event.get("steps"),
+                              description=f"{name} epoch {event['epoch'] + 1}/{schedule.epochs}")
+        elif kind == "tick":
+            if within is not None:
+                within.update(completed=event["step"])
         elif kind == "steps":  # the LR and momentum of every optimizer step of an epoch
             for i, (lr, momentum) in enumerate(zip(event["lr"], event["momentum"])):
                 writer.scalars({"step/lr": lr, "step/momentum": momentum}, step=event["first"] + i, flush=False)
@@ -200,6 +211,7 @@ def run_training(
             writer.hparams(hparams, {k: history[-1][k] for k in ("val/acc", "val/loss", "train/loss", "holdout/acc")
                                      if k in history[-1]})
     finally:
+        live.close()
         writer.close()
     return TrainResult(metrics=history[-1], history=history, started=started, attempts=attempts,
                        resumed_at=resumed_at, checkpoint=final, run_dir=run_uri)

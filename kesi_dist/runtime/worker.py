@@ -180,7 +180,14 @@ class _Worker:
         from kesi_dist.train.loop import evaluate, train_epoch
         from kesi_dist.train.optim import current_lr
 
-        self.session.emit({"event": "epoch_start", "epoch": epoch})
+        self.session.emit({"event": "epoch_start", "epoch": epoch, "steps": self.steps_per_epoch})
+        last = [time.monotonic()]
+
+        def tick(step: int) -> None:  # within-epoch progress for the driver's bar, at most twice a second
+            if time.monotonic() - last[0] >= 0.5:
+                last[0] = time.monotonic()
+                self.session.emit({"event": "tick", "step": step})
+
         for ld in (self.train_loader, self.val_loader, self.holdout_loader):
             if ld is not None:
                 ld.set_epoch(epoch)
@@ -197,7 +204,7 @@ class _Worker:
             m = train_epoch(self.w.model, loader, self.optimizer, self.scheduler, task=self.task,
                             constraints=self.constraints, device=self.device, autocast_bf16=e.bf16,
                             channels_last=e.channels_last, max_steps=self.run.get("max_steps_per_epoch"),
-                            engine=self.w.engine, trace=trace)
+                            engine=self.w.engine, trace=trace, on_step=tick)
         except DivergedError as err:
             raise DivergedError(f"diverged at epoch {epoch + 1}: {err}") from None
         # Per-step LR and momentum for TensorBoard (the driver writes them), not kept in the metrics.

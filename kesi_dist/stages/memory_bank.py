@@ -13,10 +13,12 @@ import fnmatch
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from kesi_dist import storage
 from kesi_dist.distill.memory_bank import BANK_FORMAT, BANK_KINDS, MemoryBankWorker, bank_key
 from kesi_dist.distill.softlabels import check_teachers, complete_meta, file_sha256, save_npy, work_units
+from kesi_dist.progress import bar
 from kesi_dist.runs import RunContext
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
@@ -36,9 +38,12 @@ def memory_bank_stage(ctx: RunContext, teachers: list[str], *, loader: LoaderSpe
             return out
         ctx.print(f"[bold]memory_bank[/]: logits of {len(teachers)} teachers on every clean training image, "
                   f"{actors} actor(s)")
-        meta = build_memory_bank(teachers, loader.data_dir, out, batch_size=batch_size, resolution=loader.resolution,
-                                 backend=loader.backend, num_actors=actors, cpus_per_actor=engine.cpus_per_worker,
-                                 gpus_per_actor=engine.gpus_per_worker, **loader.split_args)
+        with bar(ctx.console, "memory bank", None, unit="unit") as b:
+            meta = build_memory_bank(teachers, loader.data_dir, out, batch_size=batch_size,
+                                     resolution=loader.resolution, backend=loader.backend, num_actors=actors,
+                                     cpus_per_actor=engine.cpus_per_worker, gpus_per_actor=engine.gpus_per_worker,
+                                     progress=lambda done, total: b.update(completed=done, total=total),
+                                     **loader.split_args)
         mb = sum(f["bytes"] for s in meta["shards"] for f in s["files"].values()) / 2 ** 20
         ctx.print(f"  {meta['samples']} images x {meta['num_classes']} classes x {len(teachers)} teachers, "
                   f"{mb:.1f} MiB" + (" (reused)" if meta.get("reused") else f", {meta['timings']['total_s']:.1f} s"))
@@ -49,8 +54,10 @@ def memory_bank_stage(ctx: RunContext, teachers: list[str], *, loader: LoaderSpe
 
 def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, batch_size: int, resolution: int,
                       backend: str, num_actors: int, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
-                      holdout: float = 0, holdout_seed: int = 0) -> dict:
-    """Compute (or reuse) the bank; returns its meta (plus "reused"). Ray must be initialised."""
+                      holdout: float = 0, holdout_seed: int = 0,
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compute (or reuse) the bank; returns its meta (plus "reused"). Ray must be initialised.
+    `progress(units written, units)` is called as the pass goes."""
     from kesi_dist.runtime import map_units
 
     start = time.perf_counter()
@@ -79,6 +86,8 @@ def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, 
         files = {kind: save_npy(storage.join(out_dir, f"{stem}-{kind}.npy"), r[kind]) for kind in BANK_KINDS}
         shards.append({"shard": r["shard"], "batches": r["batches"], "count": len(r["samples"]), "files": files,
                        "actor": actor["actor"], "node_id": actor["node_id"], "compute_s": round(r["compute_s"], 4)})
+        if progress is not None:
+            progress(len(shards), len(units))
 
     units = [(u, a, b) for _, u, a, b in work_units(n_batches, 1, num_actors)]
     actors = map_units(MemoryBankWorker, units, on_result=write, num_actors=num_actors,

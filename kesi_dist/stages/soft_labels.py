@@ -16,6 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 from kesi_dist import storage
 from kesi_dist.distill.softlabels import (
@@ -23,6 +24,7 @@ from kesi_dist.distill.softlabels import (
     load_npy, save_npy, verified, work_units,
 )
 from kesi_dist.errors import UsageError
+from kesi_dist.progress import bar
 from kesi_dist.runs import RunContext
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
@@ -43,11 +45,13 @@ def soft_labels_stage(ctx: RunContext, teachers: list[str], *, loader: LoaderSpe
             return out
         ctx.print(f"[bold]soft_labels[/]: {len(teachers)} teachers x {epochs} epochs on {actors} actor(s), "
                   f"top-{topk}")
-        meta = build_soft_label_cache(
-            [ctx.snapshot(n) for n in teachers], loader.data_dir, out, epochs=epochs, seed=seed,
-            batch_size=loader.batch_size, resolution=loader.resolution, augment=loader.augment,
-            temperature=temperature, topk=topk, num_actors=actors, backend=loader.backend,
-            cpus_per_actor=engine.cpus_per_worker, gpus_per_actor=engine.gpus_per_worker, **loader.split_args)
+        with bar(ctx.console, "soft labels", None, unit="unit") as b:
+            meta = build_soft_label_cache(
+                [ctx.snapshot(n) for n in teachers], loader.data_dir, out, epochs=epochs, seed=seed,
+                batch_size=loader.batch_size, resolution=loader.resolution, augment=loader.augment,
+                temperature=temperature, topk=topk, num_actors=actors, backend=loader.backend,
+                cpus_per_actor=engine.cpus_per_worker, gpus_per_actor=engine.gpus_per_worker,
+                progress=lambda done, total: b.update(completed=done, total=total), **loader.split_args)
         st.update(reused=bool(meta.get("reused")), actors=actors)
     return out
 
@@ -72,6 +76,7 @@ def build_soft_label_cache(
     values_dtype: str = "float32",
     holdout: float = 0,
     holdout_seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Compute (or reuse) the soft labels of `epochs` epochs of the train split on a pool of Ray actors.
 
@@ -93,6 +98,7 @@ def build_soft_label_cache(
         values_dtype: "float32" (exact) or "float16" (half the space, ~1e-3 relative error).
         holdout, holdout_seed: the student's held-out split (`kesi_dist.data.holdout`): those images are
             never trained on, so the pass leaves them out.
+        progress: called with (units written, units) as the pass goes.
 
     Returns:
         The cache's meta: key, settings, "actors" (actor index, actor_id, pid, node_id), "shards" (one per
@@ -155,6 +161,8 @@ def build_soft_label_cache(
                        "batches": r["batches"], "count": int(len(r["samples"])), "files": files,
                        "compute_s": round(r["compute_s"], 4), "teacher_s": round(r["teacher_s"], 4),
                        "teacher_cpu_s": round(r["teacher_cpu_s"], 4)})
+        if progress is not None:
+            progress(len(shards), len(units))
 
     worker_kwargs = dict(batch_size=batch_size, resolution=resolution, augment=augment, seed=seed,
                          temperature=temperature, topk=topk, backend=backend, loader_workers=loader_workers,
@@ -162,7 +170,8 @@ def build_soft_label_cache(
                          values_dtype=values_dtype, expected_batches=n_batches, holdout=holdout,
                          holdout_seed=holdout_seed)
     pool_start = time.perf_counter()
-    actors = map_units(SoftLabelWorker, work_units(n_batches, epochs, used), on_result=write, num_actors=used,
+    units = work_units(n_batches, epochs, used)
+    actors = map_units(SoftLabelWorker, units, on_result=write, num_actors=used,
                        args=([_abs(p) for p in teacher_paths], _abs(data_dir)), kwargs=worker_kwargs,
                        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, what="soft_labels")
     first_up = min(a["up_s"] for a in actors)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,6 +80,7 @@ def train_epoch(
     grad_clip: float | None = None,
     engine: StepEngine | None = None,
     trace: list | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train `model` for one pass over `loader` (or `max_steps` batches).
 
@@ -95,6 +96,8 @@ def train_epoch(
         autocast_bf16, channels_last: only take effect on CUDA.
         grad_clip: max global gradient norm (DDP path; DeepSpeed clips via its config).
         engine: a DeepSpeed engine: `engine.backward(loss)` / `engine.step()` replace backward/step.
+        trace: if given, gets (lr, momentum) of every optimizer step appended.
+        on_step: called with the number of steps done after each one (progress display).
 
     Returns:
         {"train/loss", "train/acc", "images_per_s", "epoch_s", "steps", "images"} summed over ranks,
@@ -155,6 +158,8 @@ def train_epoch(
         for k, v in parts.items():
             extra[k] = extra.get(k, 0.0) + float(v.detach().float().item() if torch.is_tensor(v) else v) * n
         steps += 1
+        if on_step is not None:
+            on_step(steps)
     elapsed = time.perf_counter() - start
     keys = sorted(extra)
     sums = _global_sums([totals["loss"], totals["correct"], totals["count"], *(extra[k] for k in keys)], device)

@@ -20,6 +20,7 @@ from kesi_dist import storage
 from kesi_dist.methods.ekg.bank import pick_teachers
 from kesi_dist.methods.ekg.evaluator import SubnetEvaluator
 from kesi_dist.methods.ekg.search import Step, SubnetSearch, uniform_widths
+from kesi_dist.progress import bar
 from kesi_dist.runs import RunContext, fmt_size
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
@@ -147,10 +148,15 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
                 used.clear()
                 began = time.perf_counter()
 
-            try:
-                search.run(on_step)
-            finally:
-                writer.close()
+            with bar(ctx.console, "search", 100, unit="%") as b:
+                def step_and_show(s: Step) -> None:
+                    on_step(s)  # towards the target: 0 % at the full net, 100 % at the target's MACs
+                    b.update(completed=round(100 * (1 - s.macs_ratio) / (1 - target), 1))
+
+                try:
+                    search.run(step_and_show)
+                finally:
+                    writer.close()
         record = _outputs(ctx, model, search, teachers, steps)
         st.update(**record)
         ctx.print(f"  searched sub-network: {fmt_size(describe(ctx, record['subnet']))}, "

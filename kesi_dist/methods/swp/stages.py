@@ -19,6 +19,7 @@ import torch
 
 from kesi_dist import storage
 from kesi_dist.methods.swp.evolution import Evolution, sample_in_band
+from kesi_dist.progress import bar
 from kesi_dist.runs import RunContext
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, schedule_from
@@ -187,8 +188,11 @@ def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine
                           f"{100 * (target - search.band):.0f}-{100 * target:.0f}%), population {search.population}, "
                           f"{search.generations} generations, {search.actors} actor(s)")
                 _saved(ctx, state_path, evo, evo.start())
-            while evo.generation < search.generations:
-                _saved(ctx, state_path, evo, evo.step())
+            with bar(ctx.console, "search", search.generations, unit="generation") as b:
+                b.update(completed=evo.generation)
+                while evo.generation < search.generations:
+                    _saved(ctx, state_path, evo, evo.step())
+                    b.update(completed=evo.generation)
             widths, proxy = evo.best()
             rng = random.Random(f"{seed}-correlation")
             sample = [sample_in_band(rng, lambda: [rng.choice(c) for c in choices], macs, lo, hi)
