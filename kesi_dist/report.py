@@ -28,7 +28,7 @@ from typing import Callable
 
 from kesi_dist import storage
 
-__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown"]
+__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown", "save_figure"]
 
 SIZE_KEYS = ("val_acc", "holdout_acc", "params", "nonzero_params", "macs")
 
@@ -122,6 +122,19 @@ def render_markdown(report: dict, layout: ReportLayout) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_figure(fig, path: str) -> bytes:
+    """Write a matplotlib figure as a PNG to `path` (a local path or storage URI, atomically), close it and
+    return the PNG's bytes."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
 def _plot(report: dict, layout: ReportLayout, path: str) -> bytes:
     import matplotlib
 
@@ -162,12 +175,7 @@ def _plot(report: dict, layout: ReportLayout, path: str) -> bytes:
                     xytext=(4, 4), fontsize=7, color="tab:blue")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    storage.write_bytes(path, buf.getvalue())
-    return buf.getvalue()
+    return save_figure(fig, path)
 
 
 def _scalar(v) -> bool:

@@ -7,7 +7,7 @@ DDP or DeepSpeed: only the student is distributed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -64,11 +64,12 @@ def ensemble_probs(teachers: Sequence[nn.Module], images: torch.Tensor, temperat
 @torch.no_grad()
 def evaluate_ensemble(
     teachers: Sequence[nn.Module], loader: Iterable, device: str | torch.device = "cpu",
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Accuracy of every member and of the ensemble over `loader` (batches of (images, labels[, indices])).
 
     The ensemble predicts the argmax of the summed (equivalently, averaged) member softmax at T = 1,
-    as the paper reports it.
+    as the paper reports it. `on_batch(batches done)` is called after each batch (progress display).
 
     Returns:
         {"acc": float, "member_acc": [float per member], "predictions": LongTensor
@@ -87,6 +88,8 @@ def evaluate_ensemble(
         ens_correct += int((torch.stack(probs).sum(0).argmax(1) == labels).sum())
         preds.append(torch.stack([p.argmax(1) for p in probs]).cpu())
         labels_all.append(labels.cpu())
+        if on_batch is not None:
+            on_batch(len(preds))
     if not preds:
         raise RunError("evaluate_ensemble: the loader yielded no batches (empty validation split?)")
     predictions = torch.cat(preds, dim=1)

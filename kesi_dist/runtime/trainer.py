@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from kesi_dist import storage
 from kesi_dist.errors import RunError, UsageError
+from kesi_dist.runtime.remote import driver_queue as _driver_queue
+from kesi_dist.runtime.remote import pump as _pump
 from kesi_dist.runtime.sessions import CHECKPOINTS_KEPT, LocalSession
 from kesi_dist.runtime.worker import train_worker
 from kesi_dist.train.loop import DivergedError
@@ -267,50 +268,6 @@ def _backend(engine: EngineSpec) -> str:
     if engine.gpus_per_worker <= 0:
         return "gloo"
     return "nccl" if engine.gpus_per_worker >= 1 or engine.num_workers == 1 else "gloo"
-
-
-def _driver_queue():
-    """A Ray queue on this (the driver's) node, like Ray Train's controller: losing a worker node must
-    not take the epoch events with it."""
-    import ray
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-
-
-def _pump(events, work: Callable[[], Any], handle: Callable[[dict], None], name: str) -> Any:
-    """Run `work()` in a thread while every event from `events` is handled here, in the caller's thread
-    (TensorBoard, progress, Tune reports); returns work's result or re-raises its error."""
-    import ray
-    from ray.util.queue import Empty
-
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = work()
-        except BaseException as e:  # re-raised in the calling thread
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name=f"fit-{name}", daemon=True)
-    thread.start()
-    try:
-        while True:
-            try:
-                handle(events.get(timeout=0.5))
-            except Empty:
-                if not thread.is_alive():
-                    break
-        while not events.empty():  # anything that arrived after the work returned
-            handle(events.get_nowait())
-    finally:
-        thread.join()
-        ray.kill(events.actor)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def _run_placed(config: dict, engine: EngineSpec, run_uri: str, name: str, handle):

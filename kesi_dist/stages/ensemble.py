@@ -6,14 +6,15 @@ run asks for GPUs), not in the driver.
 
 from __future__ import annotations
 
+from kesi_dist.progress import bar
 from kesi_dist.runs import RunContext
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
 __all__ = ["ensemble_stage", "measure_ensemble"]
 
 
-def _measure(paths: list[str], loader: dict, gpus: float, split: str) -> dict:
-    """Runs where the resources are: members' and ensemble accuracy on `split`."""
+def _measure(paths: list[str], loader: dict, gpus: float, split: str, events=None) -> dict:
+    """Runs where the resources are: members' and ensemble accuracy on `split` (batches done to `events`)."""
     from kesi_dist.data.loaders import make_loader
     from kesi_dist.distill import evaluate_ensemble, load_teachers
     from kesi_dist.train.devices import compute_device
@@ -22,18 +23,26 @@ def _measure(paths: list[str], loader: dict, gpus: float, split: str) -> dict:
     val = make_loader(loader["data_dir"], split, batch_size=loader["batch_size"], resolution=loader["resolution"],
                       augment=loader["augment"], backend=loader["backend"], num_workers=loader["num_workers"],
                       device=device, holdout=loader["holdout"], holdout_seed=loader["holdout_seed"])
-    out = evaluate_ensemble(load_teachers(paths, device=device), val, device=device)
+    total = len(val)
+
+    def done(batches: int) -> None:
+        if events is not None:
+            events.put({"done": batches, "total": total})
+
+    out = evaluate_ensemble(load_teachers(paths, device=device), val, device=device, on_batch=done)
     return {"acc": float(out["acc"]), "member_acc": [float(a) for a in out["member_acc"]],
             "predictions": out["predictions"].cpu()}
 
 
-def measure_ensemble(paths: list[str], loader: LoaderSpec, engine: EngineSpec, split: str = "val") -> dict:
+def measure_ensemble(paths: list[str], loader: LoaderSpec, engine: EngineSpec, split: str = "val",
+                     on_event=None) -> dict:
     """{"acc", "member_acc", "predictions" [members, samples]} of the snapshot files `paths` on `split`
-    ("val": the test split, reported; "holdout": the selection split)."""
+    ("val": the test split, reported; "holdout": the selection split); `on_event({"done", "total"})`
+    sees the batches as they are evaluated."""
     from kesi_dist.runtime import run_remote
 
     return run_remote(_measure, paths, vars(loader), engine.gpus_per_worker, split, num_cpus=engine.cpus_per_worker,
-                      num_gpus=engine.gpus_per_worker)
+                      num_gpus=engine.gpus_per_worker, on_event=on_event)
 
 
 def ensemble_stage(ctx: RunContext, *, policy: str, chain: list[str], candidates: dict[str, float], k: int,
@@ -54,7 +63,9 @@ def ensemble_stage(ctx: RunContext, *, policy: str, chain: list[str], candidates
             preds = measure_ensemble([ctx.snapshot(n) for n in names], loader, engine, split)["predictions"]
             predictions = dict(zip(names, preds))
         teachers = select_teachers(policy, chain=chain, candidates=candidates, k=k, predictions=predictions)
-        ens = measure_ensemble([ctx.snapshot(n) for n in teachers], loader, engine)
+        with bar(ctx.console, f"ensemble of {len(teachers)}", None, unit="batch") as b:
+            ens = measure_ensemble([ctx.snapshot(n) for n in teachers], loader, engine,
+                                   on_event=lambda e: b.update(completed=e["done"], total=e["total"]))
         member = dict(zip(teachers, ens["member_acc"]))
         ctx.print(f"[bold]ensemble[/] ({policy}): {len(teachers)} teachers {', '.join(teachers)}: "
                   f"val acc {100 * ens['acc']:.2f}% (members {100 * min(member.values()):.2f}-"

@@ -182,6 +182,8 @@ def test_kesi_status_on_a_finished_run(smoke_run):
     assert f"student      {100 * report['student']['val_acc']:.2f}%" in out
     as_json = json.loads(kesi("status", str(run), "--json").stdout)
     assert as_json["status"] == "complete" and as_json["snapshots"] == len(manifest(run)["snapshots"])
+    by_uri = json.loads(kesi("status", run.as_uri(), "--json").stdout)  # a storage URI reads the same
+    assert by_uri["stages"] == as_json["stages"] and by_uri["report_rows"] == as_json["report_rows"]
 
 
 def test_kesi_status_on_a_run_in_progress(tmp_path):

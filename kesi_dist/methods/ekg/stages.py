@@ -21,6 +21,7 @@ from kesi_dist.methods.ekg.bank import pick_teachers
 from kesi_dist.methods.ekg.evaluator import SubnetEvaluator
 from kesi_dist.methods.ekg.search import Step, SubnetSearch, uniform_widths
 from kesi_dist.progress import bar
+from kesi_dist.report import save_figure
 from kesi_dist.runs import RunContext, fmt_size
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
@@ -208,11 +209,7 @@ def _plot(steps: list[dict], target: float, path: str) -> None:
     ax.set_title("EKG search: one accepted step per point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def uniform_stage(ctx: RunContext, *, baseline: str, target: float) -> str:

@@ -5,11 +5,8 @@ search and the supernets' parallel runs. Correlation accuracies are in percent: 
 
 from __future__ import annotations
 
-import io
-
-from kesi_dist import storage
 from kesi_dist.methods.swp.correlation import summary
-from kesi_dist.report import ReportLayout, size_row
+from kesi_dist.report import ReportLayout, save_figure, size_row
 
 __all__ = ["build_report", "layout", "sections", "write_scatter"]
 
@@ -117,11 +114,7 @@ def write_scatter(path: str, report: dict) -> None:
     ax.set_title("SWP correlation study: proxy vs retrained accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def layout(cfg) -> ReportLayout:
