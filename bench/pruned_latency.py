@@ -13,9 +13,15 @@ and every model of the chain plus the student (the last snapshot's architecture,
 threads (`--threads`). Engines and models are interleaved round by round so that load drifting on a
 shared machine hits every row alike; the ratios (`macs_speedup`, `*_speedup`) are what to read.
 
+With `--round-to N` (default 8; 0 = off) the same schedule is also run with `method.prune.round_to=N`
+(every kept filter count a multiple of N) and timed in the same interleaved rounds: `aligned_rows`.
+With `--latency TABLE` (from `kesi latency profile` at the same threads) every row also gets the table's
+prediction at its batch, `predicted_ms`, and `prediction_error` (predicted / measured onnxruntime - 1).
+
 Prints {"rows": [{"name", "macs", "macs_speedup", "torch_b1_ms", "torch_b64_ms", "ort_b1_ms",
-"ort_b64_ms", "ort_b64_speedup", "*_min_ms" (fastest run), "ort_b64_min_speedup", ...}], "config",
-"threads", "load_avg_1min_*", ...}.
+"ort_b64_ms", "ort_b64_speedup", "*_min_ms" (fastest run), "ort_b64_min_speedup", "ort_b64_vs_parent", ...}],
+"aligned_rows": [same fields], "config", "threads", "load_avg_1min_*", ...}. `ort_b64_vs_parent` is the
+speed-up over the previous model of the chain (below 1: that pruning step made the net slower).
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
     ap.add_argument("--ort-opt", default="all", choices=["disable", "basic", "extended", "all"],
                     help="onnxruntime graph optimisation level")
+    ap.add_argument("--round-to", type=int, default=8, help="also time the chain with prune.round_to=N (0: off)")
+    ap.add_argument("--latency", metavar="TABLE", help="kesi latency profile table: add its predictions")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -109,28 +117,40 @@ def main() -> None:
     if args.method:
         overrides.append(f"prune.method={args.method}")
     load_start = os.getloadavg()[0]
-    chain, res = build_chain(args.config, args.iterations, overrides)
-    rows, runners = [], []
+    chains = {"rows": build_chain(args.config, args.iterations, overrides)}
+    if args.round_to:
+        chains["aligned_rows"] = build_chain(args.config, args.iterations, [*overrides, f"method.prune.round_to={args.round_to}"])
+    res = chains["rows"][1]
+    table = None
+    if args.latency:
+        from kesi_dist.latency import load_table
+
+        table = load_table(args.latency)
+        if table["key"]["threads"] != args.threads:
+            sys.exit(f"{args.latency}: profiled with {table['key']['threads']} threads, this run times {args.threads}")
+    out, runners = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model in chain:
-            x = {b: torch.randn(b, 3, res, res, generator=torch.Generator().manual_seed(b)) for b in BATCHES}
-            path = os.path.join(tmp, f"{name}.onnx")
-            with torch.no_grad():  # random weights give large logits: float32 error is relative to them
-                scale = max(1.0, float(model(x[1]).abs().max()))
-            info = export_model(model, "onnx", path, sample=x[1], atol=1e-4 * scale)
-            sess = ort_session(path, args.threads, args.ort_opt)
-            rows.append({"name": name, "params": count_params(model), "macs": count_macs(model, (3, res, res)),
-                         "widths": list(model.widths), "onnx_max_abs_diff": info["max_abs_diff"],
-                         "max_abs_logit": scale})
+        for kind, (chain, _) in chains.items():
+            out[kind] = []
+            for name, model in chain:
+                x = {b: torch.randn(b, 3, res, res, generator=torch.Generator().manual_seed(b)) for b in BATCHES}
+                path = os.path.join(tmp, f"{kind}-{name}.onnx")
+                with torch.no_grad():  # random weights give large logits: float32 error is relative to them
+                    scale = max(1.0, float(model(x[1]).abs().max()))
+                info = export_model(model, "onnx", path, sample=x[1], atol=1e-4 * scale)
+                sess = ort_session(path, args.threads, args.ort_opt)
+                out[kind].append({"name": name, "params": count_params(model), "macs": count_macs(model, (3, res, res)),
+                                  "widths": list(model.widths), "onnx_max_abs_diff": info["max_abs_diff"],
+                                  "max_abs_logit": scale})
 
-            def torch_fn(b, m=model, x=x):
-                with torch.no_grad():
-                    m(x[b])
+                def torch_fn(b, m=model, x=x):
+                    with torch.no_grad():
+                        m(x[b])
 
-            def ort_fn(b, s=sess, x={b: v.numpy() for b, v in x.items()}):
-                s.run(None, {"input": x[b]})
+                def ort_fn(b, s=sess, x={b: v.numpy() for b, v in x.items()}):
+                    s.run(None, {"input": x[b]})
 
-            runners.append({"torch": torch_fn, "ort": ort_fn})
+                runners.append({"torch": torch_fn, "ort": ort_fn})
         # Warm up everything first, then interleave: round r times every (model, engine, batch) once.
         for r in runners:
             for fn in r.values():
@@ -141,22 +161,35 @@ def main() -> None:
             for r, s in zip(runners, samples):
                 for (e, b), lst in s.items():
                     lst += time_ms(lambda: r[e](b), 1)
-    base = rows[0]
-    for row, s in zip(rows, samples):
+    flat = [row for rows in out.values() for row in rows]
+    for row, s in zip(flat, samples):
         for (e, b), lst in s.items():
             row[f"{e}_b{b}_ms"] = round(statistics.median(lst), 3)
             row[f"{e}_b{b}_min_ms"] = round(min(lst), 3)  # least disturbed by other jobs on a shared machine
-        row["macs_speedup"] = round(base["macs"] / row["macs"], 3)
-    for row in rows:
-        for e in ("torch", "ort"):
-            for b in BATCHES:
-                row[f"{e}_b{b}_speedup"] = round(rows[0][f"{e}_b{b}_ms"] / row[f"{e}_b{b}_ms"], 3)
-        row["ort_b64_vs_macs"] = round(row["ort_b64_speedup"] / row["macs_speedup"], 3)
-        row["ort_b64_min_speedup"] = round(rows[0]["ort_b64_min_ms"] / row["ort_b64_min_ms"], 3)
+    base = out["rows"][0]  # both chains start from the same baseline: speed-ups are relative to the paper's
+    for rows in out.values():
+        for i, row in enumerate(rows):
+            row["macs_speedup"] = round(base["macs"] / row["macs"], 3)
+            for e in ("torch", "ort"):
+                for b in BATCHES:
+                    row[f"{e}_b{b}_speedup"] = round(base[f"{e}_b{b}_ms"] / row[f"{e}_b{b}_ms"], 3)
+            row["ort_b64_vs_macs"] = round(row["ort_b64_speedup"] / row["macs_speedup"], 3)
+            row["ort_b64_min_speedup"] = round(base["ort_b64_min_ms"] / row["ort_b64_min_ms"], 3)
+            parent = rows[i - 1] if 0 < i < len(rows) - 1 else None  # the student's parent is the last iteration
+            if row["name"] == "student":
+                parent = rows[-2]
+            row["ort_b64_vs_parent"] = round(parent["ort_b64_ms"] / row["ort_b64_ms"], 3) if parent else None
+            if table is not None:
+                from kesi_dist.latency import predict
+
+                b = table["key"]["batch"]
+                row["predicted_ms"] = round(predict(table, row["widths"]), 3)
+                if f"ort_b{b}_ms" in row:
+                    row["prediction_error"] = round(row["predicted_ms"] / row[f"ort_b{b}_ms"] - 1, 4)
     import onnxruntime as ort
 
     result = {
-        "rows": rows, "config": args.config, "overrides": overrides, "resolution": res, "threads": args.threads,
+        **out, "round_to": args.round_to, "latency_table": args.latency, "config": args.config, "overrides": overrides, "resolution": res, "threads": args.threads,
         "ort_opt": args.ort_opt, "repeats": args.repeats, "warmup": args.warmup,
         "torch": torch.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
         "cpu_count": os.cpu_count(), "load_avg_1min_at_start": round(load_start, 2),
@@ -165,10 +198,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"{'name':>10} {'MACs M':>8} {'MACs x':>7} {'torch b1':>9} {'torch b64':>10} {'ort b1':>8} {'ort b64':>9} {'ort b64 x':>9}")
-    for r in rows:
-        print(f"{r['name']:>10} {r['macs'] / 1e6:8.1f} {r['macs_speedup']:7.2f} {r['torch_b1_ms']:9.2f} "
-              f"{r['torch_b64_ms']:10.1f} {r['ort_b1_ms']:8.2f} {r['ort_b64_ms']:9.1f} {r['ort_b64_speedup']:9.2f}")
+    for kind, rows in out.items():
+        print(kind)
+        print(f"{'name':>10} {'MACs M':>8} {'MACs x':>7} {'torch b1':>9} {'torch b64':>10} {'ort b1':>8} {'ort b64':>9} "
+              f"{'ort b64 x':>9} {'predicted':>9}")
+        for r in rows:
+            pred = f"{r['predicted_ms']:9.1f}" if "predicted_ms" in r else ""
+            print(f"{r['name']:>10} {r['macs'] / 1e6:8.1f} {r['macs_speedup']:7.2f} {r['torch_b1_ms']:9.2f} "
+                  f"{r['torch_b64_ms']:10.1f} {r['ort_b1_ms']:8.2f} {r['ort_b64_ms']:9.1f} {r['ort_b64_speedup']:9.2f} {pred}")
     print(f"load average {result['load_avg_1min_at_start']} -> {result['load_avg_1min_at_end']}")
 
 

@@ -34,6 +34,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     plan = plan_schedule(cfg)
+    if args.latency:
+        from kesi_dist.latency import check_table, load_table, plan_latency
+        from kesi_dist.plan import default_num_classes
+
+        table = load_table(args.latency)
+        for warning in check_table(table, args.latency, cfg.model.arch, default_num_classes(cfg),
+                                   cfg.data.resolution, cfg.model.options()):
+            print(f"warning: {warning}", file=sys.stderr)
+        plan = plan_latency(plan, table)
     if args.json:
         import json
 
@@ -120,6 +129,29 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_latency_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from kesi_dist.config import load_config
+    from kesi_dist.latency import profile
+    from kesi_dist.plan import default_num_classes
+    from rich.console import Console
+
+    from kesi_dist.progress import bar
+    from kesi_dist.storage.atomic import atomic_write_text
+
+    cfg = load_config(args.config, _overrides(args))
+    with bar(Console(stderr=True), "profiling unit pieces", total=None, unit="pieces") as b:
+        table = profile(cfg.model.arch, default_num_classes(cfg), cfg.data.resolution, batch=args.batch,
+                        threads=args.threads, options=cfg.model.options(), step=args.step, repeats=args.repeats,
+                        on_progress=lambda done, total: b.update(done, total))
+    atomic_write_text(args.output, json.dumps(table, indent=1) + "\n")
+    print(f"{cfg.model.arch} at {cfg.data.resolution}px, batch {args.batch}, {args.threads} threads, "
+          f"onnxruntime {table['onnxruntime']}: {len(table['pieces'])} distinct unit pieces profiled, whole network "
+          f"{table['full_ms']:.2f} ms -> {args.output}")
+    return 0
+
+
 def _method_names() -> list[str]:
     from kesi_dist.methods import METHODS
 
@@ -139,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="preview widths, params and MACs of every step of the method's pruning")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--latency", metavar="TABLE", help="a table from `kesi latency profile`: predict each "
+                                                     "iteration's latency next to its MACs")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("run", help="run the config's method end to end (method.name; default kesi)")
@@ -173,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--describe", action="store_true", help="one line per key: value, allowed values, what it does")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("latency", help="measured latency model of a network on this machine")
+    lsub = p.add_subparsers(dest="latency_command", required=True)
+    p = lsub.add_parser("profile", help="time each prunable unit over a grid of widths and the whole network "
+                                        "(onnxruntime, as `kesi export` writes it); writes a JSON table for "
+                                        "`kesi plan --latency`")
+    _add_config_args(p)
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime"])
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    p.add_argument("--batch", type=int, default=64, help="batch size timed (default 64)")
+    p.add_argument("--step", type=int, default=8, help="width grid: every width up to 64, then every STEP-th")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per width (median)")
+    p.add_argument("--output", required=True, help="JSON table to write")
+    p.set_defaults(func=_cmd_latency_profile)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)

@@ -89,7 +89,8 @@ def print_plan(plan: dict) -> None:
         caption="params, nonzero, MACs in millions; ↓ = reduction vs iteration 0",
         box=box.SIMPLE_HEAD,
     )
-    for col in ("iter", "params", "nonzero", "MACs", "nonzero ↓", "MACs ↓"):
+    lat = plan.get("latency")
+    for col in ("iter", "params", "nonzero", "MACs", "nonzero ↓", "MACs ↓") + (("ms", "ms ↓") if lat else ()):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("widths per stage", no_wrap=True)
 
@@ -101,9 +102,15 @@ def print_plan(plan: dict) -> None:
         table.add_row(
             str(r["index"]), f"{r['params'] / 1e6:.3f}", f"{r['nonzero_params'] / 1e6:.3f}",
             f"{r['macs'] / 1e6:.2f}", pct(r["nonzero_params"], base["nonzero_params"]),
-            pct(r["macs"], base["macs"]), widths,
+            pct(r["macs"], base["macs"]),
+            *((f"{r['latency_ms']:.2f}", pct(r["latency_ms"], base["latency_ms"])) if lat else ()), widths,
         )
+    if lat:
+        table.caption += (f"; ms = predicted {lat['runtime']} latency at batch {lat['batch']}, {lat['threads']} "
+                          f"threads on {lat['cpu']}")
     console = Console()
+    if not console.is_terminal:  # a pipe or a log: no 80-column wrap of the numbers
+        console = Console(width=160)
     console.print(table)
     if plan.get("note"):
         console.print(plan["note"])

@@ -15,12 +15,12 @@ from kesi_dist.pruning.criteria import global_magnitude_keep, l1_filter_norms, l
 from kesi_dist.pruning.masks import MaskConstraint, apply_masks, conv_weights, mask_gradients, sparsity
 from kesi_dist.pruning.mwp import mwp_masks
 from kesi_dist.pruning.pfec import pfec_prune
-from kesi_dist.pruning.schedules import kept_count, sparsity_target, uniform_widths, unit_ratios
+from kesi_dist.pruning.schedules import align, aligned_count, kept_count, sparsity_target, uniform_widths, unit_ratios
 from kesi_dist.pruning.surgery import slice_units
 
 __all__ = [
     "l1_filter_norms", "l1_keep_indices", "global_magnitude_keep",
-    "kept_count", "unit_ratios", "sparsity_target", "uniform_widths",
+    "align", "aligned_count", "kept_count", "unit_ratios", "sparsity_target", "uniform_widths",
     "slice_units",
     "conv_weights", "apply_masks", "mask_gradients", "sparsity", "MaskConstraint",
     "pfec_prune", "mwp_masks",

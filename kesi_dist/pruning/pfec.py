@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
+from kesi_dist.models import default_widths
 from kesi_dist.models.base import PrunableNet
 from kesi_dist.pruning.criteria import l1_keep_indices
-from kesi_dist.pruning.schedules import kept_count, unit_ratios
+from kesi_dist.pruning.schedules import aligned_count, unit_ratios
 from kesi_dist.pruning.surgery import slice_units
 
 __all__ = ["pfec_prune"]
@@ -21,6 +22,7 @@ __all__ = ["pfec_prune"]
 
 def pfec_prune(
     model: nn.Module, stage_ratios: Sequence[float], skip: Iterable[str] = (), layer_ratios: Mapping[str, float] = {},
+    *, round_to: int = 1, iteration: int = 1,
 ) -> nn.Module:
     """Return a new, physically smaller copy of `model` with the lowest-L1 filters of every unit removed.
 
@@ -30,6 +32,9 @@ def pfec_prune(
             over iterations because it applies to the current width).
         skip: unit names (or dotted prefixes, "layer1.17" covers both bottleneck units) not pruned.
         layer_ratios: per-unit ratio overrides, matched like `skip`.
+        round_to: every kept count a multiple of this (`aligned_count`: the paper chain's width at
+            `iteration`, rounded to the nearest multiple); 1 keeps the paper's counts.
+        iteration: 1-based index of this pruning step in its chain (used only when `round_to` > 1).
 
     Returns:
         See `slice_units`: same train/eval mode, outputs equal to `model`'s with the removed filters zeroed.
@@ -43,8 +48,10 @@ def pfec_prune(
     ratios = unit_ratios(units, list(stage_ratios), skip, layer_ratios)
     # Each conv is ranked on its own original weights (PFEC's "independent" strategy).
     convs = dict(model.named_modules())
+    full = default_widths(model.arch) if round_to > 1 else [None] * len(units)
     keep = {}
-    for u in units:
+    for u, c in zip(units, full):
         weight = convs[u.conv].weight
-        keep[u.name] = l1_keep_indices(weight, kept_count(weight.shape[0], ratios[u.name]))
+        n = aligned_count(c, weight.shape[0], ratios[u.name], iteration, round_to)
+        keep[u.name] = l1_keep_indices(weight, n)
     return slice_units(model, keep)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from kesi_dist.errors import BadValue
 from kesi_dist.models.base import Unit
 
-__all__ = ["kept_count", "unit_ratios", "sparsity_target", "uniform_widths"]
+__all__ = ["kept_count", "align", "aligned_count", "unit_ratios", "sparsity_target", "uniform_widths"]
 
 # int(C * (1 - p)) in floating point gives 62 for C=90, p=0.3 (90 * 0.7 = 62.999...); the epsilon
 # makes the rounding the exact decimal one the configs mean.
@@ -21,6 +21,34 @@ _EPS = 1e-9
 def kept_count(channels: int, ratio: float) -> int:
     """Filters kept when removing `ratio` of `channels`: int(C * (1 - ratio)), at least 1."""
     return max(1, int(channels * (1.0 - ratio) + _EPS))
+
+
+def align(count: float, round_to: int, limit: int | None = None) -> int:
+    """`count` rounded to the nearest multiple of `round_to` (halves up), never below one multiple, never
+    above `limit` (rounded down to a multiple when `limit` has one; `limit` itself when it is smaller)."""
+    n = int(round_to)
+    if n < 1:
+        raise BadValue("round_to", f"must be >= 1, got {round_to}")
+    k = max(n, n * int(count / n + 0.5 + _EPS))
+    if limit is not None and k > limit:
+        k = max(n, n * (int(limit) // n)) if limit >= n else int(limit)
+    return k
+
+
+def aligned_count(full: int, current: int, ratio: float, iteration: int, round_to: int) -> int:
+    """Filters a unit keeps at 1-based `iteration` of a PFEC chain whose widths are multiples of `round_to`.
+
+    The paper's chain removes `ratio` of the current filters each iteration (`kept_count`, compounding from
+    the unpruned `full`); the aligned chain keeps that width rounded to the nearest multiple (`align`),
+    never more than `current`. Rounding the paper's width rather than the aligned one keeps the chain
+    moving: 16 -> 14.4 -> 16 again would stall a unit forever. `round_to=1` is the paper's chain.
+    """
+    if round_to == 1:
+        return kept_count(current, ratio)
+    paper = int(full)
+    for _ in range(iteration):
+        paper = kept_count(paper, ratio)
+    return align(paper, round_to, limit=current)
 
 
 def _matches(entry: str, name: str) -> bool:

@@ -20,6 +20,9 @@ class PruneCfg(Strict):
     )
     skip: list[str] = Field(default_factory=list, description="pfec: units never pruned (e.g. layer1.7)")
     layer_ratios: dict[str, float] = Field(default_factory=dict, description="pfec: per-unit ratio overrides")
+    round_to: int = Field(1, ge=1, le=512, description="pfec: every kept filter count a multiple of this (the "
+                          "paper's width rounded to the nearest multiple, never zero; 8 or 16 match CPU/GPU "
+                          "kernels' channel blocks); 1 = the paper's widths")
     targets: list[float] = Field(
         default_factory=lambda: [0.22, 0.39, 0.51, 0.59, 0.66],
         description="mwp: cumulative fraction of conv weights that are zero after each iteration",
@@ -53,6 +56,9 @@ class PruneCfg(Strict):
 
     @model_validator(mode="after")
     def _mwp_targets_cover_iterations(self) -> "PruneCfg":
+        if self.method == "mwp" and self.round_to != 1:
+            raise ValueError("prune.round_to applies to pfec's filter counts; mwp zeroes single weights, "
+                             "so leave round_to at 1 or use method: pfec")
         if self.method == "mwp" and len(self.targets) < self.iterations:
             raise ValueError(
                 f"prune.targets has {len(self.targets)} values but prune.iterations is {self.iterations}; "

@@ -23,7 +23,8 @@ def prune_iteration(model: nn.Module, masks: dict | None, prune, iteration: int)
         iteration's cumulative sparsity target, extending `masks`).
     """
     if prune.method == "pfec":
-        return pfec_prune(model, list(prune.stage_ratios), prune.skip, prune.layer_ratios), None
+        return pfec_prune(model, list(prune.stage_ratios), prune.skip, prune.layer_ratios,
+                          round_to=prune.round_to, iteration=iteration), None
     target = sparsity_target(list(prune.targets), iteration)
     new = copy.deepcopy(model)
     new_masks = mwp_masks(new, target, masks)

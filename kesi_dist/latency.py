@@ -1,0 +1,240 @@
+"""A measured latency model: what a pruned network costs on this machine, built from its units' costs.
+
+    table = profile("resnet56", 10, 32, batch=64, threads=2)    # `kesi latency profile`
+    predict(table, widths)                                         # `kesi plan --latency TABLE`
+
+A unit's piece is its conv, its norms, a ReLU and the conv that reads its channels: for a basic-block
+ResNet, the residual branch. Each piece is exported through `kesi export`'s ONNX path at every width of
+a grid and timed in onnxruntime at the input shape it has inside the network; so is the whole unpruned
+network. The prediction for widths w is
+
+    full_ms + sum over units of (piece_ms(w_u) - piece_ms(full width of u))
+
+exact at the unpruned widths. What the pieces share (their input and output layout reorders, the
+residual stream) cancels in the differences; widths between grid points are interpolated linearly.
+Units whose channels feed another unit's conv (VGG, bottleneck ResNets) would interact, so they are
+refused rather than mispredicted. The table is keyed by what its numbers depend on (CPU, runtime
+version, threads, batch, architecture, resolution) and `check_table` says when it does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kesi_dist.errors import UsageError
+
+__all__ = ["profile", "predict", "load_table", "check_table", "plan_latency", "cpu_model", "grid_for", "SCHEMA"]
+
+SCHEMA = 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def grid_for(channels: int, step: int = 8, dense_up_to: int = 64) -> list[int]:
+    """Every width up to `dense_up_to` (misaligned widths are where time is lost), then every `step`-th."""
+    return sorted({*range(1, min(channels, dense_up_to) + 1), *range(step, channels + 1, step), channels})
+
+
+def _ort_session(data: bytes, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle threads would otherwise spin after each run and steal the CPU from the next timed session.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _onnx(model: nn.Module, sample: torch.Tensor) -> bytes:
+    from kesi_dist.export import _to_onnx
+
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices, once per piece
+        warnings.simplefilter("ignore")
+        return _to_onnx(model.eval(), sample)
+
+
+def _time(runners: list, warmup: int, repeats: int) -> list[float]:
+    """Median ms of each runner; runners interleaved round by round so drifting load hits all alike."""
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    samples = [[] for _ in runners]
+    for _ in range(repeats):
+        for run, s in zip(runners, samples):
+            t = time.perf_counter()
+            run()
+            s.append(1000 * (time.perf_counter() - t))
+    return [statistics.median(s) for s in samples]
+
+
+def _input_shapes(model: nn.Module, resolution: int) -> dict[str, tuple]:
+    shapes, hooks = {}, []
+
+    def hook(name):
+        def record(mod, inp, out) -> None:  # returning a value would replace the module's output
+            shapes[name] = tuple(inp[0].shape)
+        return record
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(hook(name)))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, resolution, resolution))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def _piece(model: nn.Module, unit) -> nn.Module:
+    mods = dict(model.named_modules())
+    return nn.Sequential(mods[unit.conv], *(mods[n] for n in unit.norms), nn.ReLU(), *(mods[n] for n in unit.consumers))
+
+
+def _signature(unit, mods: dict, shapes: dict) -> str:
+    """Units with the same signature have the same piece at every width: profiled once."""
+    parts = []
+    for n in (unit.conv, *unit.consumers):
+        c = mods[n]
+        parts.append(f"{c.in_channels}>{c.out_channels}k{c.kernel_size[0]}s{c.stride[0]}@{shapes[n][2]}x{shapes[n][3]}")
+    return "|".join(parts)
+
+
+def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, threads: int = 2,
+            options: dict | None = None, step: int = 8, warmup: int = 3, repeats: int = 15,
+            on_progress=None) -> dict:
+    """Time every distinct unit piece of `arch` over its width grid and the whole unpruned network.
+
+    Raises:
+        UsageError: `arch` has units that feed each other (the additive model does not hold).
+    """
+    from kesi_dist.models import build_model, default_widths
+
+    import onnxruntime as ort
+
+    options = dict(options or {})
+    full = [int(c) for c in default_widths(arch)]
+    base = build_model(arch, num_classes, **options).eval()
+    units = base.units()
+    convs = {u.conv for u in units}
+    if any(c in convs for u in units for c in u.consumers):
+        raise UsageError(f"{arch}: its prunable units feed each other's convs, so their costs are not additive; "
+                         "latency profiling supports basic-block ResNets (resnet20/32/56/110, resnet18/34, wrn)")
+    torch.set_num_threads(threads)
+    mods = dict(base.named_modules())
+    shapes = _input_shapes(base, resolution)
+    sigs = {u.name: _signature(u, mods, shapes) for u in units}
+    pieces: dict[str, dict] = {}
+    for i, u in enumerate(units):
+        if sigs[u.name] in pieces:
+            continue
+        grid = grid_for(full[i], step)
+        shape = (batch, *shapes[u.conv][1:])
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        runners = []
+        for w in grid:
+            widths = list(full)
+            widths[i] = w
+            piece = _piece(build_model(arch, num_classes, widths, **options).eval(), u)
+            sess = _ort_session(_onnx(piece, x[:1]), threads)
+            runners.append(lambda s=sess, x=x.numpy(): s.run(None, {"input": x}))
+        ms = _time(runners, warmup, repeats)
+        pieces[sigs[u.name]] = {"widths": grid, "ms": [round(m, 4) for m in ms]}
+        if on_progress is not None:
+            on_progress(len(pieces), len(set(sigs.values())))
+    x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    sess = _ort_session(_onnx(base, x[:1]), threads)
+    full_ms = _time([lambda: sess.run(None, {"input": x.numpy()})], warmup, repeats)[0]
+    return {
+        "schema": SCHEMA, "key": table_key(arch, num_classes, resolution, options, batch, threads),
+        "onnxruntime": ort.__version__, "torch": torch.__version__, "grid_step": step,
+        "full_widths": full, "full_ms": round(full_ms, 4),
+        "units": [{"name": u.name, "piece": sigs[u.name]} for u in units], "pieces": pieces,
+    }
+
+
+def table_key(arch: str, num_classes: int, resolution: int, options: dict, batch: int, threads: int) -> dict:
+    import onnxruntime as ort
+
+    return {"cpu": cpu_model(), "runtime": "onnxruntime", "runtime_version": ort.__version__, "threads": threads,
+            "batch": batch, "arch": arch, "num_classes": num_classes, "resolution": resolution,
+            "options": dict(sorted(options.items()))}
+
+
+def _interp(widths: list[int], ms: list[float], w: int) -> float:
+    if w <= widths[0]:
+        return ms[0]
+    for (a, ta), (b, tb) in zip(zip(widths, ms), zip(widths[1:], ms[1:])):
+        if a <= w <= b:
+            return ta + (tb - ta) * (w - a) / (b - a)
+    return ms[-1]
+
+
+def predict(table: dict, widths: list[int]) -> float:
+    """Predicted ms of the network at `widths` (one per unit, in the table's unit order)."""
+    units = table["units"]
+    if len(widths) != len(units):
+        raise UsageError(f"latency table has {len(units)} units ({table['key']['arch']}), got {len(widths)} widths")
+    ms = table["full_ms"]
+    for u, w, c in zip(units, widths, table["full_widths"]):
+        p = table["pieces"][u["piece"]]
+        ms += _interp(p["widths"], p["ms"], int(w)) - _interp(p["widths"], p["ms"], int(c))
+    return ms
+
+
+def load_table(path: str | Path) -> dict:
+    """A table written by `kesi latency profile`; UsageError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such latency table; make one with `kesi latency profile CONFIG "
+                         f"--output {path}`") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable latency table ({e})") from None
+    if not isinstance(table, dict) or table.get("schema") != SCHEMA or "pieces" not in table:
+        raise UsageError(f"{path}: not a kesi latency table (schema {SCHEMA}); make one with `kesi latency profile`")
+    return table
+
+
+def check_table(table: dict, path, arch: str, num_classes: int, resolution: int, options: dict) -> list[str]:
+    """UsageError when the table is for another network; the ways this machine differs from the
+    table's (CPU, runtime version) as warnings: the prediction is for the machine that measured it."""
+    key = table["key"]
+    want = {"arch": arch, "num_classes": num_classes, "resolution": resolution, "options": dict(sorted(options.items()))}
+    for k, v in want.items():
+        if key.get(k) != v:
+            raise UsageError(f"{path}: the latency table is for {k}={key.get(k)!r}, this config has {v!r}; "
+                             "profile this network with `kesi latency profile <this config> --output TABLE`")
+    here = table_key(arch, num_classes, resolution, options, key["batch"], key["threads"])
+    return [f"{path}: measured on {k}={key[k]!r}, this machine has {here[k]!r}; predictions are for that machine"
+            for k in ("cpu", "runtime_version") if key[k] != here[k]]
+
+
+def plan_latency(plan: dict, table: dict) -> dict:
+    """`plan` (from `plan_schedule`) with each row's predicted ms (`latency_ms`) at the table's batch and
+    threads. Masked (MWP) rows keep their dense widths, so their prediction is the dense network's."""
+    rows = plan["iterations"]
+    for r in rows:
+        r["latency_ms"] = round(predict(table, r["widths"]), 3)
+    key = table["key"]
+    plan["latency"] = {"batch": key["batch"], "threads": key["threads"], "runtime": key["runtime"],
+                       "runtime_version": key["runtime_version"], "cpu": key["cpu"]}
+    return plan

@@ -1,0 +1,153 @@
+"""Aligned widths (`prune.round_to`) and the measured latency model (`kesi latency profile`, `kesi plan --latency`).
+
+What is pinned here is the arithmetic and the plumbing: the rounding on hand-computed chains, the
+prediction on a crafted table, the table's keys and refusals, and a real (tiny, fast) profile through
+onnxruntime. How well predictions match measured latency is a benchmark's question
+(bench/pruned_latency.py --latency TABLE), not a unit test's.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kesi_dist.config import load_config
+from kesi_dist.errors import BadValue, UsageError
+from kesi_dist.latency import check_table, grid_for, load_table, plan_latency, predict, profile
+from kesi_dist.models import build_model
+from kesi_dist.plan import plan_schedule
+from kesi_dist.pruning import align, aligned_count, kept_count, pfec_prune
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "configs/kesi/quickstart.yaml"
+
+
+def _kesi(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kesi_dist.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_align_rounds_to_the_nearest_multiple_never_to_zero_never_above_the_limit():
+    assert align(14.4, 8) == 16 and align(11, 8) == 8 and align(12, 8) == 16  # halves go up
+    assert align(3, 8) == 8 and align(0, 8) == 8  # never zero
+    assert align(20, 8, limit=16) == 16 and align(20, 8, limit=19) == 16
+    assert align(5, 8, limit=6) == 6  # a unit already narrower than one multiple keeps its width
+    assert align(9, 1) == 9
+    with pytest.raises(BadValue, match="round_to"):
+        align(9, 0)
+
+
+def test_aligned_chain_rounds_the_papers_width_so_it_never_stalls():
+    # Paper chain of a 64-channel unit at ratio 0.3: 64 -> 44 -> 30 -> 21 -> 14 -> 9.
+    paper = [64]
+    for _ in range(5):
+        paper.append(kept_count(paper[-1], 0.3))
+    assert paper == [64, 44, 30, 21, 14, 9]
+    current, aligned = 64, []
+    for it in range(1, 6):
+        current = aligned_count(64, current, 0.3, it, 8)
+        aligned.append(current)
+    assert aligned == [48, 32, 24, 16, 8]
+    # 16 at ratio 0.1: 14, 12, 10, 9, 8 -> rounding each step's own width would stay at 16 forever.
+    current, aligned = 16, []
+    for it in range(1, 6):
+        current = aligned_count(16, current, 0.1, it, 8)
+        aligned.append(current)
+    assert aligned == [16, 16, 8, 8, 8]
+    assert aligned_count(64, 44, 0.3, 2, 1) == kept_count(44, 0.3)  # round_to 1 is the paper's chain
+
+
+def test_pfec_with_round_to_keeps_multiples_and_the_paper_schedule_is_unchanged():
+    model = build_model("resnet20", 10)
+    paper = pfec_prune(model, [0.1, 0.2, 0.3])
+    assert paper.widths == [14] * 3 + [25] * 3 + [44] * 3
+    aligned = pfec_prune(model, [0.1, 0.2, 0.3], round_to=8, iteration=1)
+    assert aligned.widths == [16] * 3 + [24] * 3 + [48] * 3
+    second = pfec_prune(aligned, [0.1, 0.2, 0.3], round_to=8, iteration=2)
+    assert second.widths == [16] * 3 + [24] * 3 + [32] * 3  # paper: 12, 20, 30 (halves round up)
+
+
+def test_plan_shows_aligned_widths_and_mwp_refuses_round_to(tmp_path):
+    cfg = load_config(QUICKSTART, ["method.prune.round_to=8"])
+    rows = plan_schedule(cfg)["iterations"]
+    assert all(w % 8 == 0 for r in rows[1:] for w in r["widths"])
+    assert rows[-1]["macs"] < rows[0]["macs"]
+    r = _kesi("plan", str(QUICKSTART), "method.prune.method=mwp", "method.prune.round_to=8")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "round_to" in r.stderr
+
+
+def test_prediction_is_the_full_time_plus_each_units_interpolated_difference():
+    table = {"full_ms": 20.0, "full_widths": [4, 4], "key": {"arch": "toy"},
+             "units": [{"name": "a", "piece": "p"}, {"name": "b", "piece": "p"}],
+             "pieces": {"p": {"widths": [1, 2, 4], "ms": [1.0, 2.0, 6.0]}}}
+    assert predict(table, [4, 4]) == 20.0
+    assert predict(table, [2, 3]) == pytest.approx(20 + (2 - 6) + (4 - 6))  # 3 is halfway from 2 to 4
+    with pytest.raises(UsageError, match="2 units"):
+        predict(table, [4])
+    assert grid_for(16) == list(range(1, 17))
+    assert grid_for(128, step=8) == list(range(1, 65)) + list(range(72, 129, 8))
+
+
+@pytest.fixture(scope="module")
+def table_file(tmp_path_factory):
+    """A real profile of the quickstart's ResNet-20 through the CLI (batch 2, one timed run per width)."""
+    out = tmp_path_factory.mktemp("latency") / "table.json"
+    r = _kesi("latency", "profile", str(QUICKSTART), "--batch", "2", "--threads", "1", "--repeats", "1",
+              "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "5 distinct unit pieces" in r.stdout
+    return out
+
+
+def test_profile_table_is_keyed_and_predicts_its_own_network_exactly(table_file):
+    table = load_table(table_file)
+    key = table["key"]
+    assert key["arch"] == "resnet20" and key["batch"] == 2 and key["threads"] == 1 and key["runtime"] == "onnxruntime"
+    assert key["resolution"] == load_config(QUICKSTART).data.resolution and key["cpu"] and key["runtime_version"]
+    # resnet20: 9 units, 5 distinct pieces (first block of each stage, and the rest of stage s)
+    assert len(table["units"]) == 9 and len(table["pieces"]) == 5
+    for u, c in zip(table["units"], table["full_widths"]):
+        p = table["pieces"][u["piece"]]
+        assert p["widths"] == list(range(1, c + 1)) and len(p["ms"]) == c and all(m > 0 for m in p["ms"])
+    assert predict(table, table["full_widths"]) == pytest.approx(table["full_ms"])
+    assert 0 < predict(table, [1] * 9) < table["full_ms"] * 3  # a finite, positive prediction off the grid's top
+
+
+def test_plan_with_a_latency_table_adds_predicted_ms_per_iteration(table_file):
+    r = _kesi("plan", str(QUICKSTART), "--json", "--latency", str(table_file))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    table = load_table(table_file)
+    assert plan["latency"]["batch"] == 2
+    for row in plan["iterations"]:
+        assert row["latency_ms"] == pytest.approx(predict(table, row["widths"]), abs=1e-3)
+    assert plan["iterations"][0]["latency_ms"] == pytest.approx(table["full_ms"], abs=1e-3)
+    r = _kesi("plan", str(QUICKSTART), "--latency", str(table_file))
+    text = " ".join(r.stdout.split())  # the caption wraps
+    assert r.returncode == 0 and "ms ↓" in text and "predicted onnxruntime latency at batch 2, 1 threads" in text
+
+
+def test_a_table_for_another_network_or_machine_is_named(table_file, tmp_path):
+    r = _kesi("plan", str(ROOT / "configs/kesi/cifar10_resnet56_pfec.yaml"), "--latency", str(table_file))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(table_file) in r.stderr and "arch='resnet20'" in r.stderr and "kesi latency profile" in r.stderr
+    table = load_table(table_file)
+    table["key"]["cpu"] = "Some Other CPU"
+    cfg = load_config(QUICKSTART)
+    warnings = check_table(table, "t.json", "resnet20", 10, cfg.data.resolution, cfg.model.options())
+    assert len(warnings) == 1 and "Some Other CPU" in warnings[0]
+    assert plan_latency(plan_schedule(cfg), table)["iterations"][0]["latency_ms"] == pytest.approx(table["full_ms"], abs=1e-3)
+    for text, match in (("{", "not a readable latency table"), ('{"a": 1}', "not a kesi latency table")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=match):
+            load_table(bad)
+    with pytest.raises(UsageError, match="no such latency table"):
+        load_table(tmp_path / "missing.json")
+
+
+def test_units_that_feed_each_other_are_refused():
+    with pytest.raises(UsageError, match="not additive"):
+        profile("vgg16", 10, 32, batch=1, threads=1)
