@@ -31,7 +31,7 @@ from torch import nn
 
 from kesi_dist.errors import UsageError
 
-__all__ = ["profile", "predict", "load_table", "check_table", "plan_latency", "cpu_model", "grid_for", "SCHEMA"]
+__all__ = ["profile", "predict", "measure", "load_table", "check_table", "plan_latency", "cpu_model", "grid_for", "SCHEMA"]
 
 SCHEMA = 1
 
@@ -168,6 +168,17 @@ def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, th
         "full_widths": full, "full_ms": round(full_ms, 4),
         "units": [{"name": u.name, "piece": sigs[u.name]} for u in units], "pieces": pieces,
     }
+
+
+def measure(model: nn.Module, resolution: int, *, batch: int, threads: int, warmup: int = 3, repeats: int = 15) -> float:
+    """Median ms of `model` in onnxruntime (exported as `kesi export` does) at `batch` and `threads`."""
+    before = torch.get_num_threads()
+    try:
+        x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+        sess = _ort_session(_onnx(model, x[:1]), threads)
+        return _time([lambda: sess.run(None, {"input": x.numpy()})], warmup, repeats)[0]
+    finally:
+        torch.set_num_threads(before)
 
 
 def table_key(arch: str, num_classes: int, resolution: int, options: dict, batch: int, threads: int) -> dict:

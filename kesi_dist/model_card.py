@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kesi_dist import storage
-from kesi_dist.report import ReportLayout, protocol_line
+from kesi_dist.report import ReportLayout, latency_lines, protocol_line
 
 __all__ = ["write_model_card", "measure_latency"]
 
@@ -118,6 +118,7 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
         lines += ["", "; ".join([f"Student vs baseline: {base['params'] / student['params']:.2f}x fewer parameters",
                                  f"{base['macs'] / student['macs']:.2f}x fewer MACs "
                                  f"({100 * (1 - student['macs'] / base['macs']):.1f} % reduction)", *speed]) + "."]
+    lines += [line.replace("## Latency", "### Latency") for line in latency_lines(report)]
     lines += ["", "## Accuracy of every arm", "",
               f"Top-1 on the test split of {data_cfg.get('source', '?')} (`report.json`). {protocol_line(report)}", "",
               "| arm | top-1 | params | MACs | snapshot |", "|---|---|---|---|---|"]

@@ -28,7 +28,7 @@ from typing import Callable
 
 from kesi_dist import storage
 
-__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown", "save_figure"]
+__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown", "latency_lines", "save_figure"]
 
 SIZE_KEYS = ("val_acc", "holdout_acc", "params", "nonzero_params", "macs")
 
@@ -90,6 +90,22 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
+def latency_lines(report: dict) -> list[str]:
+    """The latency budget's section: predicted (the table) and measured onnxruntime ms per snapshot."""
+    lat = report.get("latency")
+    if not lat:
+        return []
+    lines = ["", "## Latency (onnxruntime)", "",
+             f"Batch {lat['batch']}, {lat['threads']} threads; predicted by `{lat['table']}` (profiled on "
+             f"{lat['table_cpu']}), measured after the run on {lat['cpu']}.", "",
+             "| snapshot | predicted (ms) | measured (ms) | measured speed-up |", "|---|---|---|---|"]
+    base = lat["rows"].get("baseline", {}).get("measured_ms")
+    for name, r in lat["rows"].items():
+        speed = f"{base / r['measured_ms']:.2f}x" if base else "–"
+        lines.append(f"| {name} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {speed} |")
+    return lines
+
+
 def render_markdown(report: dict, layout: ReportLayout) -> str:
     base = report.get("baseline")
     lines = [f"# {layout.title}", "", f"Run status: {report['status']}", "", protocol_line(report), "",
@@ -108,6 +124,7 @@ def render_markdown(report: dict, layout: ReportLayout) -> str:
                       f"({', '.join(report['ensemble']['teachers'])}); its params/MACs are the sum over members."]
     if layout.sections is not None:
         lines += layout.sections(report)
+    lines += latency_lines(report)
     extra = layout.chain_extra
     if report.get("chain"):
         lines += ["", "## Chain", "", "| iteration | snapshot | " + " | ".join([layout.chain_acc_label, *(e[0] for e in extra)])

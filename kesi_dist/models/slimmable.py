@@ -97,8 +97,13 @@ def materialise(model: nn.Module, widths: Sequence[int]) -> nn.Module:
     return slice_units(model, {u.name: list(range(int(k))) for u, k in zip(model.units(), widths)})
 
 
-def width_choices(full: Sequence[int], ratios: Sequence[float]) -> list[list[int]]:
-    """Per unit, the distinct widths ceil(r x C) for r in `ratios`, ascending (at least 1 channel)."""
+def width_choices(full: Sequence[int], ratios: Sequence[float], round_to: int = 1) -> list[list[int]]:
+    """Per unit, the distinct widths ceil(r x C) for r in `ratios`, ascending (at least 1 channel); with
+    `round_to` > 1 each rounded to the nearest multiple (`kesi_dist.pruning.align`, at most C)."""
+    if round_to > 1:
+        from kesi_dist.pruning.schedules import align
+
+        return [sorted({align(math.ceil(r * c - 1e-9), round_to, limit=c) for r in ratios}) for c in full]
     return [sorted({max(1, math.ceil(r * c - 1e-9)) for r in ratios}) for c in full]
 
 

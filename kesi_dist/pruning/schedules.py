@@ -101,14 +101,17 @@ def sparsity_target(targets: Sequence[float], iteration: int) -> float:
     return float(targets[iteration - 1])
 
 
-def uniform_widths(full: Sequence[int], macs, target: float) -> list[int]:
+def uniform_widths(full: Sequence[int], macs, target: float, round_to: int = 1) -> list[int]:
     """The widest uniformly pruned widths (every unit keeps max(1, round(f C)) of its C channels, one f
-    for all) whose MACs (`macs(widths)`, e.g. `counting.macs_function`) are at most `target` x the
-    unpruned ones: the comparison arm of a search at equal MACs."""
+    for all; with `round_to` > 1 that count `align`ed to a multiple) whose MACs (`macs(widths)`, e.g.
+    `counting.macs_function`) are at most `target` x the unpruned ones: the comparison arm of a search
+    at equal MACs."""
     full = [int(c) for c in full]
     budget = target * macs(full)
 
     def widths(f: float) -> list[int]:
+        if round_to > 1:
+            return [align(f * c, round_to, limit=c) for c in full]
         return [max(1, round(f * c)) for c in full]
 
     if macs(widths(0.0)) > budget:

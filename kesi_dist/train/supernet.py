@@ -79,11 +79,11 @@ class SupernetTraining:
     augments = False
 
     def __init__(self, *, teacher: nn.Module, stage: int | None, ratios: Sequence[float], mode: str = "sandwich",
-                 n_random: int = 2, seed: int = 0):
+                 n_random: int = 2, seed: int = 0, round_to: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
         self.teacher, self.stage, self.ratios, self.mode = teacher, stage, list(ratios), mode
-        self.n_random, self.seed = n_random, seed
+        self.n_random, self.seed, self.round_to = n_random, seed, round_to
         self.epoch = self.step = 0
 
     def prepare(self, model: nn.Module) -> StageSupernet:
@@ -92,7 +92,7 @@ class SupernetTraining:
         if self.stage is not None and not model.num_stages:
             raise ValueError(f"{model.arch} has no fixed-width stages to train apart")
         self.full = list(model.widths)
-        self.choices = width_choices(self.full, self.ratios)
+        self.choices = width_choices(self.full, self.ratios, self.round_to)
         self.mine = [i for i, u in enumerate(model.units()) if self.stage is None or u.stage == self.stage]
         teacher = copy.deepcopy(self.teacher).to(next(model.parameters()).device)
         return StageSupernet(model, teacher, self.stage)

@@ -141,7 +141,7 @@ class TaskSpec:
     or URIs, run on every batch: online) or from `soft_labels` (a cache folder: cached);
     "memory_bank" from `memory_bank` (a bank folder) with `views` views per image; or "supernet": the
     frozen baseline `teachers[0]` around stage `stage` (None: the whole net), `mode` sandwich or uniform,
-    width fractions `ratios`, `n_random` random configurations per step."""
+    width fractions `ratios` (widths multiples of `round_to`), `n_random` random configurations per step."""
 
     kind: str = "classification"
     teachers: tuple[str, ...] = ()
@@ -153,6 +153,7 @@ class TaskSpec:
     stage: int | None = None
     mode: str = "sandwich"
     ratios: tuple[float, ...] = ()
+    round_to: int = 1
     n_random: int = 2
 
     @property
@@ -175,7 +176,7 @@ def build_task(spec: TaskSpec, *, num_classes: int, device: torch.device, seed: 
             raise BadValue("teachers", "a supernet task needs the baseline checkpoint and the width ratios")
         teacher, _ = model_from_checkpoint(load_checkpoint(spec.teachers[0]))
         return SupernetTraining(teacher=teacher, stage=spec.stage, ratios=spec.ratios, mode=spec.mode,
-                                n_random=spec.n_random, seed=seed)
+                                n_random=spec.n_random, seed=seed, round_to=spec.round_to)
     if spec.kind == "memory_bank":
         from kesi_dist.data.image_loader import CIFAR_PAD
         from kesi_dist.distill.memory_bank import MemoryBank

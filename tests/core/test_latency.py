@@ -151,3 +151,69 @@ def test_a_table_for_another_network_or_machine_is_named(table_file, tmp_path):
 def test_units_that_feed_each_other_are_refused():
     with pytest.raises(UsageError, match="not additive"):
         profile("vgg16", 10, 32, batch=1, threads=1)
+
+
+def _linear_table(cfg, path: Path) -> dict:
+    """A table for `cfg`'s network where every piece costs its width in ms (no timing involved)."""
+    from kesi_dist.latency import SCHEMA, table_key
+    from kesi_dist.models import default_widths, model_units
+    from kesi_dist.plan import default_num_classes
+
+    arch, full = cfg.model.arch, default_widths(cfg.model.arch)
+    table = {"schema": SCHEMA, "full_widths": full, "full_ms": float(sum(full)),
+             "key": table_key(arch, default_num_classes(cfg), cfg.data.resolution, cfg.model.options(), 64, 2),
+             "units": [{"name": u.name, "piece": u.name} for u in model_units(arch)],
+             "pieces": {u.name: {"widths": list(range(1, c + 1)), "ms": [float(w) for w in range(1, c + 1)]}
+                        for u, c in zip(model_units(arch), full)}}
+    path.write_text(json.dumps(table))
+    return table
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_a_latency_budget_scales_the_schedule_by_the_least_factor_that_meets_it(tmp_path, round_to):
+    from kesi_dist.methods.kesi.prune import chain_widths, resolve_prune
+
+    table = _linear_table(load_config(QUICKSTART), tmp_path / "t.json")
+    cfg = load_config(QUICKSTART, [f"method.prune.target.table={tmp_path / 't.json'}",
+                                   "method.prune.target.latency_ratio=0.5", f"method.prune.round_to={round_to}"])
+    prune, budget = resolve_prune(cfg)
+    assert budget["predicted_ms"] <= 0.5 * table["full_ms"] and budget["predicted_ms"] == predict(table, budget["widths"])
+    assert prune.target is None and budget["scale"] > 0
+    assert [r / budget["scale"] for r in prune.stage_ratios] == pytest.approx(cfg.method.prune.stage_ratios, rel=1e-9)
+    assert chain_widths(cfg.model.arch, prune)[-1] == budget["widths"]
+    if round_to > 1:
+        assert all(w % round_to == 0 for w in budget["widths"])
+    # the least factor: the previous one on the grid (400 steps up to a ratio of 0.95) misses the budget
+    previous = budget["scale"] - 0.95 / max(cfg.method.prune.stage_ratios) / 400
+    assert previous > 0 and predict(table, chain_widths(cfg.model.arch, cfg.method.prune, previous)[-1]) > 0.5 * table["full_ms"]
+    # plan applies it: the last iteration has the budget's widths and its predicted ms
+    plan = plan_schedule(cfg)
+    assert plan["iterations"][-1]["widths"] == budget["widths"] and "latency budget 0.50" in plan["note"]
+    assert plan["iterations"][-1]["latency_ms"] == pytest.approx(budget["predicted_ms"], abs=1e-3)
+
+
+def test_an_unreachable_or_mismatched_budget_is_one_line_naming_the_key(tmp_path):
+    _linear_table(load_config(QUICKSTART), tmp_path / "t.json")
+    r = _kesi("plan", str(QUICKSTART), f"method.prune.target.table={tmp_path / 't.json'}",
+              "method.prune.target.latency_ratio=0.01")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "method.prune.target.latency_ratio=0.01: unreachable" in r.stderr
+    r = _kesi("plan", str(ROOT / "configs/kesi/cifar10_resnet56_pfec.yaml"), f"method.prune.target.table={tmp_path / 't.json'}",
+              "method.prune.target.latency_ratio=0.5")
+    assert r.returncode == 2 and "method.prune.target.table" in r.stderr and "arch='resnet20'" in r.stderr
+    r = _kesi("plan", str(QUICKSTART), "method.prune.method=mwp", f"method.prune.target.table={tmp_path / 't.json'}",
+              "method.prune.target.latency_ratio=0.5")
+    assert r.returncode == 2 and "needs pfec" in r.stderr
+
+
+def test_report_and_model_card_show_predicted_and_measured_latency():
+    from kesi_dist.methods.kesi.report import layout
+    from kesi_dist.report import render_markdown
+
+    report = {"status": "complete", "baseline": None, "timings": {}, "protocol": {},
+              "latency": {"batch": 64, "threads": 2, "table": "r.json", "table_cpu": "CPU A", "cpu": "CPU A",
+                          "rows": {"baseline": {"predicted_ms": 10.0, "measured_ms": 10.5},
+                                   "student": {"predicted_ms": 5.0, "measured_ms": 5.25}}}}
+    md = render_markdown(report, layout(load_config(QUICKSTART)))
+    assert "## Latency (onnxruntime)" in md and "| student | 5.00 | 5.25 | 2.00x |" in md
+    assert "Batch 64, 2 threads; predicted by `r.json`" in md

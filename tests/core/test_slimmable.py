@@ -47,6 +47,8 @@ def test_l1_order_keeps_the_function_and_puts_the_strongest_filters_first():
 def test_width_choices():
     assert width_choices([16, 10], [0.25, 0.5, 1.0]) == [[4, 8, 16], [3, 5, 10]]
     assert width_choices([3], [0.1, 1.0]) == [[1, 3]]  # never zero channels
+    # aligned: ceil(r C) to the nearest multiple of 8 (never 0, never above C): 4 -> 8, 12 -> 16, 6 -> 8
+    assert width_choices([16, 48, 6], [0.25, 0.75, 1.0], round_to=8) == [[8, 16], [16, 40, 48], [6]]
 
 
 def test_sandwich_gradient_is_the_sum_of_the_separate_losses_gradients():

@@ -103,6 +103,21 @@ def test_search_lands_on_the_widest_sub_network_under_the_target(toy):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN stats untouched
 
 
+def test_search_with_round_to_moves_in_multiples_and_lands_on_the_widest_aligned_net(toy):
+    from kesi_dist.methods.ekg.search import SubnetSearch
+
+    model, x, y = toy
+    search = SubnetSearch(model, x, y, target_ratio=0.45, batch_size=16, round_to=4)
+    assert search.steps == [4] * 3 + [8] * 3 + [12] * 3  # round(0.2 C) aligned: 3.2 -> 4, 6.4 -> 8, 12.8 -> 12
+    steps = search.run()
+    assert all(w % 4 == 0 for s in steps for w in s.widths)
+    assert steps[-1].macs_ratio <= 0.45 < steps[-2].macs_ratio
+    last = [u.name for u in search.units].index(steps[-1].unit)
+    wider = list(search.widths)
+    wider[last] += 4
+    assert search.ratio(wider) > 0.45 or wider[last] >= steps[-2].widths[last]
+
+
 def test_scores_and_kept_channels_match_the_sliced_network(toy):
     from kesi_dist.methods.ekg.search import SubnetSearch
     from kesi_dist.pruning.surgery import slice_units

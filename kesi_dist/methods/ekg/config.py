@@ -17,6 +17,8 @@ class SearchCfg(Strict):
                         "(the reference's search_step)")
     otsu_cut: float = Field(0.2, ge=0, lt=0.5, description="fraction of the unit costs trimmed from each end before "
                             "Otsu's threshold picks the candidates")
+    round_to: int = Field(1, ge=1, le=512, description="widths move in multiples of this (step, fine search and the "
+                          "uniform arm), so the found net's widths are aligned; 1 = the reference's whole channels")
     batch_size: int = Field(256, ge=2, description="holdout batch of the search and of the memory-bank pass (BatchNorm "
                             "runs on each batch's statistics there, as in the reference)")
     actors: int = Field(2, ge=1, description="Ray actors evaluating a step's candidates in parallel (each holds the "

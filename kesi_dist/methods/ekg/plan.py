@@ -17,7 +17,7 @@ def plan(cfg) -> dict:
     model = random_model(cfg)
     base = count_row(0, model, res)
     target = cfg.method.target_macs_ratio
-    widths = uniform_widths(model, target, (3, res, res))
+    widths = uniform_widths(model, target, (3, res, res), cfg.method.search.round_to)
     uniform = build_model(cfg.model.arch, model.num_classes, widths, **cfg.model.options())
     return {"model": cfg.model.arch, "method": "ekg", "target_macs_ratio": target,
             "target_macs": int(target * base["macs"]), "iterations": [base, count_row(1, uniform, res)],

@@ -44,7 +44,8 @@ def run(cfg: Config, ctx: RunContext) -> None:
                    given=cfg.baseline.checkpoint)
     found = search_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine,
                          target=m.target_macs_ratio, step=m.search.step, cut=m.search.otsu_cut,
-                         batch_size=m.search.batch_size, actors=m.search.actors, teachers=m.bank.teachers)
+                         batch_size=m.search.batch_size, actors=m.search.actors, teachers=m.bank.teachers,
+                         round_to=m.search.round_to)
     bank = memory_bank_stage(ctx, [t["file"] for t in found["teachers"]], loader=loader, engine=engine,
                              actors=m.bank.actors, batch_size=m.search.batch_size)
 
@@ -62,7 +63,8 @@ def run(cfg: Config, ctx: RunContext) -> None:
                                    checkpoint=ctx.snapshot("ce_finetune"), schedule=schedule, compete=False,
                                    hparams={"loss": "CE"}, meta={"iteration": 1, "branch": None, "parent": "baseline"}))
             if m.arms.uniform:
-                init = uniform_stage(ctx, baseline=ctx.snapshot("baseline"), target=m.target_macs_ratio)
+                init = uniform_stage(ctx, baseline=ctx.snapshot("baseline"), target=m.target_macs_ratio,
+                                     round_to=m.search.round_to)
                 arms.append(Branch(name="uniform", arm="uniform", init_checkpoint=init, checkpoint=ctx.snapshot("uniform"),
                                    schedule=schedule, compete=False, hparams={"loss": "CE", "pruning": "uniform L1"},
                                    meta={"iteration": 1, "branch": None, "parent": "baseline"}))

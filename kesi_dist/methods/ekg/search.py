@@ -92,13 +92,13 @@ def update_knowledge(knowledge: torch.Tensor, count: int, logits: torch.Tensor) 
     return (knowledge * count + logits.to(knowledge)) / (count + 1), count + 1
 
 
-def uniform_widths(model: nn.Module, target_ratio: float, input_shape: tuple) -> list[int]:
+def uniform_widths(model: nn.Module, target_ratio: float, input_shape: tuple, round_to: int = 1) -> list[int]:
     """The uniform comparison arm's widths at `target_ratio` of `model`'s MACs
-    (`kesi_dist.pruning.uniform_widths`)."""
+    (`kesi_dist.pruning.uniform_widths`), multiples of `round_to`."""
     from kesi_dist.pruning import macs_function
     from kesi_dist.pruning import uniform_widths as widest_uniform
 
-    return widest_uniform(model.widths, macs_function(model, tuple(input_shape)), target_ratio)
+    return widest_uniform(model.widths, macs_function(model, tuple(input_shape)), target_ratio, round_to)
 
 
 @dataclass
@@ -124,6 +124,8 @@ class SubnetSearch:
             both `evaluate_many` and `taylor_many` are given).
         target_ratio: stop once the sub-network's MACs are at most this fraction of the model's.
         step: coarse step as a fraction of each unit's original width; cut: Otsu's trim fraction.
+        round_to: widths move in multiples of this (the coarse step and the fine search alike; a unit
+            stops at one multiple), so every sub-network has aligned widths; 1 is the reference's.
         batch_size: holdout batch (BN statistics are per batch, as in the reference).
         input_shape: (C, H, W) the MACs are counted at (default: the images').
         evaluate_many: runs a step's candidate evaluations, (width vectors, order, K) -> list of
@@ -134,7 +136,7 @@ class SubnetSearch:
 
     def __init__(self, model: nn.Module, images: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                  target_ratio: float = 0.45, step: float = 0.2, cut: float = 0.2, batch_size: int = 256,
-                 input_shape: tuple | None = None,
+                 input_shape: tuple | None = None, round_to: int = 1,
                  evaluate_many: Callable[[list[list[int]], Order, torch.Tensor | None], list[Result]] | None = None,
                  taylor_many: Callable[[list[int], Order, torch.Tensor], list[list[torch.Tensor]]] | None = None):
         if not 0 < target_ratio < 1:
@@ -143,7 +145,15 @@ class SubnetSearch:
         self.units = model.units()
         self.full = [int(w) for w in model.widths]
         self.widths = list(self.full)
-        self.steps = [max(1, round(step * c)) for c in self.full]
+        from kesi_dist.pruning import align
+
+        self.round_to = int(round_to)
+        if self.round_to > 1:
+            self.steps = [align(step * c, self.round_to) for c in self.full]
+            self.floors = [min(self.round_to, c) for c in self.full]
+        else:
+            self.steps = [max(1, round(step * c)) for c in self.full]
+            self.floors = [1] * len(self.full)
         self.order: Order = [torch.arange(c) for c in self.full]
         self.target, self.cut = target_ratio, cut
         from kesi_dist.pruning import macs_function
@@ -184,14 +194,15 @@ class SubnetSearch:
     def _narrowed(self, i: int) -> int:
         """Unit i's width after one step: a coarse step, refined to the widest width at or under the
         target when the coarse one would pass it (the fine search)."""
-        w = max(1, self.widths[i] - self.steps[i])
+        n = self.round_to
+        w = max(self.floors[i], self.widths[i] - self.steps[i])
         trial = list(self.widths)
         trial[i] = w
         if self.ratio(trial) < self.target:
-            while trial[i] + 1 < self.widths[i]:
-                trial[i] += 1
+            while trial[i] + n < self.widths[i]:
+                trial[i] += n
                 if self.ratio(trial) > self.target:
-                    trial[i] -= 1
+                    trial[i] -= n
                     break
             w = trial[i]
         return w
@@ -200,8 +211,8 @@ class SubnetSearch:
         scores = self.taylor_scores()
         for i, s in enumerate(scores):
             self.order[i] = torch.argsort(torch.argsort(s, descending=True, stable=True), stable=True)
-        costs = [unit_cost(s, w / c, st / c) if w > 1 else CLOSED
-                 for s, w, c, st in zip(scores, self.widths, self.full, self.steps)]
+        costs = [unit_cost(s, w / c, st / c) if w > f else CLOSED
+                 for s, w, c, st, f in zip(scores, self.widths, self.full, self.steps, self.floors)]
         picks = candidates(costs, self.cut)
         if not picks:
             raise RuntimeError("no unit can narrow further, yet the MACs target is not reached")

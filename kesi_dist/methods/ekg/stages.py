@@ -102,7 +102,7 @@ def _record(s: Step, actors: set[int], seconds: float) -> dict:
 
 
 def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: EngineSpec, target: float, step: float,
-                 cut: float, batch_size: int, actors: int, teachers: int) -> dict:
+                 cut: float, batch_size: int, actors: int, teachers: int, round_to: int = 1) -> dict:
     """Search the baseline's sub-network at `target` x its MACs; returns the stage record: steps, the
     final widths, MACs and ratio, the teachers (step, widths, holdout loss, file) and `subnet` (the cut
     sub-network's snapshot file, not trained)."""
@@ -119,7 +119,7 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
             used: set[int] = set()
             evaluate_many, taylor_many = pool_functions(pool, used)
             search = SubnetSearch(model, target_ratio=target, step=step, cut=cut, batch_size=batch_size,
-                                  input_shape=(3, res, res), evaluate_many=evaluate_many, taylor_many=taylor_many)
+                                  input_shape=(3, res, res), round_to=round_to, evaluate_many=evaluate_many, taylor_many=taylor_many)
             holdout = pool.infos[0]["holdout"]
             used.clear()  # from here: the actors that evaluated each step's candidates
             steps: list[dict] = []
@@ -212,7 +212,7 @@ def _plot(steps: list[dict], target: float, path: str) -> None:
     save_figure(fig, path)
 
 
-def uniform_stage(ctx: RunContext, *, baseline: str, target: float) -> str:
+def uniform_stage(ctx: RunContext, *, baseline: str, target: float, round_to: int = 1) -> str:
     """The baseline with every unit keeping the same fraction of its highest-L1 filters, the widest at or
     under `target` x its MACs; written once to snapshot file "uniform_init"."""
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -222,7 +222,7 @@ def uniform_stage(ctx: RunContext, *, baseline: str, target: float) -> str:
     if storage.exists(dst):  # written atomically; deterministic anyway
         return dst
     model, _ = model_from_checkpoint(load_checkpoint(baseline))
-    widths = uniform_widths(model, target, (3, ctx.resolution, ctx.resolution))
+    widths = uniform_widths(model, target, (3, ctx.resolution, ctx.resolution), round_to)
     convs = dict(model.named_modules())
     keep = {u.name: l1_keep_indices(convs[u.conv].weight, w) for u, w in zip(model.units(), widths)}
     save_checkpoint(dst, slice_units(model, keep), extra={"parent": "baseline", "method": "uniform"})

@@ -8,7 +8,14 @@ from pydantic import Field, field_validator, model_validator
 
 from kesi_dist.schema import Schedule, Strict
 
-__all__ = ["KesiCfg", "PruneCfg", "FixedLRCfg", "TuneCfg", "DistillCfg"]
+__all__ = ["KesiCfg", "PruneCfg", "LatencyTargetCfg", "FixedLRCfg", "TuneCfg", "DistillCfg"]
+
+
+class LatencyTargetCfg(Strict):
+    latency_ratio: float = Field(gt=0, lt=1, description="the student's predicted latency as a fraction of the "
+                                 "baseline's (the table's batch and threads)")
+    table: str = Field(description="JSON table from `kesi latency profile` for this network and the machine it "
+                                   "will serve on")
 
 
 class PruneCfg(Strict):
@@ -23,6 +30,8 @@ class PruneCfg(Strict):
     round_to: int = Field(1, ge=1, le=512, description="pfec: every kept filter count a multiple of this (the "
                           "paper's width rounded to the nearest multiple, never zero; 8 or 16 match CPU/GPU "
                           "kernels' channel blocks); 1 = the paper's widths")
+    target: LatencyTargetCfg | None = Field(None, description="pfec: scale stage_ratios/layer_ratios by the "
+                                            "least factor whose last iteration meets this measured-latency budget")
     targets: list[float] = Field(
         default_factory=lambda: [0.22, 0.39, 0.51, 0.59, 0.66],
         description="mwp: cumulative fraction of conv weights that are zero after each iteration",
@@ -56,6 +65,9 @@ class PruneCfg(Strict):
 
     @model_validator(mode="after")
     def _mwp_targets_cover_iterations(self) -> "PruneCfg":
+        if self.method == "mwp" and self.target is not None:
+            raise ValueError("prune.target (a latency budget) needs pfec: mwp's zeroed weights leave the dense "
+                             "network's latency unchanged")
         if self.method == "mwp" and self.round_to != 1:
             raise ValueError("prune.round_to applies to pfec's filter counts; mwp zeroes single weights, "
                              "so leave round_to at 1 or use method: pfec")

@@ -6,7 +6,7 @@ fraction of conv weights whatever their values: so the counts are those of a rea
 
 from __future__ import annotations
 
-from kesi_dist.methods.kesi.prune import prune_iteration
+from kesi_dist.methods.kesi.prune import prune_iteration, resolve_prune
 from kesi_dist.plan import count_row, random_model
 
 __all__ = ["plan"]
@@ -15,11 +15,21 @@ __all__ = ["plan"]
 def plan(cfg) -> dict:
     """{"model": arch, "method": "pfec"|"mwp", "iterations": [{"index", "params", "nonzero_params",
     "macs", "widths"}, ...]}, index 0 being the unpruned model; MACs at `cfg.data.resolution`."""
-    p, res = cfg.method.prune, cfg.data.resolution
+    (p, budget), res = resolve_prune(cfg), cfg.data.resolution
     model = random_model(cfg)
     rows = [count_row(0, model, res)]
     masks = None
     for it in range(1, p.iterations + 1):
         model, masks = prune_iteration(model, masks, p, it)
         rows.append(count_row(it, model, res))
-    return {"model": cfg.model.arch, "method": p.method, "iterations": rows}
+    out = {"model": cfg.model.arch, "method": p.method, "iterations": rows}
+    if budget is not None:
+        from kesi_dist.latency import load_table, plan_latency
+
+        out["latency_target"] = budget
+        out["note"] = (f"latency budget {budget['latency_ratio']:.2f} of the baseline's predicted "
+                       f"{budget['baseline_predicted_ms']:.2f} ms ({budget['table']}): the schedule's ratios x"
+                       f"{budget['scale']:.3f} -> stage_ratios {budget['stage_ratios']}, predicted "
+                       f"{budget['predicted_ms']:.2f} ms")
+        plan_latency(out, load_table(budget["table"]))
+    return out

@@ -4,15 +4,86 @@ hyper-parameters of each retraining branch."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import random
 
 from torch import nn
 
 from kesi_dist.errors import UsageError
-from kesi_dist.pruning import apply_masks, mwp_masks, pfec_prune, sparsity_target, unit_ratios
+from kesi_dist.pruning import aligned_count, apply_masks, mwp_masks, pfec_prune, sparsity_target, unit_ratios
 
-__all__ = ["prune_iteration", "check_schedule", "restart_grid"]
+__all__ = ["prune_iteration", "check_schedule", "restart_grid", "chain_widths", "resolve_prune"]
+
+# The largest ratio a scaled schedule may ask of a unit in one iteration.
+_MAX_RATIO = 0.95
+_SCALES = 400
+
+
+@functools.lru_cache(maxsize=8)
+def _units(arch: str):
+    from kesi_dist.models import default_widths, model_units
+
+    return tuple(model_units(arch)), tuple(int(c) for c in default_widths(arch))
+
+
+def chain_widths(arch: str, prune, scale: float = 1.0) -> list[list[int]]:
+    """The widths of every iteration of a PFEC chain (index 0 unpruned) with its ratios times `scale`,
+    from the counts alone (PFEC's counts do not depend on the weights)."""
+    units, full = _units(arch)
+    ratios = unit_ratios(units, [min(_MAX_RATIO, r * scale) for r in prune.stage_ratios], prune.skip,
+                         {k: min(_MAX_RATIO, r * scale) for k, r in prune.layer_ratios.items()})
+    chain = [list(full)]
+    for it in range(1, prune.iterations + 1):
+        chain.append([aligned_count(c, w, ratios[u.name], it, prune.round_to)
+                      for u, c, w in zip(units, full, chain[-1])])
+    return chain
+
+
+def resolve_prune(cfg):
+    """(the PruneCfg to apply, what the latency budget chose or None).
+
+    Without `prune.target` the config's schedule is applied as written. With one, its stage and layer
+    ratios are multiplied by the least factor (on a grid of 400 up to where a ratio reaches 0.95) whose
+    last iteration's predicted latency (the target's table) is within `latency_ratio` of the unpruned
+    network's: the paper's shape of schedule, pruned no further than the budget needs, so PFEC's own
+    criterion (L1 norms) still decides which filters go.
+    """
+    from kesi_dist.latency import check_table, load_table, predict
+    from kesi_dist.plan import default_num_classes
+
+    prune = cfg.method.prune
+    if prune.target is None:
+        return prune, None
+    t = prune.target
+    where = "method.prune.target.table"
+    table = load_table(t.table)
+    try:
+        check_table(table, t.table, cfg.model.arch, default_num_classes(cfg), cfg.data.resolution, cfg.model.options())
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+    budget = t.latency_ratio * table["full_ms"]
+    top = max([*prune.stage_ratios, *prune.layer_ratios.values(), 1e-9])
+    best = None
+    for i in range(1, _SCALES + 1):
+        scale = i / _SCALES * _MAX_RATIO / top
+        widths = chain_widths(cfg.model.arch, prune, scale)[-1]
+        ms = predict(table, widths)
+        if ms <= budget:
+            best = (scale, widths, ms)
+            break
+    if best is None:
+        ms = predict(table, chain_widths(cfg.model.arch, prune, _MAX_RATIO / top)[-1])
+        raise UsageError(f"method.prune.target.latency_ratio={t.latency_ratio}: unreachable with this schedule in "
+                         f"{prune.iterations} iterations (at most {ms / table['full_ms']:.2f} of the baseline's "
+                         f"predicted {table['full_ms']:.2f} ms); raise it, add iterations or prune more units")
+    scale, widths, ms = best
+    resolved = prune.model_copy(update={"target": None,
+        "stage_ratios": [min(_MAX_RATIO, r * scale) for r in prune.stage_ratios],
+        "layer_ratios": {k: min(_MAX_RATIO, r * scale) for k, r in prune.layer_ratios.items()}})
+    return resolved, {"scale": scale, "table": t.table, "latency_ratio": t.latency_ratio,
+                      "predicted_ms": round(ms, 3), "baseline_predicted_ms": table["full_ms"],
+                      "stage_ratios": [round(r, 4) for r in resolved.stage_ratios], "widths": widths}
 
 
 def prune_iteration(model: nn.Module, masks: dict | None, prune, iteration: int) -> tuple[nn.Module, dict | None]:
@@ -23,6 +94,8 @@ def prune_iteration(model: nn.Module, masks: dict | None, prune, iteration: int)
         iteration's cumulative sparsity target, extending `masks`).
     """
     if prune.method == "pfec":
+        if prune.target is not None:
+            raise ValueError("prune_iteration takes the resolved schedule: pass resolve_prune(cfg)[0]")
         return pfec_prune(model, list(prune.stage_ratios), prune.skip, prune.layer_ratios,
                           round_to=prune.round_to, iteration=iteration), None
     target = sparsity_target(list(prune.targets), iteration)

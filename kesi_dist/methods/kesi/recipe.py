@@ -18,13 +18,14 @@ from __future__ import annotations
 from kesi_dist import storage
 from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_classes
 from kesi_dist.errors import RunError
-from kesi_dist.methods.kesi.prune import prune_iteration, restart_grid
+from kesi_dist.methods.kesi.prune import prune_iteration, resolve_prune, restart_grid
 from kesi_dist.methods.kesi.report import build_report, layout
 from kesi_dist.runs import RunContext, describe_snapshot, fmt_acc, fmt_size, select_acc
 from kesi_dist.stages.baseline import baseline_stage
 from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.distill import distill_stage
 from kesi_dist.stages.ensemble import ensemble_stage
+from kesi_dist.stages.latency import latency_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.stages.soft_labels import soft_labels_stage
@@ -36,6 +37,7 @@ __all__ = ["run"]
 
 def run(cfg: Config, ctx: RunContext) -> None:
     m = cfg.method
+    _, budget = resolve_prune(cfg)  # a latency budget's table is read (and checked) before anything runs
     data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     model = ModelSpec(arch=cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options())
@@ -59,6 +61,9 @@ def run(cfg: Config, ctx: RunContext) -> None:
             task = TaskSpec(kind="distillation", temperature=d.temperature, alpha=d.alpha, soft_labels=cache)
         distill_stage(ctx, student=chain[-1], teachers=teachers, task=task, schedule=schedule_from(d), loader=loader,
                       engine=engine, seed=cfg.seed, iteration=m.prune.iterations)
+    if budget is not None:
+        latency_stage(ctx, table_path=budget["table"], resolution=cfg.data.resolution,
+                      snapshots=["baseline", "student" if d.enabled else chain[-1]])
     ctx.complete()
     report_stage(ctx, build_report(ctx.manifest.data), layout(cfg))
 
@@ -113,6 +118,6 @@ def _prune_once(cfg: Config, ctx: RunContext, parent: str, name: str, k: int) ->
     if storage.exists(dst):  # written atomically: present means complete; pruning is deterministic anyway
         return dst
     model, masks = model_from_checkpoint(load_checkpoint(ctx.snapshot(parent)))
-    pruned, new_masks = prune_iteration(model, masks, cfg.method.prune, k)
+    pruned, new_masks = prune_iteration(model, masks, resolve_prune(cfg)[0], k)
     save_checkpoint(dst, pruned, new_masks, extra={"parent": parent, "iteration": k})
     return dst

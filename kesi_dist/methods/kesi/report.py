@@ -34,6 +34,7 @@ def build_report(manifest: dict) -> dict:
         if st.get("fixed"):
             row["fixed_lr_val_acc"] = snaps[st["fixed"]]["val_acc"]
         chain.append(row)
+    lat = stages.get("latency", {})
     timings = {name: round(st["end"] - st["start"], 2) for name, st in stages.items()
                if st.get("status") == "complete" and "end" in st and "start" in st}
     return {
@@ -46,6 +47,8 @@ def build_report(manifest: dict) -> dict:
         "chain": chain,
         "snapshots": list(snaps.values()),
         "timings": timings,
+        **({"latency": {k: lat[k] for k in ("batch", "threads", "table", "table_cpu", "cpu", "rows")}}
+           if lat.get("status") == "complete" else {}),
     }
 
 

@@ -21,6 +21,8 @@ class SupernetCfg(Schedule):
     ratios: list[float] = Field(default_factory=lambda: [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
                                 description="width choices of every unit, as fractions of its channels (the "
                                 "first k by L1 norm are kept); the smallest is the tiny net, 1.0 the full one")
+    round_to: int = Field(1, ge=1, le=512, description="every width choice rounded to a multiple of this (at most "
+                          "the unit's channels), so the searched net and the uniform arm have aligned widths")
     n_random: int = Field(2, ge=0, description="random configurations per step besides the full and the tiny one "
                           "(sandwich rule)")
     cpus_per_worker: float | None = Field(None, gt=0, description="each supernet run's worker CPUs (default: "

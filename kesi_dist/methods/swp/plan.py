@@ -18,9 +18,9 @@ def plan(cfg) -> dict:
     res, m = cfg.data.resolution, cfg.method
     model = random_model(cfg)
     macs = macs_function(model, (3, res, res))
-    widths = uniform_widths(model.widths, macs, m.target_macs_ratio)
+    widths = uniform_widths(model.widths, macs, m.target_macs_ratio, m.supernet.round_to)
     uniform = build_model(cfg.model.arch, model.num_classes, widths, **cfg.model.options())
-    choices = width_choices(model.widths, m.supernet.ratios)
+    choices = width_choices(model.widths, m.supernet.ratios, m.supernet.round_to)
     per_stage: dict[int, int] = {}
     for u, c in zip(model.units(), choices):
         per_stage[u.stage] = per_stage.get(u.stage, 1) * len(c)

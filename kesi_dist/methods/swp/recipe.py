@@ -42,7 +42,8 @@ def run(cfg: Config, ctx: RunContext) -> None:
     nets = supernets_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine, supernet=m.supernet,
                            whole_net=m.correlation.subnets > 0, seed=cfg.seed)
     found = search_stage(ctx, supernets=nets, loader=loader, engine=engine, target=m.target_macs_ratio,
-                         ratios=m.supernet.ratios, search=m.search, subnets=m.correlation.subnets, seed=cfg.seed)
+                         ratios=m.supernet.ratios, search=m.search, subnets=m.correlation.subnets, seed=cfg.seed,
+                         round_to=m.supernet.round_to)
 
     with ctx.stage("retrain") as st:
         if not st.done:

@@ -64,7 +64,7 @@ def supernets_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engin
         stages = _load(ordered).num_stages
         schedule = vars(schedule_from(supernet))
         spec = dict(kind="supernet", teachers=(_abs(baseline),), ratios=tuple(supernet.ratios),
-                    n_random=supernet.n_random)
+                    round_to=supernet.round_to, n_random=supernet.n_random)
         runs = [Branch(name=f"supernet_s{s}", arm="supernet", init_checkpoint=ordered,
                        checkpoint=ctx.snapshot(f"supernet_s{s}"), schedule=schedule, compete=False,
                        hparams={"stage": s, "rule": "sandwich"}, task=asdict(TaskSpec(**spec, stage=s)),
@@ -153,7 +153,7 @@ class ProxyWorker:
 
 
 def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine: EngineSpec, target: float,
-                 ratios: list[float], search, subnets: int, seed: int) -> dict:
+                 ratios: list[float], search, subnets: int, seed: int, round_to: int = 1) -> dict:
     """Evolve the best proxy under the budget; draw the correlation study's sub-nets and score them on
     both supernets. Returns the stage record (widths, macs, proxy, generations, subnets, uniform)."""
     from kesi_dist.models.slimmable import width_choices
@@ -167,7 +167,7 @@ def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine
         macs = macs_function(net, (3, ctx.resolution, ctx.resolution))
         base = macs(net.widths)
         lo, hi = (target - search.band) * base, target * base
-        choices = width_choices(net.widths, ratios)
+        choices = width_choices(net.widths, ratios, round_to)
         files = [supernets["supernet"]] + ([supernets["whole_net"]] if supernets.get("whole_net") else [])
         state_path = ctx.run.path("swp", "search_state.json")
         with ActorPool(ProxyWorker, num_actors=search.actors, args=([_abs(f) for f in files], vars(loader)),
@@ -203,7 +203,7 @@ def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine
                 swp, whole = proxies(sample, 0), proxies(sample, 1)
                 study = [{"widths": list(w), "macs": macs(list(w)), "proxy_swp": a, "proxy_whole_net": b}
                          for w, a, b in zip(sample, swp, whole)]
-        uniform = uniform_widths(net.widths, macs, target)
+        uniform = uniform_widths(net.widths, macs, target, round_to)
         st.update(widths=list(widths), macs=macs(list(widths)), macs_ratio=macs(list(widths)) / base, proxy=proxy,
                   base_macs=base, generations=evo.history, evaluated=len(evo.fitness), subnets=study,
                   uniform=uniform, uniform_macs=macs(uniform))
