@@ -31,7 +31,7 @@ from torch import nn
 
 from kesi_dist.errors import UsageError
 
-__all__ = ["profile", "predict", "measure", "load_table", "check_table", "plan_latency", "cpu_model", "grid_for", "SCHEMA"]
+__all__ = ["profile", "predict", "measure", "load_table", "check_table", "budget_table", "plan_latency", "cpu_model", "grid_for", "SCHEMA"]
 
 SCHEMA = 1
 
@@ -249,3 +249,17 @@ def plan_latency(plan: dict, table: dict) -> dict:
     plan["latency"] = {"batch": key["batch"], "threads": key["threads"], "runtime": key["runtime"],
                        "runtime_version": key["runtime_version"], "cpu": key["cpu"]}
     return plan
+
+
+def budget_table(cfg, target, where: str) -> dict:
+    """The table of a config's latency budget (`LatencyTargetCfg` at key `where`), loaded and checked
+    against the config's network; UsageError naming `where` otherwise."""
+    from kesi_dist.plan import default_num_classes
+
+    table = load_table(target.table)
+    try:
+        check_table(table, target.table, cfg.model.arch, default_num_classes(cfg), cfg.data.resolution,
+                    cfg.model.options())
+    except UsageError as e:
+        raise UsageError(f"{where}.table: {e}") from None
+    return table

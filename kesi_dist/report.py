@@ -28,7 +28,7 @@ from typing import Callable
 
 from kesi_dist import storage
 
-__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown", "latency_lines", "save_figure"]
+__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown", "latency_entry", "latency_lines", "save_figure"]
 
 SIZE_KEYS = ("val_acc", "holdout_acc", "params", "nonzero_params", "macs")
 
@@ -88,6 +88,14 @@ def protocol_line(report: dict) -> str:
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
+
+
+def latency_entry(stages: dict) -> dict:
+    """`{"latency": ...}` for a report when the run's latency stage is complete, else `{}`."""
+    lat = stages.get("latency", {})
+    if lat.get("status") != "complete":
+        return {}
+    return {"latency": {k: lat[k] for k in ("batch", "threads", "table", "table_cpu", "cpu", "rows")}}
 
 
 def latency_lines(report: dict) -> list[str]:

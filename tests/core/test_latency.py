@@ -217,3 +217,36 @@ def test_report_and_model_card_show_predicted_and_measured_latency():
     md = render_markdown(report, layout(load_config(QUICKSTART)))
     assert "## Latency (onnxruntime)" in md and "| student | 5.00 | 5.25 | 2.00x |" in md
     assert "Batch 64, 2 threads; predicted by `r.json`" in md
+
+
+def test_ekg_search_with_a_latency_cost_stops_on_the_cost_not_the_macs():
+    import torch
+
+    from kesi_dist.methods.ekg.search import SubnetSearch
+    from kesi_dist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 4).eval()
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+    # a cost that only counts stage 3's widths: the search must narrow stage 3 to meet it
+    cost = lambda w: float(sum(w[6:]))  # noqa: E731
+    search = SubnetSearch(model, x, y, target_ratio=0.5, batch_size=16, cost=cost)
+    steps = search.run()
+    assert steps[-1].budget_ratio <= 0.5 < steps[-2].budget_ratio
+    assert steps[-1].budget_ratio == pytest.approx(cost(steps[-1].widths) / (3 * 64))
+    assert steps[-1].macs_ratio == pytest.approx(search.macs(steps[-1].widths) / search.base_macs)
+
+
+@pytest.mark.parametrize("method,key", [("ekg", "search.round_to"), ("swp", "supernet.round_to")])
+def test_ekg_and_swp_plans_put_the_uniform_arm_under_a_latency_budget(tmp_path, method, key):
+    from kesi_dist.latency import load_table
+
+    config = ROOT / f"configs/{method}/quickstart.yaml"
+    table = _linear_table(load_config(config), tmp_path / "t.json")
+    cfg = load_config(config, [f"method.target_latency.table={tmp_path / 't.json'}",
+                               "method.target_latency.latency_ratio=0.5", f"method.{key}=4"])
+    plan = plan_schedule(cfg)
+    uniform = plan["iterations"][1]
+    assert uniform["latency_ms"] <= 0.5 * table["full_ms"] and all(w % 4 == 0 for w in uniform["widths"])
+    assert uniform["latency_ms"] == pytest.approx(predict(load_table(tmp_path / "t.json"), uniform["widths"]), abs=1e-3)
+    assert "50% of the baseline's predicted" in plan["note"]

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from kesi_dist.schema import Schedule, Strict
+from kesi_dist.schema import LatencyTargetCfg, Schedule, Strict
 
 __all__ = ["EkgCfg", "SearchCfg", "BankCfg", "FinetuneCfg", "ArmsCfg"]
 
@@ -57,6 +57,9 @@ class EkgCfg(Strict):
     name: Literal["ekg"] = "ekg"
     target_macs_ratio: float = Field(0.45, gt=0, lt=1, description="the search stops at the widest sub-network with "
                                      "at most this fraction of the baseline's MACs")
+    target_latency: LatencyTargetCfg | None = Field(None, description="search to this fraction of the baseline's "
+                                                    "predicted latency instead of target_macs_ratio (and the uniform "
+                                                    "arm to the same)")
     search: SearchCfg = SearchCfg()
     bank: BankCfg = BankCfg()
     finetune: FinetuneCfg = FinetuneCfg()
@@ -75,6 +78,10 @@ class EkgCfg(Strict):
         if self.finetune.schedule == "multistep" and too_late:
             raise UsageError(f"method.finetune.milestones: {too_late} are not before epoch {self.finetune.epochs}; "
                              "give milestones below method.finetune.epochs")
+
+    def budget(self) -> float:
+        """The search's target ratio: of the predicted latency when target_latency is set, else of the MACs."""
+        return self.target_latency.latency_ratio if self.target_latency else self.target_macs_ratio
 
     def temperature(self, num_classes: int) -> float:
         return self.finetune.temperature or (4.0 if num_classes < 1000 else 10.0)

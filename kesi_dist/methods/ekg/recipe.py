@@ -27,6 +27,7 @@ from kesi_dist.stages.baseline import baseline_stage
 from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.memory_bank import memory_bank_stage
 from kesi_dist.stages.report import report_stage
+from kesi_dist.stages.latency import latency_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.train.spec import ModelSpec, schedule_from
 from kesi_dist.train.tasks import TaskSpec
@@ -35,7 +36,10 @@ __all__ = ["run"]
 
 
 def run(cfg: Config, ctx: RunContext) -> None:
+    from kesi_dist.latency import budget_table
+
     m = cfg.method
+    table = budget_table(cfg, m.target_latency, "method.target_latency") if m.target_latency else None
     data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     classes = num_classes(cfg, meta)
@@ -43,9 +47,9 @@ def run(cfg: Config, ctx: RunContext) -> None:
                    schedule=schedule_from(cfg.baseline), loader=loader, engine=engine, seed=cfg.seed,
                    given=cfg.baseline.checkpoint)
     found = search_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine,
-                         target=m.target_macs_ratio, step=m.search.step, cut=m.search.otsu_cut,
+                         target=m.budget(), step=m.search.step, cut=m.search.otsu_cut,
                          batch_size=m.search.batch_size, actors=m.search.actors, teachers=m.bank.teachers,
-                         round_to=m.search.round_to)
+                         round_to=m.search.round_to, latency_table=table)
     bank = memory_bank_stage(ctx, [t["file"] for t in found["teachers"]], loader=loader, engine=engine,
                              actors=m.bank.actors, batch_size=m.search.batch_size)
 
@@ -63,8 +67,8 @@ def run(cfg: Config, ctx: RunContext) -> None:
                                    checkpoint=ctx.snapshot("ce_finetune"), schedule=schedule, compete=False,
                                    hparams={"loss": "CE"}, meta={"iteration": 1, "branch": None, "parent": "baseline"}))
             if m.arms.uniform:
-                init = uniform_stage(ctx, baseline=ctx.snapshot("baseline"), target=m.target_macs_ratio,
-                                     round_to=m.search.round_to)
+                init = uniform_stage(ctx, baseline=ctx.snapshot("baseline"), target=m.budget(),
+                                     round_to=m.search.round_to, latency_table=table)
                 arms.append(Branch(name="uniform", arm="uniform", init_checkpoint=init, checkpoint=ctx.snapshot("uniform"),
                                    schedule=schedule, compete=False, hparams={"loss": "CE", "pruning": "uniform L1"},
                                    meta={"iteration": 1, "branch": None, "parent": "baseline"}))
@@ -76,5 +80,8 @@ def run(cfg: Config, ctx: RunContext) -> None:
             if missing:
                 raise RunError(f"finetune: {', '.join(f'{n} failed ({failures.get(n)})' for n in missing)}")
             st.update(arms=[a.name for a in arms], failed=failures)
+    if table is not None:
+        latency_stage(ctx, table_path=m.target_latency.table, resolution=cfg.data.resolution,
+                      snapshots=["baseline", "student", *(["uniform"] if m.arms.uniform else [])])
     ctx.complete()
     report_stage(ctx, build_report(ctx.manifest.data), layout(cfg))

@@ -92,13 +92,14 @@ def update_knowledge(knowledge: torch.Tensor, count: int, logits: torch.Tensor) 
     return (knowledge * count + logits.to(knowledge)) / (count + 1), count + 1
 
 
-def uniform_widths(model: nn.Module, target_ratio: float, input_shape: tuple, round_to: int = 1) -> list[int]:
-    """The uniform comparison arm's widths at `target_ratio` of `model`'s MACs
-    (`kesi_dist.pruning.uniform_widths`), multiples of `round_to`."""
+def uniform_widths(model: nn.Module, target_ratio: float, input_shape: tuple, round_to: int = 1,
+                   cost: Callable[[list[int]], float] | None = None) -> list[int]:
+    """The uniform comparison arm's widths at `target_ratio` of `model`'s MACs, or of `cost` (a latency
+    prediction) when given (`kesi_dist.pruning.uniform_widths`), multiples of `round_to`."""
     from kesi_dist.pruning import macs_function
     from kesi_dist.pruning import uniform_widths as widest_uniform
 
-    return widest_uniform(model.widths, macs_function(model, tuple(input_shape)), target_ratio, round_to)
+    return widest_uniform(model.widths, cost or macs_function(model, tuple(input_shape)), target_ratio, round_to)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Step:
     widths: list[int]  # every unit's kept channels after the step
     macs: int
     macs_ratio: float  # of the original network's
+    budget_ratio: float  # what the target bounds: the MACs ratio, or the predicted latency's with `cost`
     holdout_loss: float  # CE of the accepted sub-network on the holdout
     score: float  # CE + soft CE to the ensemble target, what the step minimised
     candidates: int  # how many units were evaluated
@@ -124,6 +126,8 @@ class SubnetSearch:
             both `evaluate_many` and `taylor_many` are given).
         target_ratio: stop once the sub-network's MACs are at most this fraction of the model's.
         step: coarse step as a fraction of each unit's original width; cut: Otsu's trim fraction.
+        cost: widths -> what the target bounds instead of MACs (e.g. `kesi_dist.latency.predict` on a
+            profiled table: a latency budget); None: MACs, the reference's.
         round_to: widths move in multiples of this (the coarse step and the fine search alike; a unit
             stops at one multiple), so every sub-network has aligned widths; 1 is the reference's.
         batch_size: holdout batch (BN statistics are per batch, as in the reference).
@@ -137,6 +141,7 @@ class SubnetSearch:
     def __init__(self, model: nn.Module, images: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                  target_ratio: float = 0.45, step: float = 0.2, cut: float = 0.2, batch_size: int = 256,
                  input_shape: tuple | None = None, round_to: int = 1,
+                 cost: Callable[[list[int]], float] | None = None,
                  evaluate_many: Callable[[list[list[int]], Order, torch.Tensor | None], list[Result]] | None = None,
                  taylor_many: Callable[[list[int], Order, torch.Tensor], list[list[torch.Tensor]]] | None = None):
         if not 0 < target_ratio < 1:
@@ -160,6 +165,8 @@ class SubnetSearch:
 
         self._macs = functools.lru_cache(maxsize=None)(macs_function(model, tuple(input_shape or images.shape[1:])))
         self.base_macs = self._macs(tuple(self.full))
+        self._cost = cost
+        self.base_cost = cost(list(self.full)) if cost is not None else None
         self.evaluator = None
         if evaluate_many is None or taylor_many is None:
             self.evaluator = SubnetEvaluator(model, images, labels, batch_size=batch_size)
@@ -173,6 +180,12 @@ class SubnetSearch:
 
     # -- the sub-network ------------------------------------------------------------------------
     def ratio(self, widths: list[int]) -> float:
+        """What the target bounds, relative to the original network: MACs, or the `cost` given."""
+        if self._cost is not None:
+            return self._cost(list(widths)) / self.base_cost
+        return self.macs_ratio(widths)
+
+    def macs_ratio(self, widths: list[int]) -> float:
         return self._macs(tuple(widths)) / self.base_macs
 
     def macs(self, widths: list[int]) -> int:
@@ -228,7 +241,8 @@ class SubnetSearch:
         self.knowledge, self.count = update_knowledge(self.knowledge, self.count, logits)
         self.history.append({"widths": list(self.widths), "order": [o.clone() for o in self.order], "loss": ce})
         return Step(step=len(self.history) - 1, unit=self.units[picks[best]].name, widths=list(self.widths),
-                    macs=self.macs(self.widths), macs_ratio=self.ratio(self.widths), holdout_loss=ce,
+                    macs=self.macs(self.widths), macs_ratio=self.macs_ratio(self.widths),
+                    budget_ratio=self.ratio(self.widths), holdout_loss=ce,
                     score=score, candidates=len(picks))
 
     def done(self) -> bool:

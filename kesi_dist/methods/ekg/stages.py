@@ -97,19 +97,22 @@ def _save_tensors(path: str, obj) -> None:
 
 def _record(s: Step, actors: set[int], seconds: float) -> dict:
     return {"step": s.step, "unit": s.unit, "widths": s.widths, "macs": s.macs, "macs_ratio": round(s.macs_ratio, 6),
-            "holdout_loss": s.holdout_loss, "score": s.score, "candidates": s.candidates,
+            "budget_ratio": round(s.budget_ratio, 6), "holdout_loss": s.holdout_loss, "score": s.score, "candidates": s.candidates,
             "actors": sorted(actors), "seconds": round(seconds, 3)}
 
 
 def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: EngineSpec, target: float, step: float,
-                 cut: float, batch_size: int, actors: int, teachers: int, round_to: int = 1) -> dict:
-    """Search the baseline's sub-network at `target` x its MACs; returns the stage record: steps, the
+                 cut: float, batch_size: int, actors: int, teachers: int, round_to: int = 1,
+                 latency_table: dict | None = None) -> dict:
+    """Search the baseline's sub-network at `target` x its MACs (x its predicted latency with a
+    `latency_table` from `kesi latency profile`); returns the stage record: steps, the
     final widths, MACs and ratio, the teachers (step, widths, holdout loss, file) and `subnet` (the cut
     sub-network's snapshot file, not trained)."""
     from kesi_dist.checkpoint import load_checkpoint, load_tensors, model_from_checkpoint
     from kesi_dist.train.tensorboard import ScalarWriter
 
-    with ctx.stage("search", target_macs_ratio=target) as st:
+    with ctx.stage("search", target_macs_ratio=None if latency_table else target,
+                   target_latency_ratio=target if latency_table else None) as st:
         if st.done:
             return st.record
         model, _ = model_from_checkpoint(load_checkpoint(baseline))
@@ -119,7 +122,8 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
             used: set[int] = set()
             evaluate_many, taylor_many = pool_functions(pool, used)
             search = SubnetSearch(model, target_ratio=target, step=step, cut=cut, batch_size=batch_size,
-                                  input_shape=(3, res, res), round_to=round_to, evaluate_many=evaluate_many, taylor_many=taylor_many)
+                                  input_shape=(3, res, res), round_to=round_to,
+                                  cost=_latency_cost(latency_table), evaluate_many=evaluate_many, taylor_many=taylor_many)
             holdout = pool.infos[0]["holdout"]
             used.clear()  # from here: the actors that evaluated each step's candidates
             steps: list[dict] = []
@@ -130,7 +134,8 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
                 resumed, steps = len(search.history) - 1, list(state["records"])
                 ctx.print(f"  search: resuming after step {resumed} of a stopped run (MACs "
                           f"{100 * search.ratio(search.widths):.1f}%)")
-            ctx.print(f"[bold]search[/]: {model.arch} to {100 * target:.0f}% of {search.base_macs / 1e6:.1f} M MACs on "
+            of = (f"the predicted {search.base_cost:.2f} ms" if latency_table else f"{search.base_macs / 1e6:.1f} M MACs")
+            ctx.print(f"[bold]search[/]: {model.arch} to {100 * target:.0f}% of {of} on "
                       f"{holdout} held-out images, {actors} actor(s)")
             ctx.note("search", steps=steps, resumed_from=resumed, holdout=holdout)
             writer = ScalarWriter(ctx.run.path("tensorboard", "search"))
@@ -141,10 +146,13 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
                 steps.append(_record(s, used, time.perf_counter() - began))
                 _save_tensors(state_path, {**search.state(), "records": steps})
                 ctx.note("search", steps=steps)
-                writer.scalars({"search/macs_ratio": s.macs_ratio, "search/holdout_loss": s.holdout_loss,
+                writer.scalars({"search/macs_ratio": s.macs_ratio, "search/budget_ratio": s.budget_ratio,
+                                "search/holdout_loss": s.holdout_loss,
                                 "search/score": s.score, "search/candidates": s.candidates}, step=s.step)
                 ctx.print(f"  step {s.step}: {s.unit} -> {s.widths[[u.name for u in search.units].index(s.unit)]} "
-                          f"channels, MACs {100 * s.macs_ratio:.1f}%, holdout loss {s.holdout_loss:.4f}, "
+                          f"channels, MACs {100 * s.macs_ratio:.1f}%"
+                          + (f", predicted latency {100 * s.budget_ratio:.1f}%" if latency_table else "")
+                          + f", holdout loss {s.holdout_loss:.4f}, "
                           f"{s.candidates} candidates on {len(used)} actor(s)")
                 used.clear()
                 began = time.perf_counter()
@@ -152,7 +160,7 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
             with bar(ctx.console, "search", 100, unit="%") as b:
                 def step_and_show(s: Step) -> None:
                     on_step(s)  # towards the target: 0 % at the full net, 100 % at the target's MACs
-                    b.update(completed=round(100 * (1 - s.macs_ratio) / (1 - target), 1))
+                    b.update(completed=round(100 * (1 - s.budget_ratio) / (1 - target), 1))
 
                 try:
                     search.run(step_and_show)
@@ -186,25 +194,34 @@ def _outputs(ctx: RunContext, model, search: SubnetSearch, num_teachers: int, st
         save_checkpoint(path, slice_units(model, search.keep(interim[i])), extra={"parent": "baseline", "step": i})
         teachers.append({"step": i, "widths": interim[i]["widths"], "macs": search.macs(interim[i]["widths"]),
                          "holdout_loss": interim[i]["loss"], "file": path})
-    _plot(steps, search.target, ctx.run.path("search.png"))
+    _plot(steps, search.target, ctx.run.path("search.png"), "latency" if search.base_cost is not None else "MACs")
     return {"steps": steps, "widths": list(search.widths), "macs": search.macs(search.widths),
-            "macs_ratio": search.ratio(search.widths), "base_macs": search.base_macs, "teachers": teachers,
+            "macs_ratio": search.macs_ratio(search.widths), "budget_ratio": search.ratio(search.widths),
+            "budget": "latency" if search.base_cost is not None else "macs", "base_macs": search.base_macs, "teachers": teachers,
             "subnet": subnet, "original_loss": search.history[0]["loss"]}
 
 
-def _plot(steps: list[dict], target: float, path: str) -> None:
+def _latency_cost(table: dict | None):
+    if table is None:
+        return None
+    from kesi_dist.latency import predict
+
+    return lambda widths: predict(table, widths)
+
+
+def _plot(steps: list[dict], target: float, path: str, budget: str = "MACs") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [100 * s["macs_ratio"] for s in steps]
+    xs = [100 * s.get("budget_ratio", s["macs_ratio"]) for s in steps]
     ax.plot(xs, [s["holdout_loss"] for s in steps], "o-", ms=3, label="holdout CE")
     ax.plot(xs, [s["score"] for s in steps], "s-", ms=3, alpha=0.6, label="score (CE + soft CE to K)")
     ax.axvline(100 * target, color="tab:red", linestyle="--", label=f"target {100 * target:.0f}%")
     ax.invert_xaxis()
-    ax.set_xlabel("MACs of the sub-network (% of the baseline's)")
+    ax.set_xlabel(f"{'predicted latency' if budget == 'latency' else 'MACs'} of the sub-network (% of the baseline's)")
     ax.set_ylabel("holdout loss")
     ax.set_title("EKG search: one accepted step per point")
     ax.grid(alpha=0.3)
@@ -212,7 +229,8 @@ def _plot(steps: list[dict], target: float, path: str) -> None:
     save_figure(fig, path)
 
 
-def uniform_stage(ctx: RunContext, *, baseline: str, target: float, round_to: int = 1) -> str:
+def uniform_stage(ctx: RunContext, *, baseline: str, target: float, round_to: int = 1,
+                  latency_table: dict | None = None) -> str:
     """The baseline with every unit keeping the same fraction of its highest-L1 filters, the widest at or
     under `target` x its MACs; written once to snapshot file "uniform_init"."""
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -222,7 +240,7 @@ def uniform_stage(ctx: RunContext, *, baseline: str, target: float, round_to: in
     if storage.exists(dst):  # written atomically; deterministic anyway
         return dst
     model, _ = model_from_checkpoint(load_checkpoint(baseline))
-    widths = uniform_widths(model, target, (3, ctx.resolution, ctx.resolution), round_to)
+    widths = uniform_widths(model, target, (3, ctx.resolution, ctx.resolution), round_to, _latency_cost(latency_table))
     convs = dict(model.named_modules())
     keep = {u.name: l1_keep_indices(convs[u.conv].weight, w) for u, w in zip(model.units(), widths)}
     save_checkpoint(dst, slice_units(model, keep), extra={"parent": "baseline", "method": "uniform"})

@@ -6,16 +6,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kesi_dist.schema import Schedule, Strict
+from kesi_dist.schema import LatencyTargetCfg, Schedule, Strict
 
-__all__ = ["KesiCfg", "PruneCfg", "LatencyTargetCfg", "FixedLRCfg", "TuneCfg", "DistillCfg"]
-
-
-class LatencyTargetCfg(Strict):
-    latency_ratio: float = Field(gt=0, lt=1, description="the student's predicted latency as a fraction of the "
-                                 "baseline's (the table's batch and threads)")
-    table: str = Field(description="JSON table from `kesi latency profile` for this network and the machine it "
-                                   "will serve on")
+__all__ = ["KesiCfg", "PruneCfg", "FixedLRCfg", "TuneCfg", "DistillCfg"]
 
 
 class PruneCfg(Strict):

@@ -49,19 +49,13 @@ def resolve_prune(cfg):
     network's: the paper's shape of schedule, pruned no further than the budget needs, so PFEC's own
     criterion (L1 norms) still decides which filters go.
     """
-    from kesi_dist.latency import check_table, load_table, predict
-    from kesi_dist.plan import default_num_classes
+    from kesi_dist.latency import budget_table, predict
 
     prune = cfg.method.prune
     if prune.target is None:
         return prune, None
     t = prune.target
-    where = "method.prune.target.table"
-    table = load_table(t.table)
-    try:
-        check_table(table, t.table, cfg.model.arch, default_num_classes(cfg), cfg.data.resolution, cfg.model.options())
-    except UsageError as e:
-        raise UsageError(f"{where}: {e}") from None
+    table = budget_table(cfg, t, "method.prune.target")
     budget = t.latency_ratio * table["full_ms"]
     top = max([*prune.stage_ratios, *prune.layer_ratios.values(), 1e-9])
     best = None

@@ -7,7 +7,7 @@ one-cycle snapshot's architecture. The chain is the chosen snapshot of every ite
 
 from __future__ import annotations
 
-from kesi_dist.report import ReportLayout, size_row
+from kesi_dist.report import ReportLayout, latency_entry, size_row
 
 __all__ = ["build_report", "layout"]
 
@@ -34,7 +34,6 @@ def build_report(manifest: dict) -> dict:
         if st.get("fixed"):
             row["fixed_lr_val_acc"] = snaps[st["fixed"]]["val_acc"]
         chain.append(row)
-    lat = stages.get("latency", {})
     timings = {name: round(st["end"] - st["start"], 2) for name, st in stages.items()
                if st.get("status") == "complete" and "end" in st and "start" in st}
     return {
@@ -47,8 +46,7 @@ def build_report(manifest: dict) -> dict:
         "chain": chain,
         "snapshots": list(snaps.values()),
         "timings": timings,
-        **({"latency": {k: lat[k] for k in ("batch", "threads", "table", "table_cpu", "cpu", "rows")}}
-           if lat.get("status") == "complete" else {}),
+        **latency_entry(stages),
     }
 
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from kesi_dist.schema import Schedule, Strict
+from kesi_dist.schema import LatencyTargetCfg, Schedule, Strict
 
 __all__ = ["SwpCfg", "SupernetCfg", "SearchCfg", "CorrelationCfg"]
 
@@ -66,6 +66,9 @@ class SwpCfg(Strict):
     name: Literal["swp"] = "swp"
     target_macs_ratio: float = Field(0.45, gt=0, lt=1, description="the searched net's MACs budget, as a fraction "
                                      "of the baseline's")
+    target_latency: LatencyTargetCfg | None = Field(None, description="search under this fraction of the baseline's "
+                                                    "predicted latency instead of target_macs_ratio (the uniform arm "
+                                                    "too)")
     supernet: SupernetCfg = SupernetCfg()
     search: SearchCfg = SearchCfg()
     retrain: Schedule = Field(default_factory=Schedule, description="how every chosen sub-net is retrained (the "
@@ -89,5 +92,9 @@ class SwpCfg(Strict):
         if not staged:
             raise UsageError(f"model.arch: {root.model.arch} has no fixed-width stages (a stage's output is a pruned "
                              "unit), so it cannot be split into stage-wise supernets; use a residual net")
-        if self.target_macs_ratio - self.search.band <= 0:
+        if self.budget() - self.search.band <= 0:
             raise UsageError("method.search.band: as wide as the target; lower it")
+
+    def budget(self) -> float:
+        """The search's target ratio: of the predicted latency when target_latency is set, else of the MACs."""
+        return self.target_latency.latency_ratio if self.target_latency else self.target_macs_ratio

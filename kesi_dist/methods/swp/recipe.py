@@ -26,6 +26,7 @@ from kesi_dist.runs import RunContext
 from kesi_dist.stages.baseline import baseline_stage
 from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.report import report_stage
+from kesi_dist.stages.latency import latency_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.train.spec import ModelSpec, schedule_from
 
@@ -33,7 +34,10 @@ __all__ = ["run"]
 
 
 def run(cfg: Config, ctx: RunContext) -> None:
+    from kesi_dist.latency import budget_table
+
     m = cfg.method
+    table = budget_table(cfg, m.target_latency, "method.target_latency") if m.target_latency else None
     data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options()),
@@ -41,9 +45,9 @@ def run(cfg: Config, ctx: RunContext) -> None:
                    given=cfg.baseline.checkpoint)
     nets = supernets_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine, supernet=m.supernet,
                            whole_net=m.correlation.subnets > 0, seed=cfg.seed)
-    found = search_stage(ctx, supernets=nets, loader=loader, engine=engine, target=m.target_macs_ratio,
+    found = search_stage(ctx, supernets=nets, loader=loader, engine=engine, target=m.budget(),
                          ratios=m.supernet.ratios, search=m.search, subnets=m.correlation.subnets, seed=cfg.seed,
-                         round_to=m.supernet.round_to)
+                         round_to=m.supernet.round_to, latency_table=table)
 
     with ctx.stage("retrain") as st:
         if not st.done:
@@ -68,6 +72,9 @@ def run(cfg: Config, ctx: RunContext) -> None:
             if missing:
                 raise RunError(f"retrain: {', '.join(f'{n} failed ({failures.get(n)})' for n in missing)}")
             st.update(arms=[a.name for a in arms])
+    if table is not None:
+        latency_stage(ctx, table_path=m.target_latency.table, resolution=cfg.data.resolution,
+                      snapshots=["baseline", "student", *(["uniform"] if m.uniform else [])])
     ctx.complete()
     report = build_report(ctx.manifest.data)
     report_stage(ctx, report, layout(cfg))

@@ -6,7 +6,7 @@ search and the supernets' parallel runs. Correlation accuracies are in percent: 
 from __future__ import annotations
 
 from kesi_dist.methods.swp.correlation import summary
-from kesi_dist.report import ReportLayout, save_figure, size_row
+from kesi_dist.report import ReportLayout, latency_entry, save_figure, size_row
 
 __all__ = ["build_report", "layout", "sections", "write_scatter"]
 
@@ -40,12 +40,15 @@ def build_report(manifest: dict) -> dict:
         "uniform": size_row(snaps.get("uniform")),
         "correlation": correlation,
         "search": {"target_macs_ratio": search.get("target_macs_ratio"), "macs_ratio": search.get("macs_ratio"),
+                   "target_latency_ratio": search.get("target_latency_ratio"),
+                   "budget_ratio": search.get("budget_ratio"),
                    "widths": search.get("widths"), "best_proxy": _pct(search.get("proxy")),
                    "generations": max(0, len(gens) - 1), "evaluated": search.get("evaluated"),
                    "history": [{k: g[k] for k in ("generation", "best", "mean", "evaluated")} for g in gens]},
         "supernets": {"runs": nets.get("runs") or [], "overlap_s": nets.get("overlap")},
         "test_images": stages.get("data", {}).get("val_size"),
         "chain": [], "snapshots": list(snaps.values()), "timings": timings,
+        **latency_entry(stages),
     }
 
 
@@ -79,8 +82,11 @@ def sections(report: dict) -> list[str]:
     if sr.get("history"):
         lines += ["", "## Search", "",
                   f"{sr['generations']} generations, {sr['evaluated']} sub-nets evaluated; best proxy "
-                  f"{sr['best_proxy']:.2f} % at {100 * sr['macs_ratio']:.2f} % of the baseline's MACs (budget "
-                  f"{100 * sr['target_macs_ratio']:.0f} %)."]
+                  f"{sr['best_proxy']:.2f} % at "
+                  + (f"{100 * sr['budget_ratio']:.2f} % of the baseline's predicted latency (budget "
+                     f"{100 * sr['target_latency_ratio']:.0f} %; MACs {100 * sr['macs_ratio']:.2f} %)."
+                     if sr.get("target_latency_ratio") else
+                     f"{100 * sr['macs_ratio']:.2f} % of the baseline's MACs (budget {100 * sr['target_macs_ratio']:.0f} %).")]
     runs = (report.get("supernets") or {}).get("runs") or []
     if runs:
         t0 = min(r["start"] for r in runs)
@@ -119,11 +125,13 @@ def write_scatter(path: str, report: dict) -> None:
 
 def layout(cfg) -> ReportLayout:
     m = cfg.method
-    what = f"{cfg.model.arch} searched by SWP under {100 * m.target_macs_ratio:.0f}% of its MACs"
+    budget = (f"{100 * m.target_latency.latency_ratio:.0f}% of its predicted latency" if m.target_latency
+              else f"{100 * m.target_macs_ratio:.0f}% of its MACs")
+    what = f"{cfg.model.arch} searched by SWP under {budget}"
     return ReportLayout(
-        title=f"{cfg.model.arch} · SWP under {100 * m.target_macs_ratio:.0f}% MACs · {cfg.data.source}",
+        title=f"{cfg.model.arch} · SWP under {budget.replace(' of its ', ' ')} · {cfg.data.source}",
         rows=(("baseline", "baseline", "baseline"), ("SWP: searched + retrained", "swp", "SWP"),
-              ("uniform L1 + retrained (equal MACs)", "uniform", "uniform")),
+              (f"uniform L1 + retrained (equal {'latency' if m.target_latency else 'MACs'})", "uniform", "uniform")),
         deliverables=("swp",),
         card_titles={"swp": f"{what}, retrained"},
         arms={"swp": "SWP", "uniform": "uniform", "subnet": "correlation sub-nets"},

@@ -153,20 +153,30 @@ class ProxyWorker:
 
 
 def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine: EngineSpec, target: float,
-                 ratios: list[float], search, subnets: int, seed: int, round_to: int = 1) -> dict:
-    """Evolve the best proxy under the budget; draw the correlation study's sub-nets and score them on
-    both supernets. Returns the stage record (widths, macs, proxy, generations, subnets, uniform)."""
+                 ratios: list[float], search, subnets: int, seed: int, round_to: int = 1,
+                 latency_table: dict | None = None) -> dict:
+    """Evolve the best proxy under the budget (`target` x the MACs, or x the predicted latency with a
+    `latency_table`); draw the correlation study's sub-nets and score them on both supernets. Returns the
+    stage record (widths, macs, proxy, generations, subnets, uniform)."""
     from kesi_dist.models.slimmable import width_choices
     from kesi_dist.pruning import macs_function, uniform_widths
     from kesi_dist.runtime import ActorPool
 
-    with ctx.stage("search", target_macs_ratio=target) as st:
+    with ctx.stage("search", target_macs_ratio=None if latency_table else target,
+                   target_latency_ratio=target if latency_table else None) as st:
         if st.done:
             return st.record
         net = _load(supernets["supernet"])
         macs = macs_function(net, (3, ctx.resolution, ctx.resolution))
         base = macs(net.widths)
-        lo, hi = (target - search.band) * base, target * base
+        cost = macs  # what the budget bounds: MACs, or the predicted latency
+        if latency_table is not None:
+            from kesi_dist.latency import predict
+
+            def cost(widths):
+                return predict(latency_table, list(widths))
+        full_cost = cost(net.widths)
+        lo, hi = (target - search.band) * full_cost, target * full_cost
         choices = width_choices(net.widths, ratios, round_to)
         files = [supernets["supernet"]] + ([supernets["whole_net"]] if supernets.get("whole_net") else [])
         state_path = ctx.run.path("swp", "search_state.json")
@@ -178,13 +188,14 @@ def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine
             def proxies(cands, which=0):
                 return pool.map([(list(c), which) for c in cands], method="evaluate")
 
-            evo = Evolution(choices, macs, lo, hi, proxies, population=search.population, parents=search.parents,
+            evo = Evolution(choices, cost, lo, hi, proxies, population=search.population, parents=search.parents,
                             mutation=search.mutation, mutate_prob=search.mutate_prob, seed=seed)
             if storage.is_file(state_path):  # a killed driver's search: continue after its last generation
                 evo.load_state(json.loads(storage.read_text(state_path)))
                 ctx.print(f"  search: resuming after generation {evo.generation} of a stopped run")
             else:
-                ctx.print(f"[bold]search[/]: evolution to {100 * target:.0f}% of {base / 1e6:.1f} M MACs (band "
+                of = f"the predicted {full_cost:.2f} ms" if latency_table else f"{base / 1e6:.1f} M MACs"
+                ctx.print(f"[bold]search[/]: evolution to {100 * target:.0f}% of {of} (band "
                           f"{100 * (target - search.band):.0f}-{100 * target:.0f}%), population {search.population}, "
                           f"{search.generations} generations, {search.actors} actor(s)")
                 _saved(ctx, state_path, evo, evo.start())
@@ -195,7 +206,7 @@ def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine
                     b.update(completed=evo.generation)
             widths, proxy = evo.best()
             rng = random.Random(f"{seed}-correlation")
-            sample = [sample_in_band(rng, lambda: [rng.choice(c) for c in choices], macs, lo, hi)
+            sample = [sample_in_band(rng, lambda: [rng.choice(c) for c in choices], cost, lo, hi)
                       for _ in range(subnets)]
             study = []
             if sample:
@@ -203,8 +214,9 @@ def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine
                 swp, whole = proxies(sample, 0), proxies(sample, 1)
                 study = [{"widths": list(w), "macs": macs(list(w)), "proxy_swp": a, "proxy_whole_net": b}
                          for w, a, b in zip(sample, swp, whole)]
-        uniform = uniform_widths(net.widths, macs, target, round_to)
+        uniform = uniform_widths(net.widths, cost, target, round_to)
         st.update(widths=list(widths), macs=macs(list(widths)), macs_ratio=macs(list(widths)) / base, proxy=proxy,
+                  budget_ratio=cost(list(widths)) / full_cost,
                   base_macs=base, generations=evo.history, evaluated=len(evo.fitness), subnets=study,
                   uniform=uniform, uniform_macs=macs(uniform))
         ctx.print(f"  best sub-net: proxy {100 * proxy:.2f}% on the holdout, {100 * macs(list(widths)) / base:.2f}% of "
