@@ -16,7 +16,9 @@ shared machine hits every row alike; the ratios (`macs_speedup`, `*_speedup`) ar
 With `--round-to N` (default 8; 0 = off) the same schedule is also run with `method.prune.round_to=N`
 (every kept filter count a multiple of N) and timed in the same interleaved rounds: `aligned_rows`.
 With `--latency TABLE` (from `kesi latency profile` at the same threads) every row also gets the table's
-prediction at its batch, `predicted_ms`, and `prediction_error` (predicted / measured onnxruntime - 1).
+prediction at its batch, `predicted_ms`, and `prediction_error` (predicted / measured onnxruntime - 1);
+and a third chain is timed, `latency_rows`: the schedule scaled to meet `--latency-ratio` of the
+baseline's predicted latency (`method.prune.target`), with `--round-to`.
 
 Prints {"rows": [{"name", "macs", "macs_speedup", "torch_b1_ms", "torch_b64_ms", "ort_b1_ms",
 "ort_b64_ms", "ort_b64_speedup", "*_min_ms" (fastest run), "ort_b64_min_speedup", "ort_b64_vs_parent", ...}],
@@ -43,12 +45,12 @@ BATCHES = (1, 64)
 def build_chain(config: str, iterations: int | None, overrides: list[str]) -> tuple[list[tuple[str, object]], int]:
     """[(name, model)] for the baseline, every snapshot and the student; and the input resolution."""
     from kesi_dist.config import load_config
-    from kesi_dist.methods.kesi.prune import prune_iteration
+    from kesi_dist.methods.kesi.prune import prune_iteration, resolve_prune
     from kesi_dist.models import build_model
     from kesi_dist.plan import random_model
 
     cfg = load_config(config, overrides)
-    p = cfg.method.prune
+    p = resolve_prune(cfg)[0]  # a latency budget's scaled schedule, else the config's
     n = p.iterations if iterations is None else iterations
     model = random_model(cfg)
     chain, masks = [("baseline", model.eval())], None
@@ -100,7 +102,9 @@ def main() -> None:
     ap.add_argument("--ort-opt", default="all", choices=["disable", "basic", "extended", "all"],
                     help="onnxruntime graph optimisation level")
     ap.add_argument("--round-to", type=int, default=8, help="also time the chain with prune.round_to=N (0: off)")
-    ap.add_argument("--latency", metavar="TABLE", help="kesi latency profile table: add its predictions")
+    ap.add_argument("--latency", metavar="TABLE", help="kesi latency profile table: add its predictions and "
+                                                     "the latency-targeted chain")
+    ap.add_argument("--latency-ratio", type=float, default=0.5, help="the latency-targeted chain's budget")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -120,6 +124,10 @@ def main() -> None:
     chains = {"rows": build_chain(args.config, args.iterations, overrides)}
     if args.round_to:
         chains["aligned_rows"] = build_chain(args.config, args.iterations, [*overrides, f"method.prune.round_to={args.round_to}"])
+    if args.latency:
+        chains["latency_rows"] = build_chain(args.config, args.iterations, [
+            *overrides, f"method.prune.round_to={max(1, args.round_to)}", f"method.prune.target.table={args.latency}",
+            f"method.prune.target.latency_ratio={args.latency_ratio}"])
     res = chains["rows"][1]
     table = None
     if args.latency:
@@ -189,7 +197,8 @@ def main() -> None:
     import onnxruntime as ort
 
     result = {
-        **out, "round_to": args.round_to, "latency_table": args.latency, "config": args.config, "overrides": overrides, "resolution": res, "threads": args.threads,
+        **out, "round_to": args.round_to, "latency_table": args.latency,
+        "latency_ratio": args.latency_ratio if args.latency else None, "config": args.config, "overrides": overrides, "resolution": res, "threads": args.threads,
         "ort_opt": args.ort_opt, "repeats": args.repeats, "warmup": args.warmup,
         "torch": torch.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
         "cpu_count": os.cpu_count(), "load_avg_1min_at_start": round(load_start, 2),
