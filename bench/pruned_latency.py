@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=8, help="also time the chain with prune.round_to=N (0: off)")
     ap.add_argument("--latency", metavar="TABLE", help="kesi latency profile table: add its predictions and "
                                                      "the latency-targeted chain")
-    ap.add_argument("--latency-ratio", type=float, default=0.5, help="the latency-targeted chain's budget")
+    ap.add_argument("--latency-ratio", type=float, default=0.6, help="the latency-targeted chain's budget")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 

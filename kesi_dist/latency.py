@@ -170,13 +170,15 @@ def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, th
     }
 
 
-def measure(model: nn.Module, resolution: int, *, batch: int, threads: int, warmup: int = 3, repeats: int = 15) -> float:
-    """Median ms of `model` in onnxruntime (exported as `kesi export` does) at `batch` and `threads`."""
+def measure(models: list[nn.Module], resolution: int, *, batch: int, threads: int, warmup: int = 3,
+            repeats: int = 30) -> list[float]:
+    """Median ms of each model in onnxruntime (exported as `kesi export` does) at `batch` and `threads`,
+    the models interleaved round by round so that a load change hits them alike."""
     before = torch.get_num_threads()
     try:
-        x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
-        sess = _ort_session(_onnx(model, x[:1]), threads)
-        return _time([lambda: sess.run(None, {"input": x.numpy()})], warmup, repeats)[0]
+        x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).numpy()
+        sessions = [_ort_session(_onnx(m, torch.from_numpy(x[:1])), threads) for m in models]
+        return _time([lambda s=s: s.run(None, {"input": x}) for s in sessions], warmup, repeats)
     finally:
         torch.set_num_threads(before)
 

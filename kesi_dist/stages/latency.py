@@ -20,11 +20,11 @@ def latency_stage(ctx: RunContext, *, table_path: str, snapshots: list[str], res
             return st.record
         table = load_table(table_path)
         key = table["key"]
+        models = [model_from_checkpoint(load_checkpoint(ctx.snapshot(n)))[0] for n in snapshots]
+        measured = measure(models, resolution, batch=key["batch"], threads=key["threads"])
         rows = {}
-        for name in snapshots:
-            model, _ = model_from_checkpoint(load_checkpoint(ctx.snapshot(name)))
-            rows[name] = {"predicted_ms": round(predict(table, list(model.widths)), 3),
-                          "measured_ms": round(measure(model, resolution, batch=key["batch"], threads=key["threads"]), 3)}
+        for name, model, ms in zip(snapshots, models, measured):
+            rows[name] = {"predicted_ms": round(predict(table, list(model.widths)), 3), "measured_ms": round(ms, 3)}
             ctx.print(f"  latency of {name} (onnxruntime, batch {key['batch']}, {key['threads']} threads): predicted "
                       f"{rows[name]['predicted_ms']:.2f} ms, measured {rows[name]['measured_ms']:.2f} ms")
         info = {"batch": key["batch"], "threads": key["threads"], "table": table_path, "table_cpu": key["cpu"],
