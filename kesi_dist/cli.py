@@ -80,10 +80,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from kesi_dist.config import config_to_yaml, describe_config, load_config
+    from kesi_dist.config import config_to_yaml, load_config
+    from kesi_dist.schema import describe
 
     cfg = load_config(args.config, _overrides(args))
-    print(describe_config(cfg) if args.describe else config_to_yaml(cfg), end="")
+    print(describe(cfg) if args.describe else config_to_yaml(cfg), end="")
     return 0
 
 

@@ -26,7 +26,7 @@ METHOD_CONFIGS = {name: m.config for name, m in METHODS.items()}
 
 __all__ = [
     "Config", "ModelCfg", "DataCfg", "BaselineCfg", "TrainCfg", "ClusterCfg", "MethodCfg",
-    "load_config", "parse_config", "apply_overrides", "config_to_yaml", "describe_config", "loader_spec",
+    "load_config", "parse_config", "apply_overrides", "config_to_yaml", "loader_spec",
     "engine_spec", "data_spec", "num_classes",
 ]
 
@@ -283,34 +283,6 @@ def parse_config(raw: dict, origin: str = "<config>") -> Config:
     except UsageError as e:
         raise UsageError(f"{origin}: {e}") from None
     return cfg
-
-
-def describe_config(cfg: Config) -> str:
-    """Every key of `cfg` on its own line: dotted key, value, allowed values and the field's description
-    (`kesi config --describe`)."""
-    import typing
-
-    from pydantic import BaseModel
-
-    lines: list[str] = []
-
-    def walk(model: BaseModel, prefix: str) -> None:
-        for name, field in type(model).model_fields.items():
-            value = getattr(model, name)
-            key = f"{prefix}{name}"
-            if isinstance(value, BaseModel):
-                walk(value, f"{key}.")
-                continue
-            allowed = [a for a in typing.get_args(field.annotation) if a is not type(None)]
-            literal = next((typing.get_args(a) for a in [field.annotation, *allowed]
-                            if typing.get_origin(a) is Literal), ())
-            notes = [f"one of {', '.join(map(str, literal))}"] if literal else []
-            notes += [field.description] if field.description else []
-            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"{key}: {shown}" + (f"    # {'; '.join(notes)}" if notes else ""))
-
-    walk(cfg, "")
-    return "\n".join(lines) + "\n"
 
 
 def config_to_yaml(cfg: Config) -> str:

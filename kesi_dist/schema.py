@@ -1,4 +1,4 @@
-"""Building blocks of every config section: strict models and the training `Schedule`.
+"""Building blocks of every config section: strict models, the training `Schedule`, `describe`.
 
 Shared by the root config (`kesi_dist.config`) and each method's own section
 (`kesi_dist.methods.<name>.config`), so neither imports the other's module.
@@ -6,11 +6,12 @@ Shared by the root config (`kesi_dist.config`) and each method's own section
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Strict", "Schedule", "LatencyTargetCfg"]
+__all__ = ["Strict", "Schedule", "LatencyTargetCfg", "describe"]
 
 
 class Strict(BaseModel):
@@ -62,3 +63,27 @@ class LatencyTargetCfg(Strict):
                                  "baseline's (the table's batch and threads)")
     table: str = Field(description="JSON table from `kesi latency profile` for this network and the machine it "
                                    "will serve on")
+
+
+def describe(cfg: BaseModel) -> str:
+    """Every key of `cfg` on its own line: dotted key, value, allowed values and the field's description
+    (`kesi config --describe`)."""
+    lines: list[str] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            key = f"{prefix}{name}"
+            if isinstance(value, BaseModel):
+                walk(value, f"{key}.")
+                continue
+            allowed = [a for a in get_args(field.annotation) if a is not type(None)]
+            literal = next((get_args(a) for a in [field.annotation, *allowed]
+                            if get_origin(a) is Literal), ())
+            notes = [f"one of {', '.join(map(str, literal))}"] if literal else []
+            notes += [field.description] if field.description else []
+            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"{key}: {shown}" + (f"    # {'; '.join(notes)}" if notes else ""))
+
+    walk(cfg, "")
+    return "\n".join(lines) + "\n"
