@@ -27,6 +27,7 @@ class Method:
     config: type  # the `method:` section's pydantic model
     smoke_config: str  # a tiny run of the method, relative to the repository (tests, job submission)
     test_overrides: tuple[str, ...] = ()  # shrink the smoke config further for in-process tests
+    latency_target: str = "method.target_latency"  # the config key of its latency budget ({latency_ratio, table})
 
     def module(self, part: str) -> ModuleType:
         """The method's `recipe`, `plan` or `report` module (imported on first use: they import torch)."""
@@ -41,6 +42,7 @@ METHODS: dict[str, Method] = {
         smoke_config="configs/kesi/smoke.yaml",
         test_overrides=("baseline.epochs=1", "prune.iterations=1", "retrain.epochs=1", "fixed_lr.epochs=1",
                         "distill.epochs=1", "tune.branches=1", "distill.mode=online"),
+        latency_target="method.prune.target",
     ),
     "ekg": Method(
         name="ekg",

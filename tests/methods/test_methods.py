@@ -3,7 +3,7 @@
 Parametrized over `kesi_dist.methods.METHODS`: a new method gets these tests by adding its entry (and
 its `configs/<name>/smoke.yaml`). The run is the method's smoke config shrunk further by the entry's
 `test_overrides`, on the tiny prepared dataset, with at most 2 batches per epoch, on the session's
-local Ray, in this process (`kesi_dist.launch.run_method`).
+local Ray, in this process (`kesi_dist.launch.run_method`), pruned against a latency budget.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from kesi_dist.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = list(METHODS)
+LATENCY_RATIO = 0.8
 
 
 def _config(name: str, *extra: str, data: str | None = None):
@@ -50,13 +51,29 @@ def test_plan_shrinks_the_model(name):
     assert rows[-1]["params"] <= rows[0]["params"]
 
 
+@pytest.fixture(scope="module")
+def latency_table(tmp_path_factory):
+    """A quick profile of the smoke configs' network (every method's smoke config runs the same one)."""
+    from kesi_dist.latency import profile
+
+    archs = {load_config(ROOT / m.smoke_config).model.arch for m in METHODS.values()}
+    assert len(archs) == 1, archs
+    table = profile(archs.pop(), 10, 16, batch=4, threads=1, repeats=1, warmup=1)
+    path = tmp_path_factory.mktemp("latency") / "table.json"
+    path.write_text(json.dumps(table))
+    return table, path
+
+
 @pytest.fixture(scope="module", params=NAMES)
-def finished_run(request, ray_local, tiny_data, tmp_path_factory):
+def finished_run(request, ray_local, tiny_data, latency_table, tmp_path_factory):
+    """The method's run pruned against a measured-latency budget (`Method.latency_target`, 0.8 of the
+    baseline's predicted latency), so the budget's path runs for every method too."""
     from kesi_dist.launch import run_method
 
     name = request.param
     out = tmp_path_factory.mktemp(f"run_{name}") / "run"
-    cfg = _config(name, data=tiny_data)
+    key = METHODS[name].latency_target
+    cfg = _config(name, f"{key}.table={latency_table[1]}", f"{key}.latency_ratio={LATENCY_RATIO}", data=tiny_data)
     run_method(cfg, str(out), max_steps=2)
     return name, cfg, out
 
@@ -83,6 +100,29 @@ def test_in_process_run_completes_with_its_report(finished_run):
     assert all(label in md for label, _, _ in layout.rows)
     assert (out / "MODEL_CARD.md").read_text().startswith("# Model card: ")
     assert (out / "accuracy_vs_macs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_latency_budget_holds_and_the_report_gives_predicted_and_measured_latency(finished_run, latency_table):
+    from kesi_dist.latency import predict
+
+    name, cfg, out = finished_run
+    table = latency_table[0]
+    report = json.loads((out / "report.json").read_text())
+    student = next(s for s in report["snapshots"] if s["name"] == "student")
+    lat = report["latency"]
+    assert lat["batch"] == 4 and lat["threads"] == 1 and {"baseline", "student"} <= set(lat["rows"])
+    assert lat["rows"]["student"]["predicted_ms"] == pytest.approx(predict(table, student["widths"]), abs=1e-3)
+    for arm in set(lat["rows"]) - {"baseline"}:  # the student and any uniform arm: the nets that were trained
+        assert lat["rows"][arm]["predicted_ms"] <= LATENCY_RATIO * table["full_ms"] + 1e-3, arm
+    assert lat["rows"]["baseline"]["predicted_ms"] == pytest.approx(table["full_ms"], abs=1e-3)
+    assert all(r["measured_ms"] > 0 for r in lat["rows"].values())
+    assert "## Latency (onnxruntime)" in (out / "report.md").read_text()
+    assert "### Latency (onnxruntime)" in (out / "MODEL_CARD.md").read_text()
+    if name == "kesi":  # the widths it trained are the ones `kesi plan` showed for the budget
+        from kesi_dist.methods.kesi.prune import resolve_prune
+
+        assert student["widths"] == resolve_prune(cfg)[1]["widths"]
 
 
 @pytest.mark.slow
