@@ -134,7 +134,7 @@ def _cmd_latency_profile(args: argparse.Namespace) -> int:
     import json
 
     from kesi_dist.config import load_config
-    from kesi_dist.latency import profile
+    from kesi_dist.latency import profile, threads_text
     from kesi_dist.plan import default_num_classes
     from rich.console import Console
 
@@ -147,7 +147,7 @@ def _cmd_latency_profile(args: argparse.Namespace) -> int:
                         threads=args.threads, options=cfg.model.options(), step=args.step, repeats=args.repeats,
                         on_progress=lambda done, total: b.update(done, total))
     atomic_write_text(args.output, json.dumps(table, indent=1) + "\n")
-    print(f"{cfg.model.arch} at {cfg.data.resolution}px, batch {args.batch}, {args.threads} threads, "
+    print(f"{cfg.model.arch} at {cfg.data.resolution}px, batch {args.batch}, {threads_text(args.threads)}, "
           f"onnxruntime {table['onnxruntime']}: {len(table['pieces'])} distinct unit pieces profiled, whole network "
           f"{table['full_ms']:.2f} ms -> {args.output}")
     return 0

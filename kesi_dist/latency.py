@@ -31,9 +31,13 @@ from torch import nn
 
 from kesi_dist.errors import UsageError
 
-__all__ = ["profile", "predict", "measure", "load_table", "check_table", "budget_table", "plan_latency", "cpu_model", "grid_for", "SCHEMA"]
+__all__ = ["profile", "predict", "measure", "load_table", "check_table", "budget_table", "plan_latency", "cpu_model", "threads_text", "grid_for", "SCHEMA"]
 
 SCHEMA = 1
+
+
+def threads_text(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
 
 
 def cpu_model() -> str:

@@ -81,6 +81,8 @@ def print_plan(plan: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from kesi_dist.latency import threads_text
+
     rows = plan["iterations"]
     base = rows[0]
     table = Table(
@@ -106,8 +108,8 @@ def print_plan(plan: dict) -> None:
             *((f"{r['latency_ms']:.2f}", pct(r["latency_ms"], base["latency_ms"])) if lat else ()), widths,
         )
     if lat:
-        table.caption += (f"; ms = predicted {lat['runtime']} latency at batch {lat['batch']}, {lat['threads']} "
-                          f"threads on {lat['cpu']}")
+        table.caption += (f"; ms = predicted {lat['runtime']} latency at batch {lat['batch']}, "
+                          f"{threads_text(lat['threads'])} on {lat['cpu']}")
     console = Console()
     if not console.is_terminal:  # a pipe or a log: no 80-column wrap of the numbers
         console = Console(width=160)

@@ -100,11 +100,13 @@ def latency_entry(stages: dict) -> dict:
 
 def latency_lines(report: dict) -> list[str]:
     """The latency budget's section: predicted (the table) and measured onnxruntime ms per snapshot."""
+    from kesi_dist.latency import threads_text
+
     lat = report.get("latency")
     if not lat:
         return []
     lines = ["", "## Latency (onnxruntime)", "",
-             f"Batch {lat['batch']}, {lat['threads']} threads; predicted by `{lat['table']}` (profiled on "
+             f"Batch {lat['batch']}, {threads_text(lat['threads'])}; predicted by `{lat['table']}` (profiled on "
              f"{lat['table_cpu']}), measured after the run on {lat['cpu']}.", "",
              "| snapshot | predicted (ms) | measured (ms) | measured speed-up |", "|---|---|---|---|"]
     base = lat["rows"].get("baseline", {}).get("measured_ms")

@@ -13,7 +13,7 @@ def latency_stage(ctx: RunContext, *, table_path: str, snapshots: list[str], res
     once. Measured here, in the driver, on the machine that runs it: where the table was profiled is what
     the prediction is for (`cpu` says which), so compare the ratios when the two differ."""
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
-    from kesi_dist.latency import cpu_model, load_table, measure, predict
+    from kesi_dist.latency import cpu_model, load_table, measure, predict, threads_text
 
     with ctx.stage("latency") as st:
         if st.done:
@@ -25,7 +25,7 @@ def latency_stage(ctx: RunContext, *, table_path: str, snapshots: list[str], res
         rows = {}
         for name, model, ms in zip(snapshots, models, measured):
             rows[name] = {"predicted_ms": round(predict(table, list(model.widths)), 3), "measured_ms": round(ms, 3)}
-            ctx.print(f"  latency of {name} (onnxruntime, batch {key['batch']}, {key['threads']} threads): predicted "
+            ctx.print(f"  latency of {name} (onnxruntime, batch {key['batch']}, {threads_text(key['threads'])}): predicted "
                       f"{rows[name]['predicted_ms']:.2f} ms, measured {rows[name]['measured_ms']:.2f} ms")
         info = {"batch": key["batch"], "threads": key["threads"], "table": table_path, "table_cpu": key["cpu"],
                 "cpu": cpu_model(), "rows": rows}

@@ -126,7 +126,7 @@ def test_plan_with_a_latency_table_adds_predicted_ms_per_iteration(table_file):
     assert plan["iterations"][0]["latency_ms"] == pytest.approx(table["full_ms"], abs=1e-3)
     r = _kesi("plan", str(QUICKSTART), "--latency", str(table_file))
     text = " ".join(r.stdout.split())  # the caption wraps
-    assert r.returncode == 0 and "ms ↓" in text and "predicted onnxruntime latency at batch 2, 1 threads" in text
+    assert r.returncode == 0 and "ms ↓" in text and "predicted onnxruntime latency at batch 2, 1 thread on" in text
 
 
 def test_a_table_for_another_network_or_machine_is_named(table_file, tmp_path):
