@@ -1,4 +1,4 @@
-"""Accuracy at measured latency: the students (and baselines) of finished runs timed side by side.
+"""Accuracy at measured latency: the students (and baselines) of finished KESI runs timed side by side.
 
     .venv/bin/python bench/students_latency.py runs/qs_paper runs/qs_aligned --batch 64 --threads 1 --json
 
@@ -47,6 +47,8 @@ def main() -> None:
         resolution = resolution or cfg.data.resolution
         if cfg.data.resolution != resolution:
             sys.exit(f"{run}: resolution {cfg.data.resolution}, the first run's is {resolution}; time like with like")
+        if cfg.method.name != "kesi":
+            sys.exit(f"{run}: a {cfg.method.name} run; this benchmark compares KESI runs (prune.round_to, prune.target)")
         prune = cfg.method.prune
         entry = {"run": str(run), "round_to": prune.round_to,
                  "latency_ratio": prune.target.latency_ratio if prune.target else None}
@@ -57,7 +59,7 @@ def main() -> None:
             entry[name] = {"test_acc": round(100 * snap["val_acc"], 2), "holdout_acc": round(100 * snap["holdout_acc"], 2),
                            **{k: snap[k] for k in ("params", "macs", "widths")}}
             entry[name]["during_run"] = during.get(name)
-            models.append(model_from_checkpoint(load_checkpoint(run / "snapshots" / f"{name}.pt"))[0])
+            models.append(model_from_checkpoint(load_checkpoint(run / snap["checkpoint"]))[0])
         entries.append(entry)
     times = measure(models, resolution, batch=args.batch, threads=args.threads, warmup=args.warmup,
                     repeats=args.repeats)
