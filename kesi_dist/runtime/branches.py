@@ -91,7 +91,7 @@ def _trial(config: dict) -> None:
         "holdout/acc": result.metrics.get("holdout/acc"), metric_key: result.metrics[select],
         "snapshot": b.checkpoint,
         "node_id": result.metrics.get("node_id") or ray.get_runtime_context().get_node_id(),
-        "start": start, "end": time.time(), "attempts": result.attempts,
+        "start": start, "end": time.time(), "attempts": result.attempts, "resumed_at": result.resumed_at,
         # When the model trained (a trial may wait for its worker group's resources first).
         "train_start": result.history[0]["time"] - result.history[0]["epoch_s"], "train_end": result.history[-1]["time"],
         "world_size": result.metrics.get("world_size", 1),

@@ -25,7 +25,7 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
         if given:
             _import(ctx, given, model)
             path = ctx.snapshot("baseline")
-            val_acc, node_id, attempts, workers = evaluate_snapshot(path, loader), None, 0, 0
+            val_acc, node_id, attempts, workers, resumed_at = evaluate_snapshot(path, loader), None, 0, 0, []
             holdout_acc = evaluate_snapshot(path, loader, "holdout") if loader.holdout else None
         else:
             ctx.print(f"[bold]baseline[/]: training {model.arch} for {schedule.epochs} epochs "
@@ -38,8 +38,10 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
             )
             val_acc, node_id, attempts = result.metrics["val/acc"], result.metrics.get("node_id"), result.attempts
             holdout_acc, workers = result.metrics.get("holdout/acc"), result.metrics.get("world_size", 1)
+            resumed_at = result.resumed_at
         entry = ctx.register("baseline", arm="baseline", iteration=0, branch=None, parent=None, hparams={},
-                             node_id=node_id, start=start, end=time.time(), attempts=attempts, val_acc=val_acc,
+                             node_id=node_id, start=start, end=time.time(), attempts=attempts, resumed_at=resumed_at,
+                             val_acc=val_acc,
                              holdout_acc=holdout_acc, workers=workers)
         ctx.print(f"  baseline: {fmt_acc(entry)}, {fmt_size(entry)}")
     return entry

@@ -38,7 +38,8 @@ def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: T
                              hparams={"teachers": teachers, "mode": task.source}, val_acc=result.metrics["val/acc"],
                              holdout_acc=result.metrics.get("holdout/acc"),
                              node_id=result.metrics.get("node_id"), start=start, end=time.time(),
-                             attempts=result.attempts, workers=result.metrics.get("world_size", 1))
+                             attempts=result.attempts, resumed_at=result.resumed_at,
+                             workers=result.metrics.get("world_size", 1))
         if result.attempts > 1:
             ctx.manifest.log("distill retried", attempts=result.attempts)
         ctx.print(f"  {name}: {fmt_acc(entry)}, {fmt_size(entry)}")

@@ -27,6 +27,7 @@ def retrain(ctx: RunContext, stage: str, branches: list[Branch], *, loader: Load
         entry = ctx.register(b.name, arm=b.arm, **b.meta, hparams=b.hparams, val_acc=result["val/acc"],
                              holdout_acc=result.get("holdout/acc"), node_id=result.get("node_id"),
                              start=result.get("start"), end=result.get("end"), attempts=result.get("attempts"),
+                             resumed_at=result.get("resumed_at"),
                              workers=result.get("world_size"), train_start=result.get("train_start"),
                              train_end=result.get("train_end"))
         ctx.print(f"  [green]{b.name}[/] done: {fmt_acc(entry)} ({', '.join(f'{k}={v}' for k, v in b.hparams.items())})")
