@@ -112,7 +112,10 @@ def test_profile_table_is_keyed_and_predicts_its_own_network_exactly(table_file)
         p = table["pieces"][u["piece"]]
         assert p["widths"] == list(range(1, c + 1)) and len(p["ms"]) == c and all(m > 0 for m in p["ms"])
     assert predict(table, table["full_widths"]) == pytest.approx(table["full_ms"])
-    assert 0 < predict(table, [1] * 9) < table["full_ms"] * 3  # a finite, positive prediction off the grid's top
+    # Any other widths: the whole network's time plus each unit's measured difference to its full width.
+    narrowest = table["full_ms"] + sum(table["pieces"][u["piece"]]["ms"][0] - table["pieces"][u["piece"]]["ms"][c - 1]
+                                       for u, c in zip(table["units"], table["full_widths"]))
+    assert predict(table, [1] * 9) == pytest.approx(narrowest)
 
 
 def test_plan_with_a_latency_table_adds_predicted_ms_per_iteration(table_file):
