@@ -38,7 +38,9 @@ class TrainResult:
 
     Attributes:
         metrics: the last epoch's metrics (epoch, train/*, val/* (the test split), holdout/* (the
-            selection split, with a holdout), lr, images_per_s, epoch_s).
+            selection split, with a holdout), lr, images_per_s, epoch_s; time.time() stamps of rank 0:
+            worker_start_time, epoch_start_time, train_end_time, time (evaluated), and, on epochs this
+            driver saw complete, checkpoint_end_time (the epoch's checkpoint written and reported)).
         history: every completed epoch's metrics, in order, as rank 0 recorded them (restored from
             the checkpoint after a restart, so it lists each epoch once).
         started: the epoch numbers the workers started, in order, across restarts (a failure shows as

@@ -87,6 +87,7 @@ class _Worker:
         self.tspec, self.run = TaskSpec(**config.get("task") or {}), config["run"]
         self.session = session
         self.rank, self.world = session.rank, session.world
+        self.started = time.time()  # this process entered the worker function (after Ray Train's start-up)
         self.device = _device(self.espec.gpus_per_worker, isinstance(session, RaySession))
 
     def setup(self, stack: contextlib.ExitStack) -> None:
@@ -180,6 +181,7 @@ class _Worker:
         from kesi_dist.train.loop import evaluate, train_epoch
         from kesi_dist.train.optim import current_lr
 
+        begun = time.time()
         self.session.emit({"event": "epoch_start", "epoch": epoch, "steps": self.steps_per_epoch})
         last = [time.monotonic()]
 
@@ -207,6 +209,7 @@ class _Worker:
                             engine=self.w.engine, trace=trace, on_step=tick)
         except DivergedError as err:
             raise DivergedError(f"diverged at epoch {epoch + 1}: {err}") from None
+        trained = time.time()
         # Per-step LR and momentum for TensorBoard (the driver writes them), not kept in the metrics.
         self.session.emit({"event": "steps", "first": epoch * self.steps_per_epoch,
                            "lr": [t[0] for t in trace], "momentum": [t[1] for t in trace]})
@@ -218,8 +221,11 @@ class _Worker:
         for ld, prefix in evals:
             m.update(evaluate(self.w.model, ld, self.device, autocast_bf16=e.bf16, channels_last=e.channels_last,
                               prefix=prefix))
+        # Wall-clock stamps of the phases (what bench/train_throughput.py splits a run's time by): this
+        # process's start, the epoch's start, the end of its training steps, and `time`, evaluation done.
         m.update({"epoch": epoch, "lr": lr, "lr_end": current_lr(self.optimizer), "world_size": self.world,
-                  "node_id": self.node_id, "time": time.time()})
+                  "node_id": self.node_id, "worker_start_time": self.started, "epoch_start_time": begun,
+                  "train_end_time": trained, "time": time.time()})
         self.history.append(m)
         return m
 
@@ -239,7 +245,8 @@ class _Worker:
         self.session.report(metrics, ckpt_dir)
         if ckpt_dir:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-        self.session.emit({"event": "epoch", "metrics": metrics})
+        # The driver's copy also says when the checkpoint was written and reported (Ray Train: persisted).
+        self.session.emit({"event": "epoch", "metrics": {**metrics, "checkpoint_end_time": time.time()}})
 
     def close(self) -> None:
         for h in self.w.hooks:

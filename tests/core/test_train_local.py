@@ -106,3 +106,17 @@ def test_mwp_masks_from_the_init_checkpoint_are_enforced(tiny_data, tmp_path):
     for name, mask in masks.items():
         w = out["state_dict"][name]
         assert (w[mask == 0] == 0).all() and not torch.equal(w, model.state_dict()[name])
+
+
+def test_every_epoch_records_when_each_of_its_phases_ended(tiny_data, tmp_path):
+    """The stamps bench/train_throughput.py splits a run's time by: the worker's start, then per epoch its
+    start, the end of its training steps, of its evaluation (`time`) and of its checkpoint, in that order."""
+    result = run_training(model=ModelSpec("resnet20", num_classes=4), loader=_loader(tiny_data), engine=LOCAL,
+                          schedule=ScheduleSpec(epochs=2, lr=0.05), storage_path=str(tmp_path / "runs"), name="t",
+                          progress=False, max_steps_per_epoch=2)
+    stamps = [result.history[0]["worker_start_time"]]
+    for m in result.history:
+        assert m["worker_start_time"] == stamps[0]
+        stamps += [m["epoch_start_time"], m["train_end_time"], m["time"], m["checkpoint_end_time"]]
+    assert stamps == sorted(stamps) and len(stamps) == 9
+    assert sorted(os.listdir(tmp_path / "runs" / "t")) == ["checkpoint_000000", "checkpoint_000001"]
