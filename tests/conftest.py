@@ -71,3 +71,13 @@ def smoke_run(tmp_path_factory):
                            "--output", str(run)], capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run, proc, time.time() - started
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (moto) on loopback for the whole session (tests/s3server.py): dummy
+    AWS_* credentials set, bucket created; `s3.uri(path)` is a fresh s3:// URI on it. Fails, never
+    skips, when moto is not installed."""
+    from tests.s3server import serve
+
+    yield from serve()
