@@ -41,7 +41,8 @@ METHODS: dict[str, Method] = {
         config=KesiCfg,
         smoke_config="configs/kesi/smoke.yaml",
         test_overrides=("baseline.epochs=1", "prune.iterations=1", "retrain.epochs=1", "fixed_lr.epochs=1",
-                        "distill.epochs=1", "tune.branches=1", "distill.mode=online"),
+                        "distill.epochs=1", "tune.branches=2", "distill.mode=online", "distill.teachers=topk",
+                        "distill.num_teachers=2"),
         latency_target="method.prune.target",
     ),
     "ekg": Method(

@@ -3,7 +3,6 @@ from its last accepted step, not from the start, and ends where an uninterrupted
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +55,6 @@ def test_search_killed_after_three_steps_resumes_at_its_last_accepted_step(tmp_p
     from kesi_dist.data.loaders import split_tensors
     from kesi_dist.methods.ekg.search import SubnetSearch
 
-    started = time.time()
     model = model_from_checkpoint(load_checkpoint(run / "snapshots" / "baseline.pt"))[0]
     images, labels = split_tensors(run / "data", "holdout", resolution=16, augment="cifar", backend="torch",
                                    holdout=0.1, holdout_seed=0)
@@ -65,4 +63,3 @@ def test_search_killed_after_three_steps_resumes_at_its_last_accepted_step(tmp_p
     assert whole[-1].widths == search["widths"]
     assert torch.tensor([s.holdout_loss for s in whole]).allclose(
         torch.tensor([s["holdout_loss"] for s in search["steps"]]), rtol=1e-4)
-    assert time.time() - started < 300

@@ -186,36 +186,6 @@ def test_kesi_status_on_a_finished_run(smoke_run):
     assert by_uri["stages"] == as_json["stages"] and by_uri["report_rows"] == as_json["report_rows"]
 
 
-def test_kesi_status_on_a_run_in_progress(tmp_path):
-    """While the baseline trains: the stage is running, and the baseline's epoch, accuracy, node and ETA show."""
-    import os
-    import signal
-    import time
-
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "kesi_dist.cli", "run", SMOKE, "--output", str(run),
-                             "baseline.epochs=30"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not (run / "progress" / "baseline.json").exists():
-            assert proc.poll() is None and time.time() < deadline, "the baseline never reported an epoch"
-            time.sleep(0.5)
-        time.sleep(3)  # a second epoch, for an ETA from epoch times
-        status = kesi("status", str(run))
-        assert proc.poll() is None, "the run ended before the status was read"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    out = status.stdout
-    assert status.returncode == 0, status.stderr
-    assert "·  running (started" in out and "baseline" in out
-    line = next(ln for ln in out.splitlines() if ln.strip().startswith("baseline  epoch"))
-    assert "/30" in line and "holdout acc" in line and "node " in line and "ETA" in line
-    stage = next(ln for ln in out.splitlines() if ln.strip().startswith("baseline ") and "epoch" not in ln)
-    assert "running" in stage
-
-
 def test_model_card_snippet_reproduces_the_students_accuracy(smoke_run, tmp_path):
     """MODEL_CARD.md's loading snippet, as printed, in a fresh process that never imports kesi_dist, on
     every test image of the run (PNG files of the prepared data): the student's reported top-1."""

@@ -1,6 +1,7 @@
 """SWP's driver killed (SIGKILL to its process group) twice and `--resume`d: during the stage supernets'
 training, then during the search. Supernets that finished before the kill are not trained again; the
-search continues after its last saved generation."""
+search continues after its last saved generation and ends with the result of an uninterrupted search
+of the same supernet (the same generations, the same best sub-net and proxy)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from kesi_dist.config import load_config, loader_spec
+from kesi_dist.methods.swp.evolution import Evolution
+from kesi_dist.methods.swp.stages import ProxyWorker, _load
+from kesi_dist.models.slimmable import width_choices
+from kesi_dist.pruning import macs_function
 from tests.killing import _manifest, run_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,3 +70,25 @@ def test_killed_during_supernets_and_search_resumes_without_redoing_finished_wor
     assert all(m["snapshots"][r["name"]]["workers"] >= 1 and r["end"] > r["start"] for r in nets["runs"])
     assert nets["overlap"] > 0
     assert m["status"] == "complete" and {"student", "uniform"} <= set(m["snapshots"])
+
+    # An uninterrupted search of the same assembled supernet on the same holdout and calibration batches,
+    # in one process (the actor class run in place), takes the same generations to the same sub-net.
+    cfg = load_config(run / "config.yaml")
+    search = m["stages"]["search"]
+    supernet = str(run / "swp" / "supernet.pt")
+    worker = ProxyWorker([supernet], vars(loader_spec(cfg, str(run / "data"))), calib_batches=cfg.method.search.calib_batches,
+                         threads=1, gpus=0, seed=cfg.seed)
+    net = _load(supernet)
+    macs = macs_function(net, (3, cfg.data.resolution, cfg.data.resolution))
+    target, band = cfg.method.budget(), cfg.method.search.band
+    s = cfg.method.search
+    evo = Evolution(width_choices(net.widths, cfg.method.supernet.ratios, cfg.method.supernet.round_to), macs,
+                    (target - band) * macs(net.widths), target * macs(net.widths),
+                    lambda cands: [worker.evaluate(list(c)) for c in cands], population=s.population,
+                    parents=s.parents, mutation=s.mutation, mutate_prob=s.mutate_prob, seed=cfg.seed)
+    evo.start()
+    while evo.generation < s.generations:
+        evo.step()
+    assert evo.history == gens
+    widths, proxy = evo.best()
+    assert list(widths) == search["widths"] and proxy == search["proxy"]

@@ -100,6 +100,13 @@ def test_in_process_run_completes_with_its_report(finished_run):
     assert all(label in md for label, _, _ in layout.rows)
     assert (out / "MODEL_CARD.md").read_text().startswith("# Model card: ")
     assert (out / "accuracy_vs_macs.png").read_bytes()[:4] == b"\x89PNG"
+    if name == "kesi":  # its test overrides choose teachers with `topk` (2 of baseline + 2 branches)
+        from kesi_dist.runs import select_acc
+
+        candidates = {n: select_acc(e) for n, e in m["snapshots"].items() if e.get("arm") in ("baseline", "onecycle")}
+        assert len(candidates) == 3
+        best = sorted(candidates, key=lambda n: -candidates[n])[:2]
+        assert sorted(m["stages"]["ensemble"]["teachers"]) == sorted(best)
 
 
 @pytest.mark.slow
@@ -116,9 +123,15 @@ def test_the_latency_budget_holds_and_the_report_gives_predicted_and_measured_la
     for arm in set(lat["rows"]) - {"baseline"}:  # the student and any uniform arm: the nets that were trained
         assert lat["rows"][arm]["predicted_ms"] <= LATENCY_RATIO * table["full_ms"] + 1e-3, arm
     assert lat["rows"]["baseline"]["predicted_ms"] == pytest.approx(table["full_ms"], abs=1e-3)
+    # The report gives what the latency stage measured, and the speed-up it prints is baseline over row.
+    assert lat["rows"] == _manifest(out)["stages"]["latency"]["rows"]
     assert all(r["measured_ms"] > 0 for r in lat["rows"].values())
-    assert "## Latency (onnxruntime)" in (out / "report.md").read_text()
-    assert "### Latency (onnxruntime)" in (out / "MODEL_CARD.md").read_text()
+    base = lat["rows"]["baseline"]["measured_ms"]
+    rows = [f"| {arm} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {base / r['measured_ms']:.2f}x |"
+            for arm, r in lat["rows"].items()]
+    for doc, heading in (("report.md", "## Latency (onnxruntime)"), ("MODEL_CARD.md", "### Latency (onnxruntime)")):
+        text = (out / doc).read_text()
+        assert heading in text and all(row in text.splitlines() for row in rows), (doc, rows)
     if name == "kesi":  # the widths it trained are the ones `kesi plan` showed for the budget
         from kesi_dist.methods.kesi.prune import resolve_prune
 
@@ -127,8 +140,8 @@ def test_the_latency_budget_holds_and_the_report_gives_predicted_and_measured_la
 
 @pytest.mark.slow
 def test_resume_reuses_what_is_complete_and_redoes_the_stage_in_flight(finished_run, capsys):
-    """Resume twice: a complete run is reused as is; a run whose last stage was in flight (as a killed
-    driver leaves it) redoes that stage only."""
+    """Resume twice: a complete run is reused as is; a run killed while the training stage that produces
+    the student was in flight redoes that stage only (and the stages after it, which never ran)."""
     from kesi_dist.launch import run_method
 
     name, cfg, out = finished_run
@@ -143,18 +156,38 @@ def test_resume_reuses_what_is_complete_and_redoes_the_stage_in_flight(finished_
         assert f"{stage}: complete, reused" in printed
     assert {p: p.stat().st_mtime_ns for p in files} == files
 
-    last = list(after["stages"])[-1]
-    after["stages"][last]["status"] = "running"  # killed while the last stage ran
-    (out / "manifest.json").write_text(json.dumps(after))
+    # Killed while the training stage that produced the student ran (its last epoch checkpoint written, the
+    # student not yet registered): the stages after it never started, the run is not complete.
+    order = list(after["stages"])
+    student = after["snapshots"]["student"]
+    flight = next(n for n in order if after["stages"][n]["start"] <= student["end"] <= after["stages"][n]["end"])
+    killed = json.loads(json.dumps(after))
+    killed["status"] = "running"
+    killed["stages"][flight]["status"] = "running"
+    for later in order[order.index(flight) + 1:]:
+        del killed["stages"][later]
+    del killed["snapshots"]["student"]
+    (out / "manifest.json").write_text(json.dumps(killed))
+    others = {p: t for p, t in files.items() if p.stem != "student"}
     run_method(cfg, str(out), resume=True, max_steps=2)
     again = _manifest(out)
-    assert again["status"] == "complete" and again["stages"][last]["status"] == "complete"
-    assert again["stages"][last]["attempts"] == after["stages"][last]["attempts"] + 1
-    for stage, st in after["stages"].items():
-        if stage != last:
-            assert again["stages"][stage]["end"] == st["end"], f"{stage} was redone"
+    assert again["status"] == "complete" and all(st["status"] == "complete" for st in again["stages"].values())
+    assert again["stages"][flight]["attempts"] == after["stages"][flight]["attempts"] + 1
+    for stage in order[:order.index(flight)]:
+        assert again["stages"][stage]["end"] == after["stages"][stage]["end"], f"{stage} was redone"
     assert set(again["snapshots"]) == set(before["snapshots"])  # re-registered, not duplicated
+    assert sum(e["event"] == "snapshot student" for e in again["events"]) == 2  # the first run's, and this one
+    # It went on from the student's last epoch checkpoint (all of its epochs were done), not from scratch,
+    # and no other snapshot was trained again.
+    assert again["snapshots"]["student"]["resumed_at"] == [cfg_epochs(cfg, name)]
+    assert {p: p.stat().st_mtime_ns for p in others} == others
     assert sum(e["event"] == "resume" for e in again["events"]) == 2
+
+
+def cfg_epochs(cfg, name: str) -> int:
+    """Epochs of the training run that produces the method's student."""
+    m = cfg.method
+    return {"kesi": lambda: m.distill.epochs, "ekg": lambda: m.finetune.epochs, "swp": lambda: m.retrain.epochs}[name]()
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """`run_training` on a real 2-worker Ray Train TorchTrainer (CPU, gloo): DDP and DeepSpeed ZeRO-2.
 
-Kept to two runs because each costs Ray Train's start-up on 2 cores. The DeepSpeed run also loses a
+Kept to three runs because each costs Ray Train's start-up on 2 cores. The DeepSpeed run also loses a
 worker mid-run (the test-only `inject_failure_at_epoch`), which exercises restoring per-rank ZeRO
 optimizer partitions from the checkpoint.
 """
@@ -62,3 +62,22 @@ def test_deepspeed_zero2_learns_and_survives_a_worker_failure(ray_local, tiny_da
     ckpts = sorted(d for d in os.listdir(result.run_dir) if os.path.isdir(os.path.join(result.run_dir, d)))
     assert {"optimizer_rank0.pt", "optimizer_rank1.pt"} <= set(os.listdir(os.path.join(result.run_dir, ckpts[-1])))
     assert load_checkpoint(result.checkpoint)["metrics"]["epoch"] == 3
+
+
+def test_one_worker_trains_the_weights_of_the_in_process_loop(ray_local, tiny_data, tmp_path):
+    """`train.num_workers: 1` (a 1-worker TorchTrainer) and 0 (the same worker function in this process)
+    are the same run: bitwise-equal weights after 6 steps."""
+    import torch
+
+    runs = {}
+    for workers in (0, 1):
+        result = run_training(
+            model=ModelSpec("resnet20", num_classes=4), schedule=ScheduleSpec(epochs=1, lr=0.1, schedule="onecycle"),
+            loader=LoaderSpec(tiny_data, batch_size=64, resolution=16, num_workers=1, backend="torch"),
+            engine=EngineSpec(num_workers=workers, max_failures=0), storage_path=str(tmp_path / "storage"),
+            name=f"w{workers}", seed=3, final_checkpoint=str(tmp_path / f"w{workers}.pt"), progress=False,
+            max_steps_per_epoch=6)
+        assert result.metrics.get("world_size", 1) == max(1, workers)
+        runs[workers] = load_checkpoint(result.checkpoint)["state_dict"]
+    differ = [k for k in runs[0] if not torch.equal(runs[0][k], runs[1][k])]
+    assert not differ, differ[:5]
