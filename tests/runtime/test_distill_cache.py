@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kesi_dist.checkpoint import save_checkpoint
+from kesi_dist.checkpoint import load_checkpoint, save_checkpoint
 from kesi_dist.data.loaders import make_loader
 from kesi_dist.distill import (
     CachedSoftLabels, OnlineTeachers, SoftLabelCache, dense_from_topk, ensemble_probs, evaluate_ensemble, kd_loss,
@@ -24,7 +24,7 @@ from kesi_dist.distill import (
 from kesi_dist.stages.soft_labels import build_soft_label_cache
 from kesi_dist.errors import RunError, UsageError
 from kesi_dist.models import build_model
-from kesi_dist.pruning import mwp_masks, apply_masks, pfec_prune
+from kesi_dist.pruning import apply_masks, conv_weights, mwp_masks, pfec_prune
 from kesi_dist.train import Distillation, build_optimizer, train_epoch
 
 CLASSES, SEED, RES, T = 4, 3, 16, 2.0
@@ -63,16 +63,26 @@ def _student_loader(data, **kw):
 
 # --- ensemble ------------------------------------------------------------------------------------
 
-def test_load_teachers_frozen_with_their_own_architectures_and_masks(teacher_files):
+def test_load_teachers_frozen_with_their_own_architectures_and_masks(teacher_files, tmp_path):
     teachers = load_teachers(teacher_files)
     assert [t.widths for t in teachers][0] != teachers[1].widths  # pruned archs rebuilt from the files
     for t in teachers:
         assert not t.training and all(not p.requires_grad for p in t.parameters())
         assert type(t).__name__ == "CifarResNet"  # bare modules, never wrapped
-    masked = teachers[-1]
-    zeros = sum(int((p == 0).sum()) for n, p in masked.named_parameters() if p.dim() == 4)
-    total = sum(p.numel() for n, p in masked.named_parameters() if p.dim() == 4)
-    assert zeros / total >= 0.5 - 1e-3  # MWP masks re-applied on load
+    # MWP masks re-applied on load: a file whose masked weights are not zero (as if edited or written by
+    # a buggy save) still gives a teacher with exactly the masked half of its conv weights at zero.
+    masks = load_checkpoint(teacher_files[-1])["masks"]
+    tampered = teachers[-1]
+    with torch.no_grad():
+        for k, m in masks.items():
+            conv_weights(tampered)[k][m == 0] = 1.0
+    save_checkpoint(tmp_path / "tampered.pt", tampered, masks)
+    (masked,) = load_teachers([str(tmp_path / "tampered.pt")])
+    convs = conv_weights(masked)
+    assert set(masks) == set(convs)
+    assert all((convs[k][m == 0] == 0).all() and (convs[k][m != 0] != 0).all() for k, m in masks.items())
+    total = sum(w.numel() for w in convs.values())
+    assert sum(int((w == 0).sum()) for w in convs.values()) / total == pytest.approx(0.5, abs=0.5 / total)
 
 
 def test_load_teachers_refuses_bad_input(teacher_files, tmp_path):
