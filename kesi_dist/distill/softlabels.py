@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,7 @@ def save_npy(path: str | Path, array: np.ndarray) -> dict:
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     data = buf.getvalue()
     storage.write_bytes(path, data)
-    return {"name": os.path.basename(str(path)), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"name": storage.basename(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def verified(out_dir: str | Path, entry: dict) -> tuple[str, bytes]:

@@ -108,7 +108,7 @@ def open_run(output: str, config: dict, resume: bool) -> tuple[RunDir, Manifest]
         UsageError: the folder holds another run (without --resume), is a non-empty folder that is not
             a run, or (with --resume) holds no run or a run of a different config.
     """
-    run = RunDir(output.rstrip("/") if storage.is_uri(output) else os.path.abspath(output))
+    run = RunDir(storage.join(output) if storage.is_uri(output) else os.path.abspath(output))  # no trailing '/'
     fingerprint = config_fingerprint(config)
     try:
         has_manifest = storage.exists(run.manifest)

@@ -58,7 +58,7 @@ class LocalSession:
     def checkpoints(self) -> list[str]:
         """Names of the complete checkpoint folders, oldest first (temp folders start with '.')."""
         return [n for n in storage.listdir(self.run_dir) if n.startswith("checkpoint_") and not n.endswith(".tmp")
-                and storage.is_dir(storage.join(self.run_dir, n))]
+                and storage.published(storage.join(self.run_dir, n))]
 
     def last_checkpoint(self) -> str | None:
         names = self.checkpoints()

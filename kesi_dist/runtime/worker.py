@@ -197,7 +197,7 @@ class _Worker:
         loader = self.train_loader
         inject = self.run.get("inject_failure_at_epoch")
         if inject is not None and epoch == inject and self.rank == min(1, self.world - 1):
-            marker = self.run["run_dir"].rstrip("/") + f"/.kesi_injected_failure_epoch{epoch}"
+            marker = storage.join(self.run["run_dir"], f".kesi_injected_failure_epoch{epoch}")
             loader = _FailOnce(self.train_loader, marker, self.steps_per_epoch)
         lr = current_lr(self.optimizer)
         e = self.espec

@@ -7,9 +7,10 @@ never branch on where a run lives. Paths are handled as strings: `pathlib` would
 Atomic writes (`write_bytes`, `write_text`, `write_file`, `upload_file`, `copy_file`): a reader sees the
 old file or the whole new one, never half of it.
 - local paths: `kesi_dist.storage.atomic` (temp file in the same folder, fsync, `os.replace`);
-- object stores (s3, gcs): the final key is written directly: a single PUT, or a multipart upload
-  when it completes, makes the object appear whole or not at all, and a server-side move would be a
-  full copy;
+- object stores (s3, gcs): the content is made whole locally first (a file being copied up from the
+  local disk already is), then written to the final key: a single PUT, or a multipart upload when it
+  completes, makes the object appear whole or not at all (a server-side move would be a full copy);
+  a query string (`s3://b/x?endpoint_override=host:port&scheme=http`) stays at the end of every join;
 - other filesystems (file://, hdfs, registered ones): a temp name in the same folder, then `fs.move`.
 
 Credentials come from the environment as pyarrow reads them (AWS_* variables, ~/.aws, instance roles
@@ -35,13 +36,14 @@ from kesi_dist.storage.atomic import atomic_dir, atomic_write
 from kesi_dist.errors import UsageError
 
 __all__ = [
-    "is_uri", "storage_fs", "register_filesystem", "join", "exists", "is_file", "is_dir", "size", "listdir",
+    "is_uri", "storage_fs", "register_filesystem", "join", "basename", "exists", "is_file", "is_dir", "size", "listdir",
     "makedirs", "remove", "remove_dir", "read_bytes", "read_text", "write_bytes", "write_text", "write_file",
-    "copy_file", "upload_file", "upload_dir", "publish_dir", "staged_dir", "local_copy", "data_cache_dir",
+    "copy_file", "upload_file", "upload_dir", "publish_dir", "published", "staged_dir", "local_copy", "data_cache_dir",
 ]
 
 _REGISTERED: dict[str, object] = {}
 _NATIVE_ATOMIC = ("s3", "gcs")  # pyarrow type_name of filesystems whose object writes are atomic
+PUBLISHED = ".kesi_published"  # the last object `publish_dir` writes into a folder on an object store
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -76,11 +78,25 @@ def storage_fs(path: str | os.PathLike):
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def _split_query(uri: str) -> tuple[str, str]:
+    """(`uri` without its query string, the query with its '?' or ''): options such as
+    `s3://bucket/x?endpoint_override=host:port&scheme=http` name the filesystem, not the path."""
+    base, mark, query = uri.partition("?")
+    return base, mark + query
+
+
 def join(root: str | os.PathLike, *parts: str) -> str:
-    """`root/part/...` as a string; URIs keep their scheme."""
+    """`root/part/...` as a string; URIs keep their scheme and their query string (at the end)."""
     if is_uri(root):
-        return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts if p)])
+        base, query = _split_query(root)
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)]) + query
     return os.path.join(str(root), *parts)
+
+
+def basename(path: str | os.PathLike) -> str:
+    """The last part of a path or URI (without a URI's query string)."""
+    path = _split_query(path)[0] if is_uri(path) else str(path)
+    return path.rstrip("/").rsplit("/", 1)[-1] if is_uri(path) else os.path.basename(path)
 
 
 def _info(path):
@@ -180,8 +196,13 @@ def _output(path) -> Iterator[IO[bytes]]:
     if parent:
         fs.create_dir(parent, recursive=True)
     if fs.type_name in _NATIVE_ATOMIC:
-        with fs.open_output_stream(p) as f:
-            yield f
+        # Nothing reaches the store before the content is whole: pyarrow completes an upload when its
+        # stream closes, also when the block raised, so a failing writer would publish a part.
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
+            yield spool
+            spool.seek(0)
+            with fs.open_output_stream(p) as f:
+                shutil.copyfileobj(spool, f, 1 << 22)
         return
     tmp = _tmp_name(p)
     try:
@@ -234,6 +255,12 @@ def copy_file(src, dst, *, src_fs=None) -> None:
     if not is_uri(dst):
         atomic_write(dst, lambda f: _copy_stream(src_fs, s, f))
         return
+    fs, d = storage_fs(dst)
+    if fs.type_name in _NATIVE_ATOMIC and src_fs.type_name == "local":  # whole already: no spool (.beton files)
+        fs.create_dir(d.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(d) as f:
+            _copy_stream(src_fs, s, f)
+        return
     with _output(dst) as f:
         _copy_stream(src_fs, s, f)
 
@@ -265,18 +292,33 @@ def _upload_tree(local_dir: str | os.PathLike, fs, p: str) -> None:
 
 
 def publish_dir(local_dir: str | os.PathLike, dst) -> None:
-    """Copy the local folder `local_dir` to folder `dst` (local or URI) so that `dst` appears whole:
-    a temp folder next to it, then a rename (`atomic_dir` on local paths, `fs.move` elsewhere). An old
-    `dst` is replaced. Used for epoch checkpoint folders, which resume must never find half-written."""
+    """Copy the local folder `local_dir` to folder `dst` (local or URI) so that `dst` appears whole
+    (`published`): a temp folder next to it, then a rename (`atomic_dir` on local paths, `fs.move`
+    elsewhere); on object stores a marker object last. An old `dst` is replaced. Used for epoch
+    checkpoint folders, which resume must never find half-written."""
     if not is_uri(dst):
         with atomic_dir(dst) as tmp:
             shutil.copytree(local_dir, tmp, dirs_exist_ok=True)
         return
     fs, p = storage_fs(dst)
+    if fs.type_name in _NATIVE_ATOMIC:  # an object store cannot rename a folder: a marker object, written last
+        remove(join(dst, PUBLISHED))
+        remove_dir(dst)
+        _upload_tree(local_dir, fs, p)
+        with fs.open_output_stream(f"{p.rstrip('/')}/{PUBLISHED}"):
+            pass
+        return
     tmp = _tmp_name(p.rstrip("/"))
     _upload_tree(local_dir, fs, tmp)
     remove_dir(dst)
     fs.move(tmp, p)
+
+
+def published(path) -> bool:
+    """True when folder `path` is whole: it exists (folders are renamed into place), or on an object
+    store its `PUBLISHED` marker does (`publish_dir` writes it after every other file)."""
+    fs, _ = storage_fs(path)
+    return is_file(join(path, PUBLISHED)) if fs.type_name in _NATIVE_ATOMIC else is_dir(path)
 
 
 @contextmanager

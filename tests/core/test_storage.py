@@ -4,6 +4,7 @@ whose every artefact lands under a file:// URI."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -32,13 +33,22 @@ def mockfs():
     storage._REGISTERED.pop("mock", None)
 
 
-@pytest.fixture(params=["file", "mock"])
+@pytest.fixture(params=["file", "mock", "s3"])
 def root(request, tmp_path):
-    """A storage URI of an empty folder, on the local disk (file://) or in memory (mock://)."""
+    """A storage URI of an empty folder: on the local disk (file://), in memory (mock://), or on a real
+    S3-compatible server on loopback (s3://, the `s3` fixture; the URI's query string names the server)."""
     if request.param == "file":
         return f"file://{tmp_path}/store"
+    if request.param == "s3":
+        return request.getfixturevalue("s3").uri("store")
     request.getfixturevalue("mockfs")
     return "mock://bucket/store"
+
+
+def _under(uri: str, rel: str) -> str:
+    """`uri/rel` spelled out by hand, before the URI's query string (what storage.join must give)."""
+    base, mark, query = uri.partition("?")
+    return f"{base}/{rel}{mark}{query}"
 
 
 def _leftovers(uri: str) -> list[str]:
@@ -55,12 +65,12 @@ def _leftovers(uri: str) -> list[str]:
 
 def test_read_write_list_on_uris(root):
     f = storage.join(root, "a", "b.txt")
-    assert f == root + "/a/b.txt" and not storage.exists(f)
+    assert f == _under(root, "a/b.txt") and storage.basename(f) == "b.txt" and not storage.exists(f)
     storage.write_text(f, "hello")
     storage.write_bytes(storage.join(root, "a", "c.bin"), b"\x00\x01")
     storage.write_text(f, "hello again")  # replaces
     assert storage.read_text(f) == "hello again" and storage.size(f) == 11
-    assert storage.is_file(f) and storage.is_dir(storage.join(root, "a")) and not storage.is_file(root + "/a")
+    assert storage.is_file(f) and storage.is_dir(storage.join(root, "a")) and not storage.is_file(_under(root, "a"))
     assert storage.listdir(storage.join(root, "a")) == ["b.txt", "c.bin"]
     assert storage.listdir(storage.join(root, "nothing")) == []
     assert _leftovers(root) == []
@@ -81,6 +91,62 @@ def test_failed_write_keeps_the_old_file(root):
     with pytest.raises(OSError, match="disk full"):
         storage.write_file(f, boom)
     assert storage.read_bytes(f) == b"old" and _leftovers(root) == []
+
+
+class _SlowSource:
+    """A source filesystem for `copy_file(src_fs=...)` whose file comes in two chunks: after the first it
+    waits for `go`, then hands out the second, or fails as a dropped connection would (`fail`)."""
+
+    type_name = "test-source"
+
+    def __init__(self, fail: bool):
+        self.fail, self.halfway, self.go = fail, threading.Event(), threading.Event()
+        self.chunks = [b"new-" * 1000, b"rest" * 1000]
+
+    @contextlib.contextmanager
+    def open_input_stream(self, path):
+        yield self
+
+    def read(self, n: int) -> bytes:
+        if len(self.chunks) == 1:
+            self.halfway.set()
+            assert self.go.wait(60)
+            if self.fail:
+                raise OSError("connection reset by peer")
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["completes", "fails"])
+def test_a_write_is_seen_whole_or_not_at_all(root, fail):
+    """Halfway through a streamed write, the folder lists the old object (on S3 nothing else) and reads
+    give its old content; a write that fails there leaves the old object and no temp object."""
+    folder = storage.join(root, "d")
+    f = storage.join(folder, "x.pt")
+    storage.write_bytes(f, b"old")
+    src, errors = _SlowSource(fail), []
+
+    def copy():
+        try:
+            storage.copy_file("x", f, src_fs=src)
+        except OSError as e:
+            errors.append(e)
+
+    writer = threading.Thread(target=copy)
+    writer.start()
+    try:
+        assert src.halfway.wait(60)
+        names = storage.listdir(folder)
+        assert [n for n in names if not n.startswith(".")] == ["x.pt"]  # file://, mock://: a hidden temp name
+        assert names == ["x.pt"] or not root.startswith("s3://")
+        assert storage.read_bytes(f) == b"old" and storage.size(f) == 3
+    finally:
+        src.go.set()
+        writer.join(60)
+    assert storage.listdir(folder) == ["x.pt"] and _leftovers(root) == []
+    if fail:
+        assert "connection reset" in str(errors[0]) and storage.read_bytes(f) == b"old"
+    else:
+        assert not errors and storage.read_bytes(f) == b"new-" * 1000 + b"rest" * 1000
 
 
 def test_copy_upload_and_staged_dir(root, tmp_path):
@@ -153,13 +219,13 @@ def test_checkpoint_round_trip_and_refusal_via_uri(root, tmp_path):
     local = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "arch": "resnet20", "evil": _Evil(marker)}, local)
     storage.upload_file(local, storage.join(root, "evil.pt"))
-    with pytest.raises(RunError, match=r"evil\.pt: refused to load.*unsupported global: GLOBAL io\.open"):
+    with pytest.raises(RunError, match=r"evil\.pt\S*: refused to load.*unsupported global: GLOBAL io\.open"):
         load_checkpoint(storage.join(root, "evil.pt"))
     assert not marker.exists()
-    with pytest.raises(RunError, match=r"nope\.pt: no such checkpoint file"):
+    with pytest.raises(RunError, match=r"nope\.pt\S*: no such checkpoint file"):
         load_checkpoint(storage.join(root, "nope.pt"))
     storage.write_bytes(storage.join(root, "trunc.pt"), storage.read_bytes(path)[:500])
-    with pytest.raises(RunError, match=r"trunc\.pt: not a readable checkpoint"):
+    with pytest.raises(RunError, match=r"trunc\.pt\S*: not a readable checkpoint"):
         load_checkpoint(storage.join(root, "trunc.pt"))
 
 
@@ -176,7 +242,7 @@ def test_manifest_on_a_uri(root):
     assert [e["event"] for e in again.data["events"]] == ["start baseline", "snapshot baseline", "complete baseline"]
     assert _leftovers(root) == []
     storage.write_text(path, "{not json")
-    with pytest.raises(RunError, match="manifest.json: corrupt manifest"):
+    with pytest.raises(RunError, match=r"manifest\.json\S*: corrupt manifest"):
         Manifest.load(path)
 
 
@@ -188,8 +254,8 @@ def test_open_run_rules_hold_on_uris(root):
     out = storage.join(root, "run")
     with pytest.raises(UsageError, match="no run to resume there"):
         open_run(out, cfg, resume=True)
-    run, manifest = open_run(out + "/", cfg, resume=False)
-    assert run.root == out and run.snapshot("baseline") == out + "/snapshots/baseline.pt"
+    run, manifest = open_run(_under(out, ""), cfg, resume=False)  # a trailing '/' is dropped
+    assert run.root == out and run.snapshot("baseline") == _under(out, "snapshots/baseline.pt")
     assert storage.listdir(out) == ["config.yaml", "manifest.json"]
     with pytest.raises(UsageError, match="already holds a running run"):
         open_run(out, cfg, resume=False)
@@ -223,7 +289,7 @@ def test_soft_label_cache_on_a_uri(root):
     assert torch.equal(values, torch.from_numpy(arrays["values"][[0, 7]])) and classes.shape == (2, k)
     shard = storage.join(out, "abc-e0000-s000-values.npy")
     storage.write_bytes(shard, storage.read_bytes(shard)[:-4])
-    with pytest.raises(RunError, match=r"abc-e0000-s000-values\.npy: soft-label shard is truncated"):
+    with pytest.raises(RunError, match=r"abc-e0000-s000-values\.npy\S*: soft-label shard is truncated"):
         SoftLabelCache(out).lookup(0, torch.arange(n))
 
 
@@ -296,26 +362,36 @@ def test_loaders_read_a_uri_through_the_node_local_cache(tiny_data, tmp_path, mo
         read_meta(f"file://{tmp_path}/nodata")
 
 
-def test_training_resumes_from_checkpoints_on_a_uri(tiny_data, tmp_path, monkeypatch):
-    """run_training with storage, data, TensorBoard and final checkpoint all on file:// URIs: a run that
-    fails in epoch 1 resumes from the epoch-0 checkpoint it left there."""
+@pytest.mark.parametrize("root", ["file", "s3"], indirect=True)  # mock:// lives in this process only (Ray tasks)
+def test_training_resumes_from_checkpoints_on_a_uri(root, tiny_data, tmp_path, monkeypatch):
+    """run_training with storage, data, TensorBoard and final checkpoint all on URIs: a run that fails in
+    epoch 1 resumes from the epoch-0 checkpoint it left there. On S3, where a folder cannot be renamed
+    into place, a checkpoint folder counts once its marker is written last: one cut short is ignored."""
     from kesi_dist.checkpoint import load_checkpoint
     from kesi_dist.runtime import InjectedFailure, run_training
     from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
     monkeypatch.setenv("KESI_CACHE_DIR", str(tmp_path / "cache"))
-    root = f"file://{tmp_path}/run"
     kw = dict(model=ModelSpec("resnet20", num_classes=4), engine=EngineSpec(num_workers=0),
               loader=LoaderSpec(f"file://{tiny_data}", batch_size=64, resolution=16, backend="torch", num_workers=0),
-              schedule=ScheduleSpec(epochs=2, lr=0.05), storage_path=f"{root}/train", name="r", progress=False,
-              max_steps_per_epoch=2, tensorboard_dir=f"{root}/tensorboard/r")
+              schedule=ScheduleSpec(epochs=2, lr=0.05), storage_path=storage.join(root, "train"), name="r",
+              progress=False, max_steps_per_epoch=2, tensorboard_dir=storage.join(root, "tensorboard", "r"))
     with pytest.raises(InjectedFailure):
         run_training(**kw, inject_failure_at_epoch=1)
-    assert storage.listdir(f"{root}/train/r") == [".kesi_injected_failure_epoch1", "checkpoint_000000"]
-    resumed = run_training(**kw, inject_failure_at_epoch=1, resume=True, final_checkpoint=f"{root}/snapshots/r.pt")
+    folder = storage.join(root, "train", "r")
+    assert storage.listdir(folder) == [".kesi_injected_failure_epoch1", "checkpoint_000000"]
+    if root.startswith("s3://"):
+        assert storage.listdir(storage.join(folder, "checkpoint_000000"))[0] == storage.PUBLISHED
+        # epoch 1's folder as a kill in the middle of its upload leaves it: files, no marker
+        (tmp_path / "cut").mkdir()
+        (tmp_path / "cut" / "model.pt").write_bytes(b"half")
+        storage.upload_dir(tmp_path / "cut", storage.join(folder, "checkpoint_000001"))
+    final = storage.join(root, "snapshots", "r.pt")
+    resumed = run_training(**kw, inject_failure_at_epoch=1, resume=True, final_checkpoint=final)
     assert resumed.started == [1] and [m["epoch"] for m in resumed.history] == [0, 1]
-    assert load_checkpoint(f"{root}/snapshots/r.pt")["metrics"]["epoch"] == 1
-    assert len([n for n in storage.listdir(f"{root}/tensorboard/r") if n.startswith("events.out")]) == 2
+    assert load_checkpoint(final)["metrics"]["epoch"] == 1
+    assert storage.published(storage.join(folder, "checkpoint_000001"))  # rewritten whole
+    assert len([n for n in storage.listdir(storage.join(root, "tensorboard", "r")) if n.startswith("events.out")]) == 2
     assert _leftovers(root) == []
 
 
