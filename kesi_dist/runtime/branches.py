@@ -57,9 +57,14 @@ def _trial(config: dict) -> None:
     select = selection_key(loader)
     start = time.time()
 
+    epochs = ScheduleSpec(**b.schedule).epochs
+
     def on_epoch(m: dict) -> None:
-        tune.report({"epoch": m["epoch"] + 1, "select/acc": m[select], "train/loss": m["train/loss"],
-                     metric_key: m[select]})
+        # The last epoch is reported once, with the snapshot (below): ASHA stops a trial whose result
+        # reaches its max_t, and a trial stopped on that report would never hand over its snapshot.
+        if m["epoch"] + 1 < epochs:
+            tune.report({"epoch": m["epoch"] + 1, "select/acc": m[select], "train/loss": m["train/loss"],
+                         metric_key: m[select]})
 
     try:
         result = run_training(
@@ -88,6 +93,7 @@ def _trial(config: dict) -> None:
         return
     tune.report({
         "epoch": result.metrics["epoch"] + 1, "val/acc": result.metrics["val/acc"],
+        "select/acc": result.metrics[select], "train/loss": result.metrics["train/loss"],
         "holdout/acc": result.metrics.get("holdout/acc"), metric_key: result.metrics[select],
         "snapshot": b.checkpoint,
         "node_id": result.metrics.get("node_id") or ray.get_runtime_context().get_node_id(),
@@ -145,6 +151,9 @@ def run_branches(
     # Tune's own reporter prints tables and paths between our progress lines; the legacy reporter
     # honours verbose=0, the new one does not.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C and SIGTERM are the driver's (kesi_dist.launch: the stage is marked interrupted, the line
+    # says `--resume`); Tune's own SIGINT handler would end the trials and advise `Tuner.restore`.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # A failed trial is reported in one line by _Driver (retried or failed, with its root cause; the
     # traceback stays in the trial's error file); Tune's controller would print the traceback too.
     logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
@@ -182,7 +191,7 @@ class _Driver(Callback):
         return self.by_name[trial.config["branch"]["name"]]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if self.on_progress is not None and "snapshot" not in result and "diverged" not in result:
+        if self.on_progress is not None and "epoch" in result and "diverged" not in result:
             self.on_progress(self._branch(trial), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -156,7 +156,7 @@ def test_driver_killed_at_four_points_then_resumed(tmp_path, request):
     _reused(m4, f4, final, _files(run))
     for text in ("baseline: complete, reused", "prune_1: complete, reused", "prune_2: complete, reused"):
         assert text in done.stdout, text
-    assert f"distill: resuming at epoch {distill_done + 1} from its epoch-{distill_done} checkpoint" in done.stdout
+    assert f"distill: resuming at epoch {distill_done + 1} from its epoch-{distill_done} checkpoint" in done.stderr + done.stdout
     assert final["snapshots"]["student"]["resumed_at"] == [distill_done]
     assert sum(e["event"] == "resume" for e in final["events"]) == 4
     assert final["stages"]["distill"]["attempts"] == 2 and final["stages"]["soft_labels"]["attempts"] == 2
