@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from kesi_dist import storage
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec, selection_key
 from kesi_dist.train.tasks import TaskSpec
 
@@ -77,8 +78,8 @@ def _trial(config: dict) -> None:
             seed=config["seed"],
             resume=True,  # a branch restarted after a driver crash continues from its last epoch
             final_checkpoint=b.checkpoint,
-            tensorboard_dir=f"{config['tensorboard']}/{b.name}",
-            progress_file=f"{config['progress']}/{b.name}.json" if config.get("progress") else None,
+            tensorboard_dir=storage.join(config["tensorboard"], b.name),
+            progress_file=storage.join(config["progress"], f"{b.name}.json") if config.get("progress") else None,
             hparams={"arm": b.arm, **b.hparams},
             on_epoch=on_epoch,
             progress=False,
