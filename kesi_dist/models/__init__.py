@@ -4,23 +4,33 @@
     small = build_model("resnet56", 10, model.widths)    # same architecture from its widths
 
 Each model exposes `.arch`, `.widths`, `.num_classes` and `.units()` (the prunable units by name).
+
+Beside the zoo's names, "torchvision:<name>" and "timm:<name>" build that library's network with random
+weights as a `GraphNet` (`kesi_dist.models.graphnet`): its units come from Torch-Pruning's dependency graph,
+traced at `resolution` px, and it rebuilds from its widths like a zoo model.
+
+    model = build_model("torchvision:resnet50", 10, resolution=224)
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from torch import nn
 
 from kesi_dist.errors import UsageError
-from kesi_dist.models.base import MODELS, PrunableNet, Unit, register
+from kesi_dist.models.base import MODELS, PrunableNet, Unit, check_widths, register
+from kesi_dist.models.graphnet import GraphNet
 from kesi_dist.models.preresnet import PreResNet
 from kesi_dist.models.resnet import CifarResNet, ImageNetResNet
+from kesi_dist.models.sources import is_source_arch, source_problem
 from kesi_dist.models.vgg import VGG, VGG16_CFG
 from kesi_dist.models.wrn import WideResNet
 
-__all__ = ["MODELS", "PrunableNet", "Unit", "build_model", "model_options", "default_widths", "model_units"]
+__all__ = ["MODELS", "PrunableNet", "Unit", "GraphNet", "build_model", "model_options", "default_widths", "model_units",
+           "is_source_arch", "known_arch"]
 
 
 @register
@@ -68,25 +78,41 @@ def resnet34(num_classes: int = 10, widths: list | None = None) -> PrunableNet:
     return ImageNetResNet("resnet34", [3, 4, 6, 3], num_classes, widths)
 
 
+def known_arch(arch: str) -> str | None:
+    """Why `arch` names no network (a zoo name, torchvision:<name> or timm:<name>), or None when it does."""
+    if isinstance(arch, str) and arch in MODELS:
+        return None
+    if isinstance(arch, str) and ":" in arch:
+        return source_problem(arch)
+    return f"unknown model {arch!r}; choose one of {', '.join(sorted(MODELS))}, or torchvision:<name> / timm:<name>"
+
+
 def model_options(arch: str) -> tuple[str, ...]:
     """The architecture options `arch`'s builder takes (`build_model(..., **options)`), e.g. ("shortcut",)."""
-    return tuple(p for p in inspect.signature(MODELS[arch]).parameters if p not in ("num_classes", "widths"))
+    builder = GraphNet if is_source_arch(arch) else MODELS[arch]
+    return tuple(p for p in inspect.signature(builder).parameters
+                 if p not in ("num_classes", "widths", "arch"))
 
 
 def build_model(arch: str, num_classes: int = 10, widths: list | None = None, **options) -> nn.Module:
     """Build `arch` with `num_classes` outputs; `widths=None` gives the unpruned network. `options` are
-    the architecture's own choices (`model_options`; CIFAR ResNets: shortcut="avgpool" | "slice").
+    the architecture's own choices (`model_options`; CIFAR ResNets: shortcut="avgpool" | "slice";
+    torchvision/timm networks: resolution=<traced input side>, default 224).
 
     Raises:
-        UsageError: unknown `arch` or option, or `widths` of the wrong length / with non-positive entries.
+        UsageError: unknown `arch` or option, `widths` of the wrong length / with non-positive entries, or a
+            torchvision/timm network the dependency graph cannot cut (naming the layer).
     """
-    if arch not in MODELS:
-        raise UsageError(f"unknown model {arch!r}; choose one of {', '.join(sorted(MODELS))}")
+    problem = known_arch(arch)
+    if problem:
+        raise UsageError(problem)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise UsageError(f"{arch}: num_classes must be a positive int, got {num_classes!r}")
     unknown = sorted(set(options) - set(model_options(arch)))
     if unknown:
         raise UsageError(f"{arch}: has no option {unknown[0]!r} (its options: {', '.join(model_options(arch)) or 'none'})")
+    if is_source_arch(arch):
+        return GraphNet(arch, num_classes, widths, **options)
     return MODELS[arch](num_classes=num_classes, widths=widths, **options)
 
 
@@ -96,11 +122,25 @@ def _skeleton(arch: str, widths: list | None = None) -> PrunableNet:
         return build_model(arch, 10, widths)
 
 
+@functools.lru_cache(maxsize=16)
+def _source_units(arch: str) -> tuple[tuple[Unit, ...], tuple[int, ...]]:
+    # A traced network's units do not depend on its widths, its classes or its resolution (stages are
+    # ranked at a fixed 128 px): trace it once per process.
+    skeleton = _skeleton(arch)
+    return tuple(skeleton.units()), tuple(skeleton.widths)
+
+
 def default_widths(arch: str) -> list:
     """The unpruned widths of `arch` (one int per prunable unit, JSON-serializable)."""
+    if is_source_arch(arch):
+        return list(_source_units(arch)[1])
     return list(_skeleton(arch).widths)
 
 
 def model_units(arch: str, widths: list | None = None) -> list[Unit]:
     """The prunable units of `arch` (names, stages, layers), without allocating weights."""
+    if is_source_arch(arch):
+        units, full = _source_units(arch)
+        check_widths(arch, widths, list(full))
+        return list(units)
     return _skeleton(arch, widths).units()

@@ -35,6 +35,13 @@ class Unit:
         conv: module path of the conv whose output filters are pruned.
         norms: BatchNorm modules over those channels (sliced along their only dim).
         consumers: conv/linear modules that read those channels (input dim 1 sliced).
+        kind: "inner" (a block's internal width: every zoo unit), "stream" (channels summed by residual
+            additions) or "depthwise" (an expansion with the depthwise conv that carries its channels);
+            see `kesi_dist.models.graph`.
+        producers: other conv/linear modules whose output channels are these (a stream's other convs,
+            a depthwise conv: its filters go with its input channels).
+        consumer_fan: per consumer, the input channels it reads per unit channel (a flatten before a
+            linear layer reads H x W per channel); empty = 1 each.
     """
 
     name: str
@@ -42,6 +49,9 @@ class Unit:
     conv: str
     norms: tuple[str, ...]
     consumers: tuple[str, ...]
+    kind: str = "inner"
+    producers: tuple[str, ...] = ()
+    consumer_fan: tuple[int, ...] = ()
 
 
 class PrunableNet(nn.Module):

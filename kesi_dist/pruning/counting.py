@@ -42,12 +42,18 @@ def _meta_forward(model: nn.Module, input_size: tuple[int, int, int]) -> None:
 
 def macs_function(model: nn.Module, input_size: tuple[int, int, int]):
     """widths -> `count_macs` of `build_model(arch, widths)`, without building anything: every conv and
-    linear layer costs positions x kernel x in x out, and a unit's width is the `out` of its conv and the
-    `in` of its consumers. For searches that price thousands of width vectors."""
-    units = model.units()
-    out_of = {u.conv: i for i, u in enumerate(units)}
-    in_of = {c: i for i, u in enumerate(units) for c in u.consumers}
-    terms: list[tuple[int, int | None, int, int | None, int]] = []
+    linear layer costs positions x kernel x in x out, and a unit's width is the `out` of its conv (and of
+    its other producers) and, times the consumer's fan, part of the `in` of its consumers. A depthwise
+    conv reads one channel per filter, so its cost is linear in its unit's width. For searches that price
+    thousands of width vectors."""
+    units, current = model.units(), list(model.widths)
+    out_of = {p: i for i, u in enumerate(units) for p in (u.conv, *u.producers)}
+    in_of: dict[str, list[tuple[int, int]]] = {}  # consumer -> [(unit, input channels per unit channel)]
+    for i, u in enumerate(units):
+        for c, fan in zip(u.consumers, u.consumer_fan or [1] * len(u.consumers)):
+            in_of.setdefault(c, []).append((i, fan))
+    # (positions x kernel, unit of the output or None, fixed out, [(unit, fan)] of the input, fixed rest of in)
+    terms: list[tuple[int, int | None, int, list[tuple[int, int]], int]] = []
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -58,7 +64,9 @@ def macs_function(model: nn.Module, input_size: tuple[int, int, int]):
                 else:
                     cin, cout, factor = mod.in_features, mod.out_features, 1
                 positions = out.numel() // out.shape[0] // cout
-                terms.append((positions * factor, out_of.get(name), cout, in_of.get(name), cin))
+                ins = in_of.get(name, [])
+                terms.append((positions * factor, out_of.get(name), cout, ins,
+                              cin - sum(fan * current[i] for i, fan in ins)))
 
             handles.append(m.register_forward_hook(hook))
     try:
@@ -68,8 +76,8 @@ def macs_function(model: nn.Module, input_size: tuple[int, int, int]):
             h.remove()
 
     def macs(widths) -> int:
-        return int(sum(f * (cout if o is None else widths[o]) * (cin if i is None else widths[i])
-                       for f, o, cout, i, cin in terms))
+        return int(sum(f * (cout if o is None else widths[o]) * (rest + sum(fan * widths[i] for i, fan in ins))
+                       for f, o, cout, ins, rest in terms))
 
     return macs
 

@@ -4,6 +4,10 @@ Whatever ranks the filters (PFEC's L1 norm, or EKG's and SWP's own criteria), th
 rebuild the net from its new widths, then copy the kept filters, their BatchNorm channels and the
 matching input channels of every consumer layer. Residual block outputs are never units, which is
 how the residual constraint is respected. The result rebuilds anywhere from (arch, widths).
+
+A torchvision/timm network (`GraphNet`) is cut by Torch-Pruning through its dependency graph, every
+layer of each unit's group at once (`kesi_dist.models.graphnet.cut_graph_net`); its result rebuilds from
+(arch, widths, options) the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import nn
 
 from kesi_dist.models import build_model
 from kesi_dist.models.base import PrunableNet
+from kesi_dist.models.graphnet import GraphNet, cut_graph_net
 
 __all__ = ["slice_units"]
 
@@ -35,7 +40,7 @@ def slice_units(model: nn.Module, keep: Mapping[str, torch.Tensor | Sequence[int
         model: a zoo model (`kesi_dist.models`); it is not modified.
         keep: unit name (`model.units()`) -> indices of the output filters of its conv to keep.
             Units left out keep all their filters. Indices are used in the order given (ascending
-            keeps the original channel order).
+            keeps the original channel order; a `GraphNet` takes ascending indices only).
 
     Returns:
         A model rebuilt with `build_model(arch, num_classes, new_widths)`, in the same train/eval
@@ -62,6 +67,8 @@ def slice_units(model: nn.Module, keep: Mapping[str, torch.Tensor | Sequence[int
             out_sel[m] = idx
         for m in u.consumers:
             in_sel[m] = idx
+    if isinstance(model, GraphNet):
+        return cut_graph_net(model, {u.name: out_sel[u.conv] for u in units if u.name in keep})
     with torch.device("meta"):  # structure only; every tensor is assigned from `state` below
         new = build_model(model.arch, model.num_classes, widths, **getattr(model, "options", {}))
     new_state = {}
