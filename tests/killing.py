@@ -14,12 +14,15 @@ from typing import Callable
 
 import pytest
 
+from kesi_dist import storage
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _manifest(run: Path) -> dict | None:
+def _manifest(run: Path | str) -> dict | None:
+    """The run's manifest (a local folder or a storage URI), None while there is none."""
     try:
-        return json.loads((run / "manifest.json").read_text())
+        return json.loads(storage.read_text(storage.join(run, "manifest.json")))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -69,21 +72,23 @@ def _gone(sid: int, seconds: float, only: tuple[str, ...] = ()) -> None:
     assert not pids, f"processes of the killed run survived it: {[(p, _comm(p)) for p in pids]}"
 
 
-def run_until(run: Path, when: Callable[[Path, dict], bool], what: str, resume: bool, *, config: str,
-              sets: tuple[str, ...] = (), timeout: float = 600, driver_only: bool = False) -> tuple[dict, int]:
+def run_until(run: Path | str, when: Callable[[Path | str, dict], bool], what: str, resume: bool, *, config: str,
+              sets: tuple[str, ...] = (), timeout: float = 600, driver_only: bool = False,
+              logs: Path | None = None, env: dict | None = None) -> tuple[dict, int]:
     """Start `kesi run config --output run sets...` (its own session), SIGKILL it once `when` holds: its
-    whole process group, or (`driver_only`) the driver process alone.
+    whole process group, or (`driver_only`) the driver process alone. `run` is a local folder or a
+    storage URI (then `logs` is the local folder for the run's log; default: next to the run).
 
     Returns the manifest as it was at the kill, and the killed session's id. A group kill is checked
     here: nothing of the killed run survives it. After a driver-only kill the caller checks (`_gone`)
     that its local Ray went down by itself: GCS, raylet and workers fate-share with the driver at once;
     Ray's agents, orphaned when their raylet dies, give up on the dead GCS after a minute or two.
     """
-    log = run.parent / f"{run.name}-{what.replace(' ', '_')}.log"
+    log = (logs or Path(run).parent) / f"{storage.basename(run)}-{what.replace(' ', '_')}.log"
     args = [sys.executable, "-m", "kesi_dist.cli", "run", config, "--output", str(run), *sets]
     with open(log, "w") as out:
         proc = subprocess.Popen(args + (["--resume"] if resume else []), cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.time() + timeout
         while True:
