@@ -189,12 +189,17 @@ def _tmp_name(p: str) -> str:
 
 
 @contextmanager
-def _output(path) -> Iterator[IO[bytes]]:
-    """A writable binary stream whose content appears at `path` atomically when the block succeeds."""
+def _output(path, whole: bool = False) -> Iterator[IO[bytes]]:
+    """A writable binary stream whose content appears at `path` atomically when the block succeeds.
+    `whole`: the caller writes content that is complete already (bytes in memory, a local file)."""
     fs, p = storage_fs(path)
     parent = p.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
+    if fs.type_name in _NATIVE_ATOMIC and whole:
+        with fs.open_output_stream(p) as f:
+            yield f
+        return
     if fs.type_name in _NATIVE_ATOMIC:
         # Nothing reaches the store before the content is whole: pyarrow completes an upload when its
         # stream closes, also when the block raised, so a failing writer would publish a part.
@@ -232,7 +237,7 @@ def write_bytes(path, data: bytes) -> None:
     if not is_uri(path):
         atomic_write(path, lambda f: f.write(data))
         return
-    with _output(path) as f:
+    with _output(path, whole=True) as f:
         f.write(data)
 
 
@@ -255,13 +260,7 @@ def copy_file(src, dst, *, src_fs=None) -> None:
     if not is_uri(dst):
         atomic_write(dst, lambda f: _copy_stream(src_fs, s, f))
         return
-    fs, d = storage_fs(dst)
-    if fs.type_name in _NATIVE_ATOMIC and src_fs.type_name == "local":  # whole already: no spool (.beton files)
-        fs.create_dir(d.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(d) as f:
-            _copy_stream(src_fs, s, f)
-        return
-    with _output(dst) as f:
+    with _output(dst, whole=src_fs.type_name == "local") as f:  # a local file is whole: no spool (.beton files)
         _copy_stream(src_fs, s, f)
 
 
