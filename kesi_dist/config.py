@@ -20,7 +20,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kesi_dist.errors import BadValue, UsageError
 from kesi_dist.methods import METHODS
-from kesi_dist.schema import Schedule, Strict
+from kesi_dist.model_config import BaselineCfg, ModelCfg, resolve_model
+from kesi_dist.schema import Strict
 
 METHOD_CONFIGS = {name: m.config for name, m in METHODS.items()}
 
@@ -31,37 +32,6 @@ __all__ = [
 ]
 
 SOURCES = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder", "digits", "synthetic", "prepared")
-
-
-class ModelCfg(Strict):
-    arch: str = Field("resnet56", description="model name from the zoo (kesi_dist.models.MODELS; an unknown "
-                      "name is refused with the list)")
-    num_classes: int | None = Field(None, ge=2, description="default: taken from the data")
-    shortcut: Literal["avgpool", "slice"] | None = Field(
-        None, description="CIFAR ResNets' parameter-free downsampling shortcut: avgpool (2x2 average + zero "
-        "channels, the reference code's; the default) or slice (every other pixel + zero channels)")
-
-    @model_validator(mode="after")
-    def _shortcut_applies(self) -> "ModelCfg":
-        from kesi_dist.models import model_options
-
-        if self.shortcut is not None and "shortcut" not in model_options(self.arch):
-            raise ValueError(f"model.shortcut applies to the CIFAR ResNets (resnet20/32/56/110) only; {self.arch} "
-                             "has no parameter-free shortcut: remove it")
-        return self
-
-    def options(self) -> dict:
-        """The architecture options to build with (`kesi_dist.models.build_model(**options)`)."""
-        return {} if self.shortcut is None else {"shortcut": self.shortcut}
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v: str) -> str:
-        from kesi_dist.models import MODELS  # local import: config must load without torch work
-
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; choose one of {', '.join(sorted(MODELS))}")
-        return v
 
 
 class SyntheticCfg(Strict):
@@ -103,13 +73,6 @@ class DataCfg(Strict):
         return self
 
 
-class BaselineCfg(Schedule):
-    checkpoint: str | None = Field(None, description="a trained baseline checkpoint; skips baseline training")
-    epochs: int = Field(300, ge=1)
-    schedule: Literal["multistep", "constant", "onecycle"] = "multistep"
-    milestones: list[int] = Field(default_factory=lambda: [150, 225])
-
-
 class TrainCfg(Strict):
     """Where and how every training run executes (placement and engine, not hyper-parameters)."""
 
@@ -143,6 +106,11 @@ class Config(Strict):
     cluster: ClusterCfg = ClusterCfg()
     method: MethodCfg = Field(default_factory=METHOD_CONFIGS["kesi"],
                               description="the compression method and its own sections")
+
+    @model_validator(mode="after")
+    def _model_fits(self) -> "Config":
+        resolve_model(self)  # model.resolution from the data's; a torchvision/timm network the graph cannot cut
+        return self
 
 
 def _parse_value(text: str) -> Any:

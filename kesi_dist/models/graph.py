@@ -172,7 +172,8 @@ def _group(g, dg, names: dict, modules: dict, places: dict, arch: str) -> _Group
         m, out = dep.target.module, dg.is_out_channel_pruning_fn(dep.handler)
         path = names.get(m) if isinstance(m, nn.Module) else None
         if isinstance(m, _CONV) and m.groups > 1 and not _depthwise(m):
-            raise refusal(arch, (path or "a layer").removeprefix("net."), f"grouped convolution (groups={m.groups}) is not supported")
+            raise refusal(arch, (path or "a layer").removeprefix("net."),
+                          f"grouped convolution (groups={m.groups}) is not supported")
         if isinstance(m, tp.ops._ElementWiseOp) and str(m._grad_fn).startswith(("Add", "Sub")):
             has_add = True
         if path is None:

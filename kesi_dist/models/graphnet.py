@@ -63,6 +63,9 @@ class GraphNet(PrunableNet):
         self.resolution = resolution
         self.net = build_source(self.arch, self.num_classes)
         self.head_modules = tuple(f"net.{h}" for h in head_paths(self.arch))
+        meta = device_of(self).type == "meta"
+        if meta:  # a structure-only skeleton: trace it on uninitialised CPU memory (the meta device runs
+            self.to_empty(device="cpu")  # BatchNorm through slow Python decompositions), then drop it
         graph = trace(self, resolution, self.head_modules, self.arch, strip="net.", places=_places(self))
         widths = check_widths(self.arch, widths, graph.widths)
         too_wide = [(u.name, w, c) for u, w, c in zip(graph.units, widths, graph.widths) if w > c]
@@ -73,6 +76,8 @@ class GraphNet(PrunableNet):
             if w < c:
                 graph.cut(u.name, range(w))
         self.widths, self._units = list(widths), list(graph.units)
+        if meta:
+            self.to("meta")
         return graph
 
     def units(self) -> list[Unit]:
@@ -128,20 +133,20 @@ def _run_naming_layer(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor |
 
 @functools.lru_cache(maxsize=32)
 def check_prunable(arch: str, resolution: int = 224) -> None:
-    """Refuse `arch` (a torchvision/timm name) unless its graph can cut every unit: on the meta device
-    (no weights, no arithmetic) every unit is cut to half its channels and the network must still run
-    to `num_classes` outputs. When it does not, the units are cut again one at a time to name the one
+    """Refuse `arch` (a torchvision/timm name) unless its graph can cut every unit: on uninitialised
+    weights every unit is cut to half its channels and the network must still run to `num_classes`
+    outputs. When it does not, the units are cut again one at a time to name the one
     whose cut breaks it.
 
     Raises:
         UsageError: one line naming the layer the network fails at (and the unit whose cut broke it).
     """
     classes = 10
-    x = torch.zeros(1, 3, resolution, resolution, device="meta")
+    x = torch.zeros(1, 3, resolution, resolution)
     for hunt in (False, True):
         with torch.device("meta"):
             model, graph = GraphNet.traced(arch, classes, None, resolution)
-        model.eval()
+        model.to_empty(device="cpu").eval()  # values do not matter, shapes do (and the CPU runs them fast)
         for u, c in zip(graph.units, graph.widths):
             try:
                 graph.cut(u.name, range(max(1, c // 2)))

@@ -1,7 +1,14 @@
-"""The baseline stage: train the unpruned model (or take a given checkpoint) and register it."""
+"""The baseline stage: train the unpruned model (or take a given checkpoint) and register it.
+
+With trained weights (`model.weights`, a state dict) the model starts from them: they are loaded into
+the built network and saved as snapshot file "baseline_init"; with a head for the data's classes and 0
+epochs they are the baseline as they are (evaluated, not trained), otherwise the baseline is fine-tuned
+from them (a head for other classes is replaced, so it must be trained: 0 epochs is refused then).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from kesi_dist import storage
@@ -13,23 +20,30 @@ __all__ = ["baseline_stage", "evaluate_snapshot"]
 
 
 def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec, loader: LoaderSpec,
-                   engine: EngineSpec, seed: int, given: str | None = None) -> dict:
+                   engine: EngineSpec, seed: int, given: str | None = None, weights: str | None = None) -> dict:
     """Train `model` with `schedule` into snapshot "baseline" (or copy the checkpoint `given`, after
-    checking it is that model); returns its registry entry."""
+    checking it is that model; or start from the state dict `weights`, see the module docstring);
+    returns its registry entry."""
     from kesi_dist.runtime import run_training
 
     with ctx.stage("baseline") as st:
         if st.done:
             return ctx.manifest.snapshots["baseline"]
         start = time.time()
-        if given:
-            _import(ctx, given, model)
+        if weights:
+            init = _from_weights(ctx, weights, model, seed, as_is=schedule.epochs == 0)
+            model = dataclasses.replace(model, init_checkpoint=init)
+        if given or (weights and schedule.epochs == 0):
+            if given:
+                _import(ctx, given, model)
+            else:
+                storage.copy_file(model.init_checkpoint, ctx.snapshot("baseline"))
             path = ctx.snapshot("baseline")
             val_acc, node_id, attempts, workers, resumed_at = evaluate_snapshot(path, loader), None, 0, 0, []
             holdout_acc = evaluate_snapshot(path, loader, "holdout") if loader.holdout else None
         else:
-            ctx.print(f"[bold]baseline[/]: training {model.arch} for {schedule.epochs} epochs "
-                      f"on {max(engine.num_workers, 1)} worker(s)")
+            ctx.print(f"[bold]baseline[/]: {'fine-tuning' if weights else 'training'} {model.arch} for "
+                      f"{schedule.epochs} epochs on {max(engine.num_workers, 1)} worker(s)")
             result = run_training(
                 model=model, schedule=schedule, loader=loader, engine=engine, storage_path=ctx.run.train,
                 name="baseline", seed=seed, resume=True, final_checkpoint=ctx.snapshot("baseline"),
@@ -59,6 +73,27 @@ def _import(ctx: RunContext, path: str, model: ModelSpec) -> None:
                          f"{model.num_classes}")
     ctx.print(f"[bold]baseline[/]: using {path}")
     storage.copy_file(path, ctx.snapshot("baseline"))  # either may be a URI; atomic at the destination
+
+
+def _from_weights(ctx: RunContext, weights: str, model: ModelSpec, seed: int, as_is: bool) -> str:
+    """The model with `weights` loaded, as snapshot file "baseline_init" (once); its path."""
+    import torch
+
+    from kesi_dist.checkpoint import save_checkpoint
+    from kesi_dist.models import build_model
+    from kesi_dist.models.weights import load_source_weights
+
+    path = ctx.snapshot("baseline_init")
+    torch.manual_seed(seed)  # a replaced head's initialisation
+    net = build_model(model.arch, model.num_classes, **model.options)
+    report = load_source_weights(net, weights)
+    if report.head_replaced and as_is:
+        raise UsageError(f"model.weights {weights}: its head is for {report.file_classes} classes, the data has "
+                         f"{model.num_classes}: the new head must be trained; set baseline.epochs >= 1")
+    ctx.print(f"[bold]baseline[/]: {report.message}")
+    if not storage.exists(path):  # written atomically: present means complete
+        save_checkpoint(path, net, extra={"weights": str(weights), "head_replaced": report.head_replaced})
+    return path
 
 
 def evaluate_snapshot(path: str, loader: LoaderSpec, split: str = "val") -> float:

@@ -45,7 +45,7 @@ def run(cfg: Config, ctx: RunContext) -> None:
     classes = num_classes(cfg, meta)
     baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=classes, options=cfg.model.options()),
                    schedule=schedule_from(cfg.baseline), loader=loader, engine=engine, seed=cfg.seed,
-                   given=cfg.baseline.checkpoint)
+                   given=cfg.baseline.checkpoint, weights=cfg.model.weights)
     found = search_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine,
                          target=m.budget(), step=m.search.step, cut=m.search.otsu_cut,
                          batch_size=m.search.batch_size, actors=m.search.actors, teachers=m.bank.teachers,

@@ -42,7 +42,7 @@ def run(cfg: Config, ctx: RunContext) -> None:
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     model = ModelSpec(arch=cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options())
     baseline_stage(ctx, model=model, schedule=schedule_from(cfg.baseline), loader=loader, engine=engine,
-                   seed=cfg.seed, given=cfg.baseline.checkpoint)
+                   seed=cfg.seed, given=cfg.baseline.checkpoint, weights=cfg.model.weights)
     parent = fixed_parent = "baseline"
     for k in range(1, m.prune.iterations + 1):
         parent, fixed_parent = prune_stage(cfg, ctx, k, parent, fixed_parent, loader, engine)

@@ -42,7 +42,7 @@ def run(cfg: Config, ctx: RunContext) -> None:
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options()),
                    schedule=schedule_from(cfg.baseline), loader=loader, engine=engine, seed=cfg.seed,
-                   given=cfg.baseline.checkpoint)
+                   given=cfg.baseline.checkpoint, weights=cfg.model.weights)
     nets = supernets_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine, supernet=m.supernet,
                            whole_net=m.correlation.subnets > 0, seed=cfg.seed)
     found = search_stage(ctx, supernets=nets, loader=loader, engine=engine, target=m.budget(),
