@@ -63,12 +63,13 @@ def layout(net: nn.Module, skip: Sequence[nn.Module] = (), resolution: int = STA
                 c = mod.out_channels if isinstance(mod, _CONV) else mod.out_features
                 seen.setdefault(name, (len(seen), out.numel() // max(1, out.shape[0] * c)))
             handles.append(m.register_forward_hook(hook))
-    zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in (*net.named_parameters(), *net.named_buffers())}
+    zeros = {k: torch.zeros(v.shape, dtype=v.dtype, device="cpu")
+             for k, v in (*net.named_parameters(), *net.named_buffers())}
     was_training = net.training
     try:
         net.eval()
         with torch.no_grad():
-            functional_call(net, zeros, (torch.zeros(1, 3, resolution, resolution),))
+            functional_call(net, zeros, (torch.zeros(1, 3, resolution, resolution, device="cpu"),))
     finally:
         net.train(was_training)
         for h in handles:

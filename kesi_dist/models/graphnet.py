@@ -51,13 +51,16 @@ class GraphNet(PrunableNet):
         self._build(widths, resolution)
 
     @classmethod
-    def traced(cls, arch: str, num_classes: int, widths: list | None, resolution: int) -> tuple["GraphNet", Graph]:
-        """The model and its live graph (to cut it further; the graph is not kept on the model)."""
+    def traced(cls, arch: str, num_classes: int, widths: list | None, resolution: int,
+               empty: bool = False) -> tuple["GraphNet", Graph]:
+        """The model and its live graph (to cut it further; the graph is not kept on the model). `empty`:
+        built under the meta device, it stays on the uninitialised CPU memory it was traced on (moving it
+        would replace the parameters the graph holds)."""
         model = cls.__new__(cls)
         PrunableNet.__init__(model, arch, [], num_classes)
-        return model, model._build(widths, resolution)
+        return model, model._build(widths, resolution, empty)
 
-    def _build(self, widths: list | None, resolution: int) -> Graph:
+    def _build(self, widths: list | None, resolution: int, empty: bool = False) -> Graph:
         if not isinstance(resolution, int) or isinstance(resolution, bool) or not 8 <= resolution <= 4096:
             raise UsageError(f"{self.arch}: resolution must be an int between 8 and 4096 px, got {resolution!r}")
         self.resolution = resolution
@@ -76,7 +79,7 @@ class GraphNet(PrunableNet):
             if w < c:
                 graph.cut(u.name, range(w))
         self.widths, self._units = list(widths), list(graph.units)
-        if meta:
+        if meta and not empty:
             self.to("meta")
         return graph
 
@@ -144,9 +147,9 @@ def check_prunable(arch: str, resolution: int = 224) -> None:
     classes = 10
     x = torch.zeros(1, 3, resolution, resolution)
     for hunt in (False, True):
-        with torch.device("meta"):
-            model, graph = GraphNet.traced(arch, classes, None, resolution)
-        model.to_empty(device="cpu").eval()  # values do not matter, shapes do (and the CPU runs them fast)
+        with torch.device("meta"):  # values do not matter, shapes do: uninitialised CPU memory
+            model, graph = GraphNet.traced(arch, classes, None, resolution, empty=True)
+        model.eval()
         for u, c in zip(graph.units, graph.widths):
             try:
                 graph.cut(u.name, range(max(1, c // 2)))

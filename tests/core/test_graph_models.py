@@ -178,6 +178,25 @@ def test_registry_pfec_and_the_units_of_a_graph_net():
         build_model(arch, 3, shortcut="slice")
 
 
+def test_parameters_outside_layers_are_cut_and_rebuilt():
+    """timm's ConvNeXt scales each block's channels by a parameter of the block itself (layer scale), which
+    the graph finds and cuts with its stream; the cut network rebuilds from its widths exactly."""
+    arch = "timm:test_convnext"
+    torch.manual_seed(0)
+    model = build_model(arch, 3, resolution=RES).eval()
+    units = model.units()
+    u = [u for u in units if u.kind == "stream"][-1]
+    c = model.widths[units.index(u)]
+    cut = slice_units(model, {u.name: list(range(0, c, 2))})
+    gamma = "net.stages.3.blocks.1.gamma"
+    assert torch.equal(cut.state_dict()[gamma], model.state_dict()[gamma][::2])
+    rebuilt = build_model(arch, 3, cut.widths, resolution=RES)
+    rebuilt.load_state_dict(cut.state_dict())
+    x = torch.randn(2, 3, RES, RES)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), cut(x))
+
+
 # -- what the graph refuses -----------------------------------------------------------------------------
 
 def test_networks_the_graph_cannot_cut_are_refused_naming_the_layer(monkeypatch):
@@ -231,6 +250,9 @@ def test_weights_files_load_exactly_and_wrong_ones_are_refused(tmp_path):
     report = load_source_weights(other, tmp_path / "r18.pth")
     assert report.head_replaced and report.file_classes == 10 and "a new head is trained" in report.message
     assert torch.equal(other.net.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    zoo = build_model("resnet20", 10)  # a zoo network's own state dict, for other classes
+    torch.save(zoo.state_dict(), tmp_path / "r20.pth")
+    assert load_source_weights(build_model("resnet20", 4), tmp_path / "r20.pth").head_replaced
 
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), tmp_path / "r34.pth")
     with pytest.raises(UsageError, match=r"r34\.pth: does not fit torchvision:resnet18: the network has no "
