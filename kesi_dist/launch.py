@@ -20,6 +20,8 @@ __all__ = ["run_method", "train_baseline", "open_context"]
 
 
 def _preflight(cfg: Config) -> None:
+    if cfg.model.weights:  # read and checked against the network (and the data's classes) before Ray starts
+        _check_weights(cfg, None)
     path = cfg.baseline.checkpoint
     if not path:
         return
@@ -34,6 +36,18 @@ def _preflight(cfg: Config) -> None:
     if cfg.model.num_classes and ck["num_classes"] != cfg.model.num_classes:
         raise UsageError(f"baseline.checkpoint {path}: has {ck['num_classes']} classes, but model.num_classes "
                          f"is {cfg.model.num_classes}")
+
+
+def _check_weights(cfg: Config, meta: dict | None) -> None:
+    from kesi_dist.config import num_classes
+    from kesi_dist.plan import default_num_classes
+    from kesi_dist.stages.baseline import load_weights
+    from kesi_dist.train.spec import ModelSpec
+
+    known = meta is not None or bool(cfg.model.num_classes) or cfg.data.source != "imagefolder"
+    classes = num_classes(cfg, meta) if meta else default_num_classes(cfg)
+    load_weights(cfg.model.weights, ModelSpec(cfg.model.arch, classes, options=cfg.model.options()),
+                 as_is=known and cfg.baseline.epochs == 0)
 
 
 def open_context(cfg: Config, output: str, resume: bool, *, title: str, use_ray: bool = True,
@@ -91,7 +105,8 @@ def train_baseline(cfg: Config, output: str, resume: bool = False) -> dict:
         entry = baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta),
                                                                options=cfg.model.options()),
                                schedule=schedule_from(cfg.baseline), loader=loader_spec(cfg, data_dir),
-                               engine=engine_spec(cfg), seed=cfg.seed, given=cfg.baseline.checkpoint)
+                               engine=engine_spec(cfg), seed=cfg.seed, given=cfg.baseline.checkpoint,
+                               weights=cfg.model.weights)
     except KesiError as e:
         ctx.fail(str(e))
         raise

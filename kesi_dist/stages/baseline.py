@@ -16,7 +16,7 @@ from kesi_dist.errors import UsageError
 from kesi_dist.runs import RunContext, fmt_acc, fmt_size
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
-__all__ = ["baseline_stage", "evaluate_snapshot"]
+__all__ = ["baseline_stage", "evaluate_snapshot", "load_weights"]
 
 
 def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec, loader: LoaderSpec,
@@ -75,21 +75,29 @@ def _import(ctx: RunContext, path: str, model: ModelSpec) -> None:
     storage.copy_file(path, ctx.snapshot("baseline"))  # either may be a URI; atomic at the destination
 
 
-def _from_weights(ctx: RunContext, weights: str, model: ModelSpec, seed: int, as_is: bool) -> str:
-    """The model with `weights` loaded, as snapshot file "baseline_init" (once); its path."""
+def load_weights(weights: str, model: ModelSpec, seed: int = 0, as_is: bool = False):
+    """(`model` built with `weights` loaded, the `LoadReport`); a head for other classes is initialised
+    with `seed`. `as_is`: the weights must be the baseline as they are, so a replaced head is refused."""
     import torch
 
-    from kesi_dist.checkpoint import save_checkpoint
     from kesi_dist.models import build_model
     from kesi_dist.models.weights import load_source_weights
 
-    path = ctx.snapshot("baseline_init")
-    torch.manual_seed(seed)  # a replaced head's initialisation
+    torch.manual_seed(seed)
     net = build_model(model.arch, model.num_classes, **model.options)
     report = load_source_weights(net, weights)
     if report.head_replaced and as_is:
         raise UsageError(f"model.weights {weights}: its head is for {report.file_classes} classes, the data has "
                          f"{model.num_classes}: the new head must be trained; set baseline.epochs >= 1")
+    return net, report
+
+
+def _from_weights(ctx: RunContext, weights: str, model: ModelSpec, seed: int, as_is: bool) -> str:
+    """The model with `weights` loaded, as snapshot file "baseline_init" (once); its path."""
+    from kesi_dist.checkpoint import save_checkpoint
+
+    path = ctx.snapshot("baseline_init")
+    net, report = load_weights(weights, model, seed, as_is)
     ctx.print(f"[bold]baseline[/]: {report.message}")
     if not storage.exists(path):  # written atomically: present means complete
         save_checkpoint(path, net, extra={"weights": str(weights), "head_replaced": report.head_replaced})
