@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kesi_dist.checkpoint import load_tensors, save_checkpoint
+from kesi_dist.config import parse_config
 from kesi_dist.errors import UsageError
 from kesi_dist.export import export_model
 from kesi_dist.models import build_model, default_widths, model_options, model_units
@@ -216,6 +217,26 @@ def test_networks_the_graph_cannot_cut_are_refused_naming_the_layer(monkeypatch)
             build_model("timm:resnet18", 10)
     finally:
         source_problem.cache_clear()
+
+
+def test_the_config_takes_a_graph_network_and_refuses_what_it_cannot_cut():
+    ratios = {"method": {"prune": {"stage_ratios": [0.1, 0.2, 0.3, 0.3]}}}
+    cfg = parse_config({"model": {"arch": "torchvision:resnet18", "weights": "s3://bucket/mine.pth"},
+                        "data": {"resolution": RES}, "baseline": {"epochs": 0}, **ratios})
+    assert cfg.model.options() == {"resolution": RES}  # traced at the data's resolution unless model.resolution
+    assert parse_config({"model": {"arch": "torchvision:resnet18", "resolution": 64}, **ratios}).model.resolution == 64
+    for raw, error in [
+        ({"model": {"arch": "torchvision:resnext50_32x4d"}},
+         "x.yaml: model.arch: torchvision:resnext50_32x4d: cannot prune it: layer1.0.conv2: grouped convolution "
+         "(groups=32) is not supported"),
+        ({"model": {"arch": "torchvision:resnet1800"}}, "x.yaml: model.arch: torchvision:resnet1800: torchvision has "
+         "no classification model 'resnet1800'; did you mean resnet18"),
+        ({"model": {"arch": "resnet56", "resolution": 64}}, "model.resolution applies to torchvision:/timm: networks"),
+        ({"baseline": {"epochs": 0}}, "baseline.epochs: 0 means the given weights are the baseline; set model.weights"),
+    ]:
+        with pytest.raises(UsageError) as e:
+            parse_config(raw, "x.yaml")
+        assert error in str(e.value) and "\n" not in str(e.value)
 
 
 # -- trained weights from the user's file -------------------------------------------------------------
