@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kesi_dist.errors import BadValue, KesiError
+from kesi_dist.errors import BadValue, Interrupted, KesiError
 
 __all__ = ["main"]
 
@@ -35,13 +35,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     plan = plan_schedule(cfg)
     if args.latency:
-        from kesi_dist.latency import check_table, load_table, plan_latency
-        from kesi_dist.plan import default_num_classes
+        from kesi_dist.latency import load_table, plan_latency, table_warnings, warn_once
 
         table = load_table(args.latency)
-        for warning in check_table(table, args.latency, cfg.model.arch, default_num_classes(cfg),
-                                   cfg.data.resolution, cfg.model.options()):
-            print(f"warning: {warning}", file=sys.stderr)
+        for warning in table_warnings(table, args.latency, cfg):
+            warn_once(warning)
         plan = plan_latency(plan, table)
     if args.json:
         import json
@@ -67,7 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kesi_dist.launch import run_method
 
     cfg, output = _config_and_output(args)
-    run_method(cfg, output, resume=args.resume)
+    run_method(cfg, output, resume=args.resume, command=args.argv)
     return 0
 
 
@@ -75,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from kesi_dist.launch import train_baseline
 
     cfg, output = _config_and_output(args)
-    train_baseline(cfg, output, resume=args.resume)
+    train_baseline(cfg, output, resume=args.resume, command=args.argv)
     return 0
 
 
@@ -134,19 +132,31 @@ def _cmd_latency_profile(args: argparse.Namespace) -> int:
     import json
 
     from kesi_dist.config import load_config
-    from kesi_dist.latency import profile, threads_text
+    from kesi_dist.latency import check_output, profile, threads_text
+    from kesi_dist.latency_table import falls_steeply
     from kesi_dist.plan import default_num_classes
     from rich.console import Console
 
     from kesi_dist.progress import bar
     from kesi_dist.storage.atomic import atomic_write_text
 
+    from kesi_dist.errors import UsageError
+
+    for flag in ("batch", "repeats", "step", "threads"):  # before minutes of measuring
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be a positive whole number")
     cfg = load_config(args.config, _overrides(args))
+    check_output(args.output)
     with bar(Console(stderr=True), "profiling unit pieces", total=None, unit="pieces") as b:
         table = profile(cfg.model.arch, default_num_classes(cfg), cfg.data.resolution, batch=args.batch,
                         threads=args.threads, options=cfg.model.options(), step=args.step, repeats=args.repeats,
                         on_progress=lambda done, total: b.update(done, total))
     atomic_write_text(args.output, json.dumps(table, indent=1) + "\n")
+    for r in table["remeasured"]:  # load spikes: what the table holds instead
+        print(f"note: piece {r['piece']} at width {r['width']}: {r['ms_before']:.3g} ms, far above its neighbours; "
+              f"{r['how']}: {r['ms']:.3g} ms", file=sys.stderr)
+    for warning in falls_steeply(table, args.output):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{cfg.model.arch} at {cfg.data.resolution}px, batch {args.batch}, {threads_text(args.threads)}, "
           f"onnxruntime {table['onnxruntime']}: {len(table['pieces'])} distinct unit pieces profiled, whole network "
           f"{table['full_ms']:.2f} ms -> {args.output}")
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if a not in sets]
     if unknown or (sets and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or sets)}")
-    args.sets = sets
+    args.sets, args.argv = sets, list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except KesiError as e:
@@ -259,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadValue as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a run stopped by SIGINT/SIGTERM: its one line says how to resume
+        print(e.message, file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

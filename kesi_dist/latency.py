@@ -20,8 +20,11 @@ version, threads, batch, architecture, resolution) and `check_table` says when i
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,8 +33,10 @@ import torch
 from torch import nn
 
 from kesi_dist.errors import UsageError
+from kesi_dist.latency_table import despike, falls_steeply, validate_table
 
-__all__ = ["profile", "predict", "measure", "load_table", "check_table", "budget_table", "plan_latency", "cpu_model", "threads_text", "grid_for", "SCHEMA"]
+__all__ = ["profile", "predict", "measure", "load_table", "check_table", "budget_table", "plan_latency", "cpu_model",
+           "threads_text", "grid_for", "table_warnings", "warn_once", "check_output", "SCHEMA"]
 
 SCHEMA = 1
 
@@ -146,6 +151,7 @@ def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, th
     shapes = _input_shapes(base, resolution)
     sigs = {u.name: _signature(u, mods, shapes) for u in units}
     pieces: dict[str, dict] = {}
+    fixed: list[dict] = []
     for i, u in enumerate(units):
         if sigs[u.name] in pieces:
             continue
@@ -160,18 +166,21 @@ def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, th
             sess = _ort_session(_onnx(piece, x[:1]), threads)
             runners.append(lambda s=sess, x=x.numpy(): s.run(None, {"input": x}))
         ms = _time(runners, warmup, repeats)
+        fixed += despike(sigs[u.name], grid, ms, lambda idx: _time([runners[j] for j in idx], 1, repeats))
         pieces[sigs[u.name]] = {"widths": grid, "ms": [round(m, 4) for m in ms]}
         if on_progress is not None:
             on_progress(len(pieces), len(set(sigs.values())))
     x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     sess = _ort_session(_onnx(base, x[:1]), threads)
-    full_ms = _time([lambda: sess.run(None, {"input": x.numpy()})], warmup, repeats)[0]
+    whole = lambda: sess.run(None, {"input": x.numpy()})  # noqa: E731
+    full_ms = min(_time([whole, whole], warmup, repeats))  # two medians: the least is the one load touched least
     return {
         "schema": SCHEMA, "key": table_key(arch, num_classes, resolution, options, batch, threads),
         "onnxruntime": ort.__version__, "torch": torch.__version__, "grid_step": step,
         "full_widths": full, "full_ms": round(full_ms, 4),
-        "units": [{"name": u.name, "piece": sigs[u.name]} for u in units], "pieces": pieces,
+        "units": [{"name": u.name, "piece": sigs[u.name]} for u in units], "pieces": pieces, "remeasured": fixed,
     }
+
 
 
 def measure(models: list[nn.Module], resolution: int, *, batch: int, threads: int, warmup: int = 3,
@@ -217,7 +226,8 @@ def predict(table: dict, widths: list[int]) -> float:
 
 
 def load_table(path: str | Path) -> dict:
-    """A table written by `kesi latency profile`; UsageError naming the file when it is not one."""
+    """A table written by `kesi latency profile`, every field checked (`validate_table`); UsageError
+    naming the file (and the field) when it is not one."""
     path = Path(path)
     try:
         table = json.loads(path.read_text())
@@ -228,7 +238,7 @@ def load_table(path: str | Path) -> dict:
         raise UsageError(f"{path}: not a readable latency table ({e})") from None
     if not isinstance(table, dict) or table.get("schema") != SCHEMA or "pieces" not in table:
         raise UsageError(f"{path}: not a kesi latency table (schema {SCHEMA}); make one with `kesi latency profile`")
-    return table
+    return validate_table(table, path)
 
 
 def check_table(table: dict, path, arch: str, num_classes: int, resolution: int, options: dict) -> list[str]:
@@ -241,8 +251,47 @@ def check_table(table: dict, path, arch: str, num_classes: int, resolution: int,
             raise UsageError(f"{path}: the latency table is for {k}={key.get(k)!r}, this config has {v!r}; "
                              "profile this network with `kesi latency profile <this config> --output TABLE`")
     here = table_key(arch, num_classes, resolution, options, key["batch"], key["threads"])
-    return [f"{path}: measured on {k}={key[k]!r}, this machine has {here[k]!r}; predictions are for that machine"
-            for k in ("cpu", "runtime_version") if key[k] != here[k]]
+    out = [f"{path}: measured on {k}={key[k]!r}, this machine has {here[k]!r}; predictions are for that machine"
+           for k in ("cpu", "runtime_version") if key[k] != here[k]]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if key["threads"] > cpus:
+        out.append(f"{path}: measured with {threads_text(key['threads'])} (batch {key['batch']}), this machine gives "
+                   f"this process {cpus} CPU(s); predictions and any latency measured here are not comparable")
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """`warning: message` on stderr, once per process (a table is read by the plan and by the run)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def table_warnings(table: dict, path, cfg) -> list[str]:
+    """`check_table`'s warnings for a config's network (another CPU, runtime or too many threads for
+    this machine; a cost that falls steeply with the width)."""
+    from kesi_dist.plan import default_num_classes
+
+    return check_table(table, path, cfg.model.arch, default_num_classes(cfg), cfg.data.resolution,
+                       cfg.model.options()) + falls_steeply(table, path)
+
+
+def check_output(path: str | Path, flag: str = "--output") -> Path:
+    """A file path that can be written (its folder created, a test file written and removed): checked
+    before minutes of profiling; UsageError naming `flag` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file path such as {path / 'table.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".kesi-write-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable path") from None
+    return path
 
 
 def plan_latency(plan: dict, table: dict) -> dict:
@@ -259,13 +308,12 @@ def plan_latency(plan: dict, table: dict) -> dict:
 
 def budget_table(cfg, target, where: str) -> dict:
     """The table of a config's latency budget (`LatencyTargetCfg` at key `where`), loaded and checked
-    against the config's network; UsageError naming `where` otherwise."""
-    from kesi_dist.plan import default_num_classes
-
-    table = load_table(target.table)
+    against the config's network, its warnings said once; UsageError naming `where` otherwise."""
     try:
-        check_table(table, target.table, cfg.model.arch, default_num_classes(cfg), cfg.data.resolution,
-                    cfg.model.options())
+        table = load_table(target.table)
+        warnings_ = table_warnings(table, target.table, cfg)
     except UsageError as e:
         raise UsageError(f"{where}.table: {e}") from None
+    for w in warnings_:  # as `kesi plan --latency` says them: the budget is for the table's machine
+        warn_once(f"{where}.table: {w}")
     return table
