@@ -30,7 +30,7 @@ from torch.func import functional_call
 from kesi_dist.errors import UsageError
 from kesi_dist.models.base import Unit
 
-__all__ = ["Graph", "trace", "layout", "STAGE_RESOLUTION", "device_of", "refusal"]
+__all__ = ["Graph", "trace", "layout", "STAGE_RESOLUTION", "device_of", "refusal", "run_naming_layer"]
 
 STAGE_RESOLUTION = 128
 _CONV, _NORM = nn.modules.conv._ConvNd, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
@@ -47,6 +47,26 @@ def device_of(net: nn.Module) -> torch.device:
 
 def refusal(arch: str, layer: str, why: str) -> UsageError:
     return UsageError(f"{arch}: cannot prune it: {layer}: {why}")
+
+
+def run_naming_layer(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, str, str]:
+    """(output, "", "") or (None, the innermost layer the forward pass failed in, the error in one line)."""
+    stack: list[str] = []
+    handles = []
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_pre_hook(lambda mod, inp, name=name: stack.append(name)))
+            handles.append(m.register_forward_hook(lambda mod, inp, out: stack.pop() and None))
+    try:
+        with torch.no_grad():
+            return model(x), "", ""
+    except Exception as e:  # noqa: BLE001 - any failure of the cut network, named by its layer
+        failed = stack[-1:]
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return None, (failed[0].removeprefix("net.") if failed else "the network"), f"{type(e).__name__}: {detail}"
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def layout(net: nn.Module, skip: Sequence[nn.Module] = (), resolution: int = STAGE_RESOLUTION) -> dict:
@@ -145,7 +165,11 @@ def trace(net: nn.Module, resolution: int, head: Sequence[str], arch: str = "", 
             dg = tp.DependencyGraph().build_dependency(net, example_inputs=x, verbose=False)
     except Exception as e:  # noqa: BLE001 - whatever the forward or the tracer raises, in one line
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise refusal(arch, f"a {resolution} px forward pass", f"{type(e).__name__}: {detail}") from None
+        out, layer, why = run_naming_layer(net.eval(), x)
+        if out is None:
+            raise refusal(arch, layer, f"fails on a {resolution} px input ({why})") from None
+        raise refusal(arch, f"its {resolution} px trace", f"Torch-Pruning cannot follow it ({type(e).__name__}: "
+                      f"{detail})") from None
     finally:
         net.train(was_training)
     if places is None:

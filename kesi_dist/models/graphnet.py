@@ -20,7 +20,7 @@ from torch import nn
 
 from kesi_dist.errors import UsageError
 from kesi_dist.models.base import PrunableNet, Unit, check_widths
-from kesi_dist.models.graph import Graph, device_of, layout, refusal, trace
+from kesi_dist.models.graph import Graph, device_of, layout, refusal, run_naming_layer, trace
 from kesi_dist.models.sources import build_source, head_paths
 
 __all__ = ["GraphNet", "cut_graph_net", "check_prunable"]
@@ -114,26 +114,6 @@ def cut_graph_net(model: GraphNet, keep: Mapping[str, Sequence[int]]) -> GraphNe
     return new.to(device_of(model)).train(model.training)
 
 
-def _run_naming_layer(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, str, str]:
-    """(output, "", "") or (None, the innermost layer the forward pass failed in, the error in one line)."""
-    stack: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        if name:
-            handles.append(m.register_forward_pre_hook(lambda mod, inp, name=name: stack.append(name)))
-            handles.append(m.register_forward_hook(lambda mod, inp, out: stack.pop() and None))
-    try:
-        with torch.no_grad():
-            return model(x), "", ""
-    except Exception as e:  # noqa: BLE001 - any failure of the cut network, named by its layer
-        failed = stack[-1:]
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return None, (failed[0].removeprefix("net.") if failed else "the network"), f"{type(e).__name__}: {detail}"
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @functools.lru_cache(maxsize=32)
 def check_prunable(arch: str, resolution: int = 224) -> None:
     """Refuse `arch` (a torchvision/timm name) unless its graph can cut every unit: on uninitialised
@@ -157,11 +137,11 @@ def check_prunable(arch: str, resolution: int = 224) -> None:
                 raise refusal(arch, f"unit {u.name} ({u.conv.removeprefix('net.')})",
                               f"Torch-Pruning cannot cut it ({type(e).__name__}: {str(e)[:160]})") from None
             if hunt:
-                out, layer, why = _run_naming_layer(model, x)
+                out, layer, why = run_naming_layer(model, x)
                 if out is None:
                     raise refusal(arch, layer, f"fails once unit {u.name} is cut ({why}): the graph misses a "
                                   "coupling there")
-        out, layer, why = _run_naming_layer(model, x)
+        out, layer, why = run_naming_layer(model, x)
         if out is not None and tuple(out.shape) == (1, classes):
             return
     raise refusal(arch, layer or "its output", why or f"has shape {tuple(out.shape)} once cut, not (1, {classes})")
