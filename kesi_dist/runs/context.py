@@ -8,7 +8,7 @@
 
 A stage is marked complete only after its body has returned (its outputs are on disk), so a driver
 killed inside a stage leaves it "running" and `--resume` redoes it; a `KesiError` marks it "failed"
-with its message. Snapshots are registered with their size read from the file itself.
+with its message, a signal (`Interrupted`: Ctrl-C, SIGTERM) "interrupted". Snapshots are registered with their size read from the file itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from rich.console import Console
 
-from kesi_dist.errors import KesiError
+from kesi_dist.errors import Interrupted, KesiError
 from kesi_dist.runs.manifest import Manifest
 from kesi_dist.runs.rundir import RunDir
 
@@ -84,6 +84,8 @@ class RunContext:
     def __init__(self, run: RunDir, manifest: Manifest, *, resolution: int, max_steps: int | None = None):
         self.run, self.manifest, self.resolution, self.max_steps = run, manifest, resolution, max_steps
         self.console = Console(highlight=False, soft_wrap=True)
+        self.lease = None  # the driver's hold on the folder (`kesi_dist.runs.lease`), released by `close`
+        self.interrupted_stage: str | None = None
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)
@@ -110,6 +112,10 @@ class RunContext:
         except KesiError as e:
             self._record(lambda: self.manifest.fail_stage(name, str(e)))
             raise
+        except KeyboardInterrupt as e:  # a signal (Interrupted), or one Ray re-raised as a KeyboardInterrupt
+            self.interrupted_stage = self.interrupted_stage or name  # the innermost stage in flight
+            self._record(lambda: self.manifest.interrupt_stage(name, Interrupted.signal_of(e)))
+            raise
         self.manifest.finish_stage(name, **st.info)
 
     def note(self, stage: str, **info: Any) -> None:
@@ -135,6 +141,18 @@ class RunContext:
             self.manifest.data["status"] = "failed"
             self.manifest.log("run failed", error=error)
         self._record(mark)
+
+    def interrupt(self, signame: str) -> None:
+        """Mark the run interrupted by signal `signame` (the stage in flight marked itself)."""
+        def mark() -> None:
+            self.manifest.data["status"] = "interrupted"
+            self.manifest.log("run interrupted", signal=signame, stage=self.interrupted_stage)
+        self._record(mark)
+
+    def close(self) -> None:
+        """Release the folder's lease (the driver is done with the run, whatever the outcome)."""
+        if self.lease is not None:
+            self.lease.release()
 
     def _record(self, write) -> None:
         # Recording a failure must not hide it: when the manifest cannot be written either (a full

@@ -28,7 +28,7 @@ def now() -> float:
 class Manifest:
     """Stage status + snapshot registry of one run directory.
 
-    Stages: name -> {"status": "running"|"complete"|"failed", "start", "end", ...info}.
+    Stages: name -> {"status": "running"|"complete"|"failed"|"interrupted", "start", "end", ...info}.
     Snapshots: name -> registry entry (arch, widths, params, macs, val_acc, parent, iteration, branch,
     hparams, checkpoint, node_id, start, end, ...). Insertion order is kept.
     """
@@ -78,6 +78,8 @@ class Manifest:
     def start_stage(self, stage: str, **info: Any) -> None:
         entry = self.stages.get(stage, {})
         attempts = entry.get("attempts", 0) + 1
+        # What ended the previous attempt (its error, the signal) is in the events; the entry is this one's.
+        entry = {k: v for k, v in entry.items() if k not in ("error", "interrupted", "end")}
         self.stages[stage] = {**entry, "status": "running", "start": now(), "attempts": attempts, **info}
         self.log(f"start {stage}", attempt=attempts)
 
@@ -90,6 +92,12 @@ class Manifest:
         entry = self.stages.setdefault(stage, {"start": now()})
         entry.update(status="failed", end=now(), error=error)
         self.log(f"failed {stage}", error=error)
+
+    def interrupt_stage(self, stage: str, signame: str) -> None:
+        """Stage `stage` was stopped by a signal: not failed, `--resume` redoes it."""
+        entry = self.stages.setdefault(stage, {"start": now()})
+        entry.update(status="interrupted", end=now(), interrupted=signame)
+        self.log(f"interrupted {stage}", signal=signame)
 
     # -- snapshots ------------------------------------------------------------------------------
     def add_snapshot(self, name: str, entry: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The run directory: where a run's files live, and the rules for starting or resuming one.
 
     <run>/manifest.json        stage status + snapshot registry (kesi_dist.runs.manifest)
+    <run>/lease.json           the driver writing the run, while it runs (kesi_dist.runs.lease)
     <run>/config.yaml          the resolved config the run was started with
     <run>/data/                prepared .beton files + meta.json (unless data.prepared points elsewhere)
     <run>/snapshots/<name>.pt  every snapshot, kesi_dist checkpoint format
@@ -25,9 +26,10 @@ import yaml
 
 from kesi_dist import storage
 from kesi_dist.errors import RunError, UsageError
+from kesi_dist.runs.lease import LEASE
 from kesi_dist.runs.manifest import Manifest
 
-__all__ = ["RunDir", "open_run", "config_fingerprint", "PLACEMENT_KEYS"]
+__all__ = ["RunDir", "open_run", "check_run", "config_fingerprint", "PLACEMENT_KEYS"]
 
 # Where a run goes and which cluster runs it: not part of what the experiment is.
 PLACEMENT_KEYS = ("output", "cluster.address")
@@ -98,15 +100,16 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def open_run(output: str, config: dict, resume: bool) -> tuple[RunDir, Manifest]:
-    """Create a new run directory, or reopen one for `--resume`; refuse anything ambiguous.
+def check_run(output: str, config: dict, resume: bool) -> tuple[RunDir, Manifest | None]:
+    """Every refusal of `open_run`, writing nothing: (the run folder, its manifest when it holds a run).
 
-    `config` is the resolved config as plain data (saved as config.yaml; its fingerprint, without
-    `PLACEMENT_KEYS`, must match for a resume).
+    `kesi run` calls it before Ray starts, so a refused run costs no Ray start-up. A lease file alone
+    (`kesi_dist.runs.lease`, written by the driver that is about to start the run) is not content.
 
     Raises:
         UsageError: the folder holds another run (without --resume), is a non-empty folder that is not
             a run, or (with --resume) holds no run or a run of a different config.
+        RunError: the storage cannot be read, or the manifest is corrupt.
     """
     run = RunDir(storage.join(output) if storage.is_uri(output) else os.path.abspath(output))  # no trailing '/'
     fingerprint = config_fingerprint(config)
@@ -123,21 +126,43 @@ def open_run(output: str, config: dict, resume: bool) -> tuple[RunDir, Manifest]
                 "or choose a new --output (nothing was changed)"
             )
         if manifest.data.get("config_fingerprint") != fingerprint:
-            old = yaml.safe_load(storage.read_text(run.config)) if storage.exists(run.config) else {}
-            changed = _changed_keys(old or {}, config)
+            old = _saved_config(run)
+            changed = _changed_keys(old, config)
             changed = [k for k in changed if k not in PLACEMENT_KEYS]
             raise UsageError(
                 f"--resume {output}: the run was started with a different config "
                 f"(changed: {', '.join(changed) or 'unknown'}); resume with the original config "
                 "or start a new --output"
             )
-        manifest.data["status"] = "running"
-        manifest.log("resume")
         return run, manifest
     if resume:
         raise UsageError(f"--resume {output}: no run to resume there (no manifest.json); drop --resume to start one")
-    if storage.exists(run.root) and (not storage.is_dir(run.root) or storage.listdir(run.root)):
+    if storage.exists(run.root) and (not storage.is_dir(run.root)
+                                     or [n for n in storage.listdir(run.root) if n != LEASE]):
         raise UsageError(f"--output {output}: folder exists and is not a kesi_dist run; choose a new or empty folder")
+    return run, None
+
+
+def _saved_config(run: RunDir) -> dict:
+    """config.yaml of a run as a mapping ({} when missing or unreadable: only used to name changes)."""
+    try:
+        old = yaml.safe_load(storage.read_text(run.config)) if storage.exists(run.config) else {}
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
+def open_run(output: str, config: dict, resume: bool) -> tuple[RunDir, Manifest]:
+    """Create a new run directory, or reopen one for `--resume`; refuse anything ambiguous (`check_run`).
+
+    `config` is the resolved config as plain data (saved as config.yaml; its fingerprint, without
+    `PLACEMENT_KEYS`, must match for a resume).
+    """
+    run, manifest = check_run(output, config, resume)
+    if manifest is not None:
+        manifest.data["status"] = "running"
+        manifest.log("resume")
+        return run, manifest
     storage.makedirs(run.root)
     storage.write_text(run.config, yaml.safe_dump(config, sort_keys=False))
-    return run, Manifest.create(run.manifest, fingerprint)
+    return run, Manifest.create(run.manifest, config_fingerprint(config))

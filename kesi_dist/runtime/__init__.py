@@ -14,7 +14,7 @@ import importlib
 
 # Lazy, so that importing one helper does not import Ray Tune (seconds) for commands that never use it.
 _WHERE = {"map_units": "actor_pool", "ActorPool": "actor_pool", "Branch": "branches", "run_branches": "branches", "ASHA_METRIC": "branches",
-          "connect_ray": "cluster", "check_resources": "cluster", "check_gpus": "cluster", "check_shared_path": "cluster",
+          "connect_ray": "cluster", "disconnect_ray": "cluster", "check_resources": "cluster", "check_gpus": "cluster", "check_shared_path": "cluster",
           "token_source": "cluster", "run_remote": "remote", "TrainResult": "trainer", "run_training": "trainer",
           "InjectedFailure": "worker"}
 __all__ = list(_WHERE)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from kesi_dist.errors import RunError, UsageError
 
-__all__ = ["connect_ray", "check_resources", "check_gpus", "check_shared_path", "token_source"]
+__all__ = ["connect_ray", "disconnect_ray", "check_resources", "check_gpus", "check_shared_path", "token_source"]
 
 _TOKEN_HELP = (
     "Ray sends a token only when RAY_AUTH_MODE=token and reads it from RAY_AUTH_TOKEN, else the file "
@@ -164,6 +164,15 @@ def connect_ray(address: str | None, *, timeout_s: float = 30) -> None:
     except ConnectionError as e:
         raise RunError(f"Ray cluster at {address}: connection failed after the GCS answered ({e}); "
                        "check that this machine can reach the cluster's node IPs") from None
+
+
+def disconnect_ray() -> None:
+    """Leave Ray: a local Ray this process started goes down with its workers; on a cluster its GCS
+    ends this driver's tasks and actors (an interrupted run: `kesi_dist.launch`)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def check_resources(num_gpus_needed: float, num_cpus_needed: float) -> None:

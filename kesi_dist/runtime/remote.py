@@ -52,9 +52,14 @@ def pump(events, work: Callable[[], Any], handle: Callable[[dict], None], name: 
                     break
         while not events.empty():  # anything that arrived after the work returned
             handle(events.get_nowait())
-    finally:
+    except KeyboardInterrupt:  # a signal to the driver (kesi_dist.launch): it stops Ray, no waiting for the work
+        raise
+    except BaseException:
         thread.join()
         ray.kill(events.actor)
+        raise
+    thread.join()
+    ray.kill(events.actor)
     if "error" in box:
         raise box["error"]
     return box["result"]
