@@ -124,6 +124,31 @@ def _check_out(out: Path, fmt: str) -> None:
         raise UsageError(f"--out {out}: folder {parent} is not writable; choose a writable path")
 
 
+# What a run writes at its root (besides its subfolders): never an export's destination.
+_RUN_FILES = ("manifest.json", "config.yaml", "lease.json", "report.json", "report.md", "MODEL_CARD.md")
+
+
+def _check_not_run_file(run: str, out: Path, fmt: str) -> None:
+    """Refuse an `out` (or its safetensors sidecar) that is one of the run's own files: an existing file
+    of the run folder, anything in one of its subfolders (snapshots/, train/, ...), or a file the run
+    writes at its root. A new file at the root (`kesi export . --out student.onnx`) is fine."""
+    from kesi_dist import storage
+
+    fs, root = storage.storage_fs(run)
+    if fs.type_name != "local":
+        return  # `out` is a local path: it cannot be inside a bucket
+    root = os.path.realpath(root)
+    for target in [out] + ([widths_path(out)] if fmt == "safetensors" else []):
+        p = os.path.realpath(target)
+        if not p.startswith(root + os.sep):
+            continue
+        rel = os.path.relpath(p, root)
+        if os.path.exists(p) or os.sep in rel or rel in _RUN_FILES or rel.endswith(".png"):
+            raise UsageError(f"--out {target}: is {'a file' if os.path.exists(p) else 'a place'} of run {run} "
+                             f"({rel}); an export never writes into the run's own files: give a new file "
+                             "outside its subfolders, e.g. student." + fmt)
+
+
 def _build_and_run(model: nn.Module, fmt: str, sample: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     """The artefact's bytes and its outputs on `sample`, as the runtime that loads it computes them."""
     if fmt == "onnx":
@@ -245,7 +270,7 @@ def export_run(run: str, fmt: str, out: str | Path, *, snapshot: str = "student"
 
     Raises:
         UsageError: `run` holds no manifest, the snapshot is not in it (the message lists those that
-            are), or `out` is not writable.
+            are), `out` is not writable or is one of the run's own files.
         RunError: unreadable manifest or checkpoint, or the verification failed (nothing written).
     """
     import yaml
@@ -253,6 +278,7 @@ def export_run(run: str, fmt: str, out: str | Path, *, snapshot: str = "student"
     from kesi_dist import storage
 
     run = run if storage.is_uri(run) else str(run)
+    _check_not_run_file(run, Path(out), fmt)  # before _check_out creates a folder
     _check_out(Path(out), fmt)
     mpath = storage.join(run, "manifest.json")
     if not storage.exists(mpath):

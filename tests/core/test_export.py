@@ -197,3 +197,20 @@ def test_cli_export_errors(fake_run, tmp_path, capsys):
         f"error: --snapshot student: not in {no_student / 'manifest.json'} (the run has no distilled student: "
         "distillation was off or did not finish); available: iter1_b0")
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+def test_cli_export_never_writes_into_the_run_but_beside_its_files(fake_run, tmp_path, capsys):
+    """A new file at the run's root is fine (MODEL_CARD.md: `kesi export . --out student.onnx`); a run
+    file or anything under a run subfolder is refused and left as it was (more in test_bad_input)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    before = (run / "snapshots" / "student.pt").read_bytes()
+    for out in (run / "snapshots" / "student.pt", run / "manifest.json", run / "snapshots" / "new.onnx"):
+        assert kesi(["export", str(run), "--format", "onnx", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out {out}: is a ") and "never writes" in err[0], err
+    assert (run / "snapshots" / "student.pt").read_bytes() == before and not (run / "snapshots" / "new.onnx").exists()
+    assert kesi(["export", str(run), "--format", "onnx", "--out", str(run / "student.onnx")]) == 0
+    assert (run / "student.onnx").is_file()
