@@ -171,7 +171,7 @@ def _model_at(parts: list[str]):
     return model
 
 
-def _one_error(error: dict) -> str:
+def _one_error(error: dict, method: str = "kesi") -> str:
     raw_parts = [str(p) for p in error["loc"]]
     parts = list(raw_parts)
     if len(parts) > 1 and parts[0] == "method" and parts[1] in METHOD_CONFIGS:
@@ -180,9 +180,14 @@ def _one_error(error: dict) -> str:
     msg = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
-    owners = [n for n, c in METHOD_CONFIGS.items() if parts and parts[0] in c.model_fields]
-    if error["type"] == "extra_forbidden" and len(parts) == 1 and owners:
-        msg = (f"a section of method {owners[0]}: move it under `method:` (method: {{name: {owners[0]}, "
+    inner = parts[1:] if len(parts) == 2 and parts[0] == "method" else parts if len(parts) == 1 else []
+    owners = [n for n, c in METHOD_CONFIGS.items() if inner and inner[0] in c.model_fields]
+    if error["type"] == "extra_forbidden" and owners and method in METHOD_CONFIGS and method not in owners:
+        msg = (f"a key of method{'s' * (len(owners) > 1)} {' and '.join(owners)}, not of {method} (this config's "
+               f"method.name); remove it "
+               f"(`kesi config --describe --set method.name={method}` lists {method}'s keys)")
+    elif error["type"] == "extra_forbidden" and len(parts) == 1 and owners:
+        msg = (f"a section of method {method}: move it under `method:` (method: {{name: {method}, "
                f"{parts[0]}: ...}})")
     elif error["type"] == "extra_forbidden":
         import difflib
@@ -202,9 +207,9 @@ def _one_error(error: dict) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def _format_error(origin: str, err: ValidationError) -> str:
+def _format_error(origin: str, err: ValidationError, method: str = "kesi") -> str:
     """Every problem pydantic found, in one line: "<file>: key: what; other.key: what"."""
-    return f"{origin}: " + "; ".join(dict.fromkeys(_one_error(e) for e in err.errors()))
+    return f"{origin}: " + "; ".join(dict.fromkeys(_one_error(e, method) for e in err.errors()))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -243,7 +248,8 @@ def parse_config(raw: dict, origin: str = "<config>") -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise UsageError(_format_error(origin, e)) from None
+        method = raw["method"].get("name") if isinstance(raw.get("method"), dict) else "kesi"
+        raise UsageError(_format_error(origin, e, str(method))) from None
     try:
         cfg.method.check(cfg)  # what only shows next to the model: unit names, stages per arch
     except BadValue as e:

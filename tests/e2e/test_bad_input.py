@@ -2,8 +2,11 @@
 culprit, no traceback, and nothing saved before it damaged.
 
 Cases run in-process through `kesi_dist.cli.main` (fast); those marked `sub` run the real `kesi`
-command in a subprocess as well, for the real exit code and stderr. A case that gets as far as Ray
-uses the session's local Ray and fails before any training. The finished-run and resume refusals on a
+command in a subprocess as well, for the real exit code and stderr. Every refusal of `kesi run` here,
+the run folder's and its lease's included, comes before Ray starts (no case needs Ray). Besides configs,
+datasets and run folders, the catalogue covers latency tables (`kesi plan --latency`, each method's
+budget, `kesi latency profile`'s arguments), `kesi status` on damaged runs and `kesi export` into a
+run's own files. The finished-run and resume refusals on a
 real (not fabricated) run are in tests/e2e/test_pipeline.py (test_refuses_to_overwrite_a_run,
 test_resume_of_a_different_config_is_refused).
 """
@@ -16,6 +19,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +35,7 @@ from tests.datafiles import write_cifar10, write_tiny_imagenet
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs" / "kesi" / "smoke.yaml")
+SMOKES = {m: str(ROOT / "configs" / m / "smoke.yaml") for m in ("kesi", "ekg", "swp")}
 
 
 @dataclass
@@ -59,17 +64,46 @@ class Ctx:
         save_checkpoint(p, build_model(arch, classes))
         return str(p)
 
-    def fabricated_run(self, status: str = "running") -> Path:
-        """A run folder as `kesi run` leaves it (config.yaml + manifest.json), without running anything."""
+    def fabricated_run(self, status: str = "running", student: bool = False) -> Path:
+        """A run folder as `kesi run` leaves it (config.yaml + manifest.json, with `student` a registered
+        student snapshot), without running anything."""
         from kesi_dist.config import load_config
         from kesi_dist.runs.rundir import open_run
 
         cfg = load_config(SMOKE, ["data.source=prepared", f"data.prepared={self.data}", "data.resolution=16"])
         _, manifest = open_run(self.out, cfg.model_dump(mode="json"), resume=False)
         manifest.finish_stage("data", path=self.data)
+        if student:
+            save_checkpoint(Path(self.out) / "snapshots" / "student.pt", build_model("resnet20", 4))
+            manifest.add_snapshot("student", {"checkpoint": "snapshots/student.pt", "arch": "resnet20"})
         manifest.data["status"] = status
         manifest.log(f"run {status}")
         return Path(self.out)
+
+    def edited_run(self, edit: Callable[[dict], None], file: str = "manifest.json") -> str:
+        """A fabricated run whose manifest (as JSON) or other file (as text) `edit` damaged; its folder."""
+        run = self.fabricated_run()
+        if file == "manifest.json":
+            data = json.loads((run / file).read_text())
+            edit(data)
+            (run / file).write_text(json.dumps(data))
+        else:
+            (run / file).write_text(edit(None))
+        return str(run)
+
+    def table(self, method: str = "kesi", breakage: str | None = None) -> str:
+        """A latency table for `method`'s smoke network, broken one way (see test_latency_tables)."""
+        from tests.core.test_latency import _linear_table
+        from tests.core.test_latency_tables import _break
+
+        from kesi_dist.config import load_config
+
+        path = self.tmp / f"{method}-{breakage}.json"
+        table = _linear_table(load_config(SMOKES[method]), path)
+        if breakage:
+            _break(table, breakage)
+        path.write_text(json.dumps(table))
+        return str(path)
 
 
 @dataclass
@@ -142,6 +176,33 @@ def _disk_full(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(atomic._Tracked, "write", full)
 
 
+def _live_lease(c: Ctx) -> list[str]:
+    """A run whose folder another driver (on node-7, heartbeat just now) holds."""
+    run = c.fabricated_run()
+    (run / "lease.json").write_text(json.dumps({"host": "node-7", "pid": 4242, "started": time.time() - 600,
+                                                "heartbeat": time.time(), "token": "theirs"}))
+    return c.on_data(extra=("--resume",))
+
+
+def _budget(method: str, breakage: str) -> Callable[[Ctx], list[str]]:
+    key = METHODS[method].latency_target
+
+    def setup(c: Ctx) -> list[str]:
+        return c.on_data(f"{key}.table={c.table(method, breakage)}", f"{key}.latency_ratio=0.5", config=SMOKES[method])
+    return setup
+
+
+def _profile(*args: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: ["latency", "profile", SMOKE, "--output", str(c.tmp / "t.json"), *args]
+
+
+def _export(where: str, fmt: str = "onnx") -> Callable[[Ctx], list[str]]:
+    def setup(c: Ctx) -> list[str]:
+        run = c.fabricated_run(student=True)
+        return ["export", str(run), "--format", fmt, "--out", str(run / where)]
+    return setup
+
+
 def _corrupt_manifest(c: Ctx) -> list[str]:
     run = c.fabricated_run()
     text = (run / "manifest.json").read_text()
@@ -199,35 +260,87 @@ CASES = [
     Case("prepare_zero_workers", lambda c: ["data", "prepare", "--source", "digits", "--out", str(c.tmp / "prep"),
                                             "--workers", "0"], 2, "--workers 0"),
     Case("prepared_folder_missing", lambda c: c.run("data.source=prepared", f"data.prepared={c.tmp / 'nodata'}"), 1,
-         lambda c: str(c.tmp / "nodata" / "meta.json"), ray=True, no_output_dir=False),
-    Case("truncated_beton", _truncated_beton, 1, lambda c: f"{c.data}/train.beton", ray=True, no_output_dir=False),
+         lambda c: str(c.tmp / "nodata" / "meta.json")),
+    Case("truncated_beton", _truncated_beton, 1, lambda c: f"{c.data}/train.beton"),
     Case("num_classes_differs_from_data", lambda c: c.on_data("model.num_classes=10"), 2,
-         "model.num_classes is 10 but the data has 4", ray=True, no_output_dir=False),
+         "model.num_classes is 10 but the data has 4"),
     # -- checkpoints ---------------------------------------------------------------------------
     Case("baseline_of_another_arch", lambda c: c.on_data(f"baseline.checkpoint={c.checkpoint('resnet32', 4)}"), 2,
          "holds a resnet32, but model.arch is resnet20", sub=True),
     Case("baseline_of_another_class_count",
          lambda c: c.on_data(f"baseline.checkpoint={c.checkpoint('resnet20', 10)}"), 2,
-         "has 10 classes, the data has 4", ray=True, no_output_dir=False),
+         "has 10 classes, the data has 4"),
     Case("baseline_missing", lambda c: c.on_data(f"baseline.checkpoint={c.tmp / 'gone.pt'}"), 1,
          lambda c: f"baseline.checkpoint: {c.tmp / 'gone.pt'}: no such checkpoint file"),
     Case("baseline_truncated", lambda c: c.on_data(f"baseline.checkpoint={_truncate(c.checkpoint('resnet20', 4))}"),
          1, "truncated or corrupt"),
     # -- run folders ---------------------------------------------------------------------------
     Case("output_of_a_finished_run", lambda c: (c.fabricated_run("complete"), c.on_data())[1], 2,
-         "already holds a complete run; pass --resume", ray=True, no_output_dir=False),
+         "already holds a complete run; pass --resume", no_output_dir=False, sub=True),
     Case("resume_with_another_config", lambda c: (c.fabricated_run(), c.on_data("prune.iterations=3",
                                                                                  extra=("--resume",)))[1], 2,
-         "different config (changed: method.prune.iterations)", ray=True, no_output_dir=False),
-    Case("resume_without_a_run", lambda c: c.on_data(extra=("--resume",)), 2, "no run to resume there",
-         ray=True),
+         "different config (changed: method.prune.iterations)", no_output_dir=False),
+    Case("resume_without_a_run", lambda c: c.on_data(extra=("--resume",)), 2, "no run to resume there"),
     Case("output_is_another_folder", lambda c: ((c.tmp / "run").mkdir(), (c.tmp / "run" / "notes.txt").write_text(
-        "mine"), c.on_data())[2], 2, "folder exists and is not a kesi_dist run", ray=True, no_output_dir=False),
-    Case("corrupt_manifest_on_resume", _corrupt_manifest, 1, "manifest.json: corrupt manifest", ray=True,
-         no_output_dir=False),
+        "mine"), c.on_data())[2], 2, "folder exists and is not a kesi_dist run", no_output_dir=False),
+    Case("output_is_a_file", lambda c: ((c.tmp / "run").write_text("mine"), c.on_data())[1], 2,
+         "folder exists and is not a kesi_dist run", no_output_dir=False),
+    Case("output_cannot_be_created", lambda c: [*c.on_data()[:2], "--output", "/proc/kesi/run", *c.on_data()[4:]],
+         2, "--output /proc/kesi/run: cannot create the folder", sub=True),
+    Case("corrupt_manifest_on_resume", _corrupt_manifest, 1, "manifest.json: corrupt manifest", no_output_dir=False),
     Case("disk_full_while_writing", lambda c: (c.fabricated_run(), c.on_data(extra=("--resume",)))[1], 1,
-         lambda c: f"{c.tmp / 'run' / 'manifest.json'}: cannot write it: no space left on device", ray=True,
+         lambda c: f"{c.tmp / 'run' / 'lease.json'}: cannot write it: no space left on device",
          patch=_disk_full, no_output_dir=False),
+    Case("second_driver_on_a_run", _live_lease, 2,
+         "another kesi driver is running this run (pid 4242 on node-7, started ", no_output_dir=False, sub=True),
+    # -- a key of another method -----------------------------------------------------------------
+    Case("key_of_another_method", lambda c: c.run("method.search.step=0.2"), 2,
+         "method.search: a key of methods ekg and swp, not of kesi (this config's method.name); remove it"),
+    Case("section_of_another_method_at_top_level",
+         lambda c: c.run(config=c.yaml("method:\n  name: ekg\nprune:\n  iterations: 3\n")), 2,
+         "prune: a key of method kesi, not of ekg (this config's method.name); remove it"),
+    Case("budget_key_of_another_method", lambda c: c.run("method.target_macs_ratio=0.5"), 2,
+         "method.target_macs_ratio: a key of methods ekg and swp, not of kesi"),
+    # -- latency tables: wherever one is read --------------------------------------------------------
+    Case("latency_table_nan", lambda c: ["plan", SMOKE, "--latency", c.table("kesi", "nan")], 2,
+         "latency table field pieces['layer1.0'].ms[3]: nan is not a time in ms", sub=True),
+    Case("latency_table_not_a_number", lambda c: ["plan", SMOKE, "--latency", c.table("kesi", "text")], 2,
+         "latency table field pieces['layer1.0'].ms[2]: 'fast' (str) is not a time in ms"),
+    Case("latency_table_field_missing", lambda c: ["plan", SMOKE, "--latency", c.table("kesi", "missing")], 2,
+         "latency table field full_ms: missing"),
+    Case("latency_budget_kesi", _budget("kesi", "negative"), 2,
+         "method.prune.target.table: ", sub=True),
+    Case("latency_budget_ekg", _budget("ekg", "inf"), 2, "method.target_latency.table: "),
+    Case("latency_budget_swp", _budget("swp", "mistyped_units"), 2, "latency table field units: "),
+    Case("profile_batch_zero", _profile("--batch", "0"), 2, "--batch 0: must be a positive whole number", sub=True),
+    Case("profile_repeats_negative", _profile("--repeats", "-3"), 2, "--repeats -3: must be a positive"),
+    Case("profile_step_zero", _profile("--step", "0"), 2, "--step 0: must be a positive whole number"),
+    Case("profile_threads_zero", _profile("--threads", "0"), 2, "--threads 0: must be a positive whole number"),
+    Case("profile_output_unwritable", lambda c: ["latency", "profile", SMOKE, "--output", "/proc/kesi/t.json"], 2,
+         "--output /proc/kesi/t.json: cannot write there"),
+    Case("profile_output_is_a_folder", lambda c: ["latency", "profile", SMOKE, "--output", str(c.tmp)], 2,
+         "is a folder; give a file path"),
+    # -- kesi status on damaged runs ---------------------------------------------------------------
+    Case("status_of_a_non_run", lambda c: ["status", str(c.tmp)], 2, "no manifest.json; give a run folder"),
+    Case("status_stages_not_a_mapping", lambda c: ["status", c.edited_run(lambda m: m.update(stages=[]))], 1,
+         "manifest.json: stages: [] is a list, expected a mapping", no_output_dir=False, sub=True),
+    Case("status_stage_without_start", lambda c: ["status", c.edited_run(lambda m: m["stages"]["data"].pop("start"))],
+         1, "manifest.json: stages.data.start: missing", no_output_dir=False),
+    Case("status_event_time_mistyped",
+         lambda c: ["status", c.edited_run(lambda m: m["events"][-1].update(t="yesterday"))], 1,
+         "manifest.json: events[-1].t: 'yesterday' is a str, expected a number", no_output_dir=False),
+    Case("status_config_not_a_mapping", lambda c: ["status", c.edited_run(lambda _: "- a\n- b\n", "config.yaml")], 1,
+         "config.yaml: a list at the top level, expected a mapping", no_output_dir=False),
+    Case("status_config_model_mistyped",
+         lambda c: ["status", c.edited_run(lambda _: "model: resnet20\n", "config.yaml")], 1,
+         "config.yaml: model: 'resnet20' is a str, expected a mapping", no_output_dir=False),
+    # -- kesi export never writes into the run's own files -----------------------------------------
+    Case("export_over_a_snapshot", _export("snapshots/student.pt"), 2, "is a file of run", no_output_dir=False,
+         sub=True),
+    Case("export_over_the_manifest", _export("manifest.json", "torchscript"), 2, "(manifest.json); an export never",
+         no_output_dir=False),
+    Case("export_into_a_run_subfolder", _export("train/student.onnx"), 2, "is a place of run", no_output_dir=False),
+    Case("export_over_the_report", _export("report.md", "safetensors"), 2, "(report.md)", no_output_dir=False),
 ]
 
 
@@ -298,7 +411,7 @@ def test_catalogue_is_large_enough():
     assert {c.code for c in CASES} == {1, 2}
 
 
-def test_resume_manifest_unchanged_byte_for_byte_when_refused(ctx: Ctx, ray_local, capsys):
+def test_resume_manifest_unchanged_byte_for_byte_when_refused(ctx: Ctx, capsys):
     """The finished-run refusal leaves its manifest exactly as it was (not just 'unchanged files')."""
     run = ctx.fabricated_run("complete")
     before = (run / "manifest.json").read_bytes()
@@ -308,7 +421,7 @@ def test_resume_manifest_unchanged_byte_for_byte_when_refused(ctx: Ctx, ray_loca
     capsys.readouterr()
 
 
-def test_disk_full_leaves_the_manifest_readable(ctx: Ctx, ray_local, monkeypatch, capsys):
+def test_disk_full_leaves_the_manifest_readable(ctx: Ctx, monkeypatch, capsys):
     from kesi_dist.runs.manifest import Manifest
 
     run = ctx.fabricated_run()
