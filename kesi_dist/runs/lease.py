@@ -41,10 +41,12 @@ def stale_after() -> float:
 
 
 def _pid_start(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of process `pid`, None when it is gone or unknown."""
+    """The start time (clock ticks since boot) of process `pid`, None when it is gone (or exited and not
+    yet reaped: a zombie) or unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
+        fields = stat[stat.rindex(")") + 2:].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 

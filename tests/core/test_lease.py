@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,20 @@ def test_an_unreadable_lease_is_taken_over(tmp_path, capsys):
     lease = Lease.acquire(str(root))
     lease.release()
     assert "unreadable lease, taken over" in capsys.readouterr().err
+
+
+def test_a_killed_driver_not_yet_reaped_counts_as_gone(tmp_path, capsys):
+    """A driver SIGKILLed a moment ago whose parent has not waited for it yet (a zombie) holds nothing."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        root = str(tmp_path / "run")
+        _plant(root, host=socket.gethostname(), pid=proc.pid)
+        with pytest.raises(UsageError):  # alive: refused
+            Lease.acquire(root)
+        proc.kill()
+        _wait(lambda: Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] == "Z", "no zombie")
+        Lease.acquire(root).release()
+        assert "that process is gone" in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait()
