@@ -3,6 +3,7 @@ condition on its manifest holds, SIGKILL it, and check that nothing of it surviv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,10 +102,11 @@ def run_until(run: Path | str, when: Callable[[Path | str, dict], bool], what: s
             if time.time() > deadline:
                 pytest.fail(f"{what} not reached in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
     finally:
-        if driver_only:
-            os.kill(proc.pid, signal.SIGKILL)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a run that already ended (and was reaped) has no pid left
+            if driver_only:
+                os.kill(proc.pid, signal.SIGKILL)
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     at_kill = _manifest(run)
     if not driver_only:
