@@ -35,8 +35,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     plan = plan_schedule(cfg)
     if args.latency:
-        from kesi_dist.latency import load_table, plan_latency, table_warnings, warn_once
+        from kesi_dist.latency import check_profilable, load_table, plan_latency, table_warnings, warn_once
 
+        check_profilable(cfg.model.arch, "--latency: ")
         table = load_table(args.latency)
         for warning in table_warnings(table, args.latency, cfg):
             warn_once(warning)
@@ -132,7 +133,7 @@ def _cmd_latency_profile(args: argparse.Namespace) -> int:
     import json
 
     from kesi_dist.config import load_config
-    from kesi_dist.latency import check_output, profile, threads_text
+    from kesi_dist.latency import check_output, check_profilable, profile, threads_text
     from kesi_dist.latency_table import falls_steeply
     from kesi_dist.plan import default_num_classes
     from rich.console import Console
@@ -146,6 +147,7 @@ def _cmd_latency_profile(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be a positive whole number")
     cfg = load_config(args.config, _overrides(args))
+    check_profilable(cfg.model.arch)
     check_output(args.output)
     with bar(Console(stderr=True), "profiling unit pieces", total=None, unit="pieces") as b:
         table = profile(cfg.model.arch, default_num_classes(cfg), cfg.data.resolution, batch=args.batch,

@@ -126,6 +126,18 @@ def _signature(unit, mods: dict, shapes: dict) -> str:
     return "|".join(parts)
 
 
+def check_profilable(arch: str, where: str = "") -> None:
+    """UsageError, in one line, for a torchvision/timm network: the additive table times each unit as one
+    standalone piece (its conv, norms and consumer convs), which a graph network's stream and depthwise
+    units (several producers joined by additions, a depthwise conv between) are not."""
+    from kesi_dist.models.sources import is_source_arch
+
+    if is_source_arch(arch):
+        raise UsageError(f"{where}{arch}: latency tables cover the zoo's networks only (a torchvision/timm network's "
+                         "units span several producers joined by additions or depthwise convs, so their costs are "
+                         "not separable into standalone pieces); budget it by MACs (kesi plan) instead")
+
+
 def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, threads: int = 2,
             options: dict | None = None, step: int = 8, warmup: int = 3, repeats: int = 15,
             on_progress=None) -> dict:
@@ -138,6 +150,7 @@ def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, th
 
     import onnxruntime as ort
 
+    check_profilable(arch)
     options = dict(options or {})
     full = [int(c) for c in default_widths(arch)]
     base = build_model(arch, num_classes, **options).eval()
@@ -309,6 +322,7 @@ def plan_latency(plan: dict, table: dict) -> dict:
 def budget_table(cfg, target, where: str) -> dict:
     """The table of a config's latency budget (`LatencyTargetCfg` at key `where`), loaded and checked
     against the config's network, its warnings said once; UsageError naming `where` otherwise."""
+    check_profilable(cfg.model.arch, f"{where}: ")
     try:
         table = load_table(target.table)
         warnings_ = table_warnings(table, target.table, cfg)

@@ -14,7 +14,7 @@ from kesi_dist.config import Config
 from kesi_dist.models import build_model, model_units
 from kesi_dist.pruning import count_macs, count_nonzero_params, count_params
 
-__all__ = ["plan_schedule", "print_plan", "default_num_classes", "random_model", "count_row"]
+__all__ = ["plan_schedule", "print_plan", "default_num_classes", "random_model", "count_row", "unit_kinds"]
 
 _CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200, "digits": 10}
 
@@ -54,6 +54,16 @@ def count_row(index: int, model: nn.Module, res: int) -> dict:
         "macs": count_macs(model, (3, res, res)),
         "widths": list(model.widths),
     }
+
+
+def unit_kinds(units, stream: bool = True) -> dict:
+    """{kind: number of units} (inner, stream, depthwise: `kesi_dist.models.graph`) and which kinds PFEC
+    cuts ("kept": the stream units with `prune.stream: false`)."""
+    kinds: dict[str, int] = {}
+    for u in units:
+        kinds[u.kind] = kinds.get(u.kind, 0) + 1
+    kept = [] if stream or "stream" not in kinds else ["stream"]
+    return {"kinds": kinds, "kept": kept}
 
 
 def plan_schedule(cfg: Config) -> dict:
@@ -114,5 +124,10 @@ def print_plan(plan: dict) -> None:
     if not console.is_terminal:  # a pipe or a log: no 80-column wrap of the numbers
         console = Console(width=160)
     console.print(table)
+    if plan.get("units"):
+        u = plan["units"]
+        kinds = ", ".join(f"{n} {k}" for k, n in u["kinds"].items())
+        kept = f"; {', '.join(u['kept'])} units kept whole (method.prune.stream: false)" if u["kept"] else ""
+        console.print(f"units: {sum(u['kinds'].values())} ({kinds}){kept}")
     if plan.get("note"):
         console.print(plan["note"])

@@ -22,7 +22,7 @@ __all__ = ["pfec_prune"]
 
 def pfec_prune(
     model: nn.Module, stage_ratios: Sequence[float], skip: Iterable[str] = (), layer_ratios: Mapping[str, float] = {},
-    *, round_to: int = 1, iteration: int = 1,
+    *, round_to: int = 1, iteration: int = 1, stream: bool = True,
 ) -> nn.Module:
     """Return a new, physically smaller copy of `model` with the lowest-L1 filters of every unit removed.
 
@@ -35,6 +35,8 @@ def pfec_prune(
         round_to: every kept count a multiple of this (`aligned_count`: the paper chain's width at
             `iteration`, rounded to the nearest multiple); 1 keeps the paper's counts.
         iteration: 1-based index of this pruning step in its chain (used only when `round_to` > 1).
+        stream: False keeps every stream unit (residual-summed channels of a graph network) whole
+            (see `unit_ratios`).
 
     Returns:
         See `slice_units`: same train/eval mode, outputs equal to `model`'s with the removed filters zeroed.
@@ -45,7 +47,7 @@ def pfec_prune(
     if not isinstance(model, PrunableNet):
         raise TypeError(f"pfec_prune needs a kesi_dist zoo model, got {type(model).__name__}")
     units = model.units()
-    ratios = unit_ratios(units, list(stage_ratios), skip, layer_ratios)
+    ratios = unit_ratios(units, list(stage_ratios), skip, layer_ratios, stream)
     # Each conv is ranked on its own original weights (PFEC's "independent" strategy).
     convs = dict(model.named_modules())
     full = default_widths(model.arch) if round_to > 1 else [None] * len(units)

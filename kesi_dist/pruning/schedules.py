@@ -57,12 +57,15 @@ def _matches(entry: str, name: str) -> bool:
 
 def unit_ratios(
     units: list[Unit], stage_ratios: Sequence[float], skip: Iterable[str] = (), layer_ratios: Mapping[str, float] = {},
+    stream: bool = True,
 ) -> dict[str, float]:
     """The ratio each unit is pruned by this iteration.
 
     A unit takes its stage's ratio, unless a `layer_ratios` entry matches it (the entry equals the
     unit name or is a dotted prefix of it; the longest matching entry wins), unless a `skip` entry
-    matches it (ratio 0).
+    matches it (ratio 0). With `stream=False` every stream unit (channels summed by residual additions,
+    `Unit.kind`) keeps its filters too: PFEC (Li et al. 2017, sec. 3.4) prunes only a residual block's
+    first layer and leaves the identity-mapped channels alone; the zoo has no stream units.
 
     Raises:
         BadValue: `stage_ratios` does not have one value per stage, a `skip`/`layer_ratios` entry
@@ -84,7 +87,7 @@ def unit_ratios(
             raise BadValue("layer_ratios", f"{name}: must be in [0, 1), got {r}")
     ratios = {}
     for u in units:
-        if any(_matches(e, u.name) for e in skip):
+        if any(_matches(e, u.name) for e in skip) or (not stream and u.kind == "stream"):
             ratios[u.name] = 0.0
             continue
         hits = [e for e in layer_ratios if _matches(e, u.name)]

@@ -23,6 +23,9 @@ class PruneCfg(Strict):
     round_to: int = Field(1, ge=1, le=512, description="pfec: every kept filter count a multiple of this (the "
                           "paper's width rounded to the nearest multiple, never zero; 8 or 16 match CPU/GPU "
                           "kernels' channel blocks); 1 = the paper's widths")
+    stream: bool = Field(False, description="pfec on a torchvision/timm network: also prune its stream units "
+                         "(channels summed by residual additions, kind 'stream' in `kesi plan --units`); false "
+                         "keeps them whole as the paper does for ResNets (only a block's inner widths go)")
     target: LatencyTargetCfg | None = Field(None, description="pfec: scale stage_ratios/layer_ratios by the "
                                             "least factor whose last iteration meets this measured-latency budget")
     targets: list[float] = Field(
@@ -61,6 +64,9 @@ class PruneCfg(Strict):
         if self.method == "mwp" and self.target is not None:
             raise ValueError("prune.target (a latency budget) needs pfec: mwp's zeroed weights leave the dense "
                              "network's latency unchanged")
+        if self.method == "mwp" and self.stream:
+            raise ValueError("prune.stream applies to pfec's filter groups; mwp zeroes single weights of every "
+                             "layer, so leave stream at false or use method: pfec")
         if self.method == "mwp" and self.round_to != 1:
             raise ValueError("prune.round_to applies to pfec's filter counts; mwp zeroes single weights, "
                              "so leave round_to at 1 or use method: pfec")

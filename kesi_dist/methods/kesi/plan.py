@@ -7,14 +7,14 @@ fraction of conv weights whatever their values: so the counts are those of a rea
 from __future__ import annotations
 
 from kesi_dist.methods.kesi.prune import prune_iteration, resolve_prune
-from kesi_dist.plan import count_row, random_model
+from kesi_dist.plan import count_row, random_model, unit_kinds
 
 __all__ = ["plan"]
 
 
 def plan(cfg) -> dict:
     """{"model": arch, "method": "pfec"|"mwp", "iterations": [{"index", "params", "nonzero_params",
-    "macs", "widths"}, ...]}, index 0 being the unpruned model; MACs at `cfg.data.resolution`."""
+    "macs", "widths"}, ...], "units" (pfec on a graph network: `unit_kinds`)}, index 0 being the unpruned model; MACs at `cfg.data.resolution`."""
     (p, budget), res = resolve_prune(cfg), cfg.data.resolution
     model = random_model(cfg)
     rows = [count_row(0, model, res)]
@@ -23,6 +23,9 @@ def plan(cfg) -> dict:
         model, masks = prune_iteration(model, masks, p, it)
         rows.append(count_row(it, model, res))
     out = {"model": cfg.model.arch, "method": p.method, "iterations": rows}
+    kinds = unit_kinds(model.units(), p.stream)
+    if p.method == "pfec" and set(kinds["kinds"]) != {"inner"}:  # a graph network (every zoo unit is inner)
+        out["units"] = kinds
     if budget is not None:
         from kesi_dist.latency import load_table, plan_latency
 

@@ -32,7 +32,7 @@ def chain_widths(arch: str, prune, scale: float = 1.0) -> list[list[int]]:
     from the counts alone (PFEC's counts do not depend on the weights)."""
     units, full = _units(arch)
     ratios = unit_ratios(units, [min(_MAX_RATIO, r * scale) for r in prune.stage_ratios], prune.skip,
-                         {k: min(_MAX_RATIO, r * scale) for k, r in prune.layer_ratios.items()})
+                         {k: min(_MAX_RATIO, r * scale) for k, r in prune.layer_ratios.items()}, prune.stream)
     chain = [list(full)]
     for it in range(1, prune.iterations + 1):
         chain.append([aligned_count(c, w, ratios[u.name], it, prune.round_to)
@@ -91,7 +91,7 @@ def prune_iteration(model: nn.Module, masks: dict | None, prune, iteration: int)
         if prune.target is not None:
             raise ValueError("prune_iteration takes the resolved schedule: pass resolve_prune(cfg)[0]")
         return pfec_prune(model, list(prune.stage_ratios), prune.skip, prune.layer_ratios,
-                          round_to=prune.round_to, iteration=iteration), None
+                          round_to=prune.round_to, iteration=iteration, stream=prune.stream), None
     target = sparsity_target(list(prune.targets), iteration)
     new = copy.deepcopy(model)
     new_masks = mwp_masks(new, target, masks)
@@ -104,7 +104,7 @@ def check_schedule(arch: str, prune) -> None:
     from kesi_dist.models import model_units
 
     if prune.method == "pfec":
-        unit_ratios(model_units(arch), list(prune.stage_ratios), prune.skip, prune.layer_ratios)
+        unit_ratios(model_units(arch), list(prune.stage_ratios), prune.skip, prune.layer_ratios, prune.stream)
     else:
         for k in range(1, prune.iterations + 1):
             sparsity_target(list(prune.targets), k)
