@@ -73,3 +73,11 @@ def test_latency_tables_refuse_a_graph_net_in_one_line(tmp_path):
         assert r.returncode != 0 and len(lines) == 1, r.stderr
         assert "latency tables cover the zoo's networks only" in lines[0] and ARCH in lines[0]
         assert not table.exists()
+
+
+def test_a_latency_budget_on_a_graph_net_is_refused_naming_its_key(tmp_path):
+    from kesi_dist.methods.kesi.prune import resolve_prune
+
+    cfg = _kesi(stage_ratios=[0.1] * 4, target={"table": str(tmp_path / "t.json"), "latency_ratio": 0.5})
+    with pytest.raises(UsageError, match=r"^method.prune.target: torchvision:resnet18: latency tables cover"):
+        resolve_prune(cfg)
