@@ -21,13 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.func import functional_call
 
 from kesi_dist.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 from kesi_dist.models.base import Unit
 
 __all__ = ["Graph", "trace", "layout", "STAGE_RESOLUTION", "device_of", "refusal", "run_naming_layer"]
@@ -153,6 +156,10 @@ def trace(net: nn.Module, resolution: int, head: Sequence[str], arch: str = "", 
     Raises:
         UsageError: the network cannot be traced, or holds a layer the graph cannot cut (one line naming it).
     """
+    # Imported here, not at the top: torch_pruning imports timm, seconds that every `kesi` command (and
+    # every zoo network, which needs no graph) would pay at start-up.
+    import torch_pruning as tp
+
     arch = arch or type(net).__name__
     modules = dict(net.named_modules())
     names = {m: n for n, m in modules.items()}
@@ -191,6 +198,8 @@ def trace(net: nn.Module, resolution: int, head: Sequence[str], arch: str = "", 
 
 
 def _group(g, dg, names: dict, modules: dict, places: dict, arch: str) -> _Group:
+    from torch_pruning.ops import _ElementWiseOp  # see `trace`
+
     producers, norms, consumers, has_add = [], [], {}, False
     channels = len(g[0].idxs)
     for dep, idxs in g:
@@ -199,7 +208,7 @@ def _group(g, dg, names: dict, modules: dict, places: dict, arch: str) -> _Group
         if isinstance(m, _CONV) and m.groups > 1 and not _depthwise(m):
             raise refusal(arch, (path or "a layer").removeprefix("net."),
                           f"grouped convolution (groups={m.groups}) is not supported")
-        if isinstance(m, tp.ops._ElementWiseOp) and str(m._grad_fn).startswith(("Add", "Sub")):
+        if isinstance(m, _ElementWiseOp) and str(m._grad_fn).startswith(("Add", "Sub")):
             has_add = True
         if path is None:
             continue
