@@ -45,7 +45,7 @@ def test_ffcv_and_torch_backends_yield_identical_batches(data_dir, augment, reso
             torch.testing.assert_close(xf, xt, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("ffcv", marks=pytest.mark.slow), "torch"])  # FFCV compiles its pipeline: seconds
 def test_window_yields_exactly_those_batches_of_the_full_epoch(data_dir, backend):
     """The soft-label pass splits an epoch by windows: a window's batches are the full epoch's."""
     kw = dict(batch_size=8, resolution=16, augment="cifar", seed=3, shuffle=True, drop_last=False,
@@ -103,6 +103,7 @@ def test_iterating_without_set_epoch_advances(data_dir):
     np.testing.assert_array_equal(second.numpy(), ld.order(1)[:90])
 
 
+@pytest.mark.slow  # compiles FFCV pipelines: seconds, kept out of the fast part
 def test_defaults_lengths_and_formats(data_dir):
     meta = read_meta(data_dir)
     tr = make_loader(data_dir, "train", batch_size=32, resolution=16)
@@ -199,7 +200,7 @@ def test_error_in_ffcv_thread_is_raised_not_hung(data_dir):
         list(_epoch_iterator(ld, 0, len(ld) * ld.batch_size))
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("ffcv", marks=pytest.mark.slow), "torch"])  # FFCV compiles its pipeline: seconds
 def test_reuse_hands_back_the_same_loader_until_the_files_change(data_dir, tmp_path, backend):
     """`reuse=True` (what training workers ask for): the same object for the same arguments on the same
     files, replaying an epoch exactly like a fresh loader; new files or other arguments get a new one."""

@@ -12,6 +12,8 @@ What is and is not bitwise reproducible beyond this is documented in README ("Fa
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
@@ -64,6 +66,7 @@ def test_same_seed_same_weights_same_pruning(tiny_data, tmp_path):
     assert _decisions(a) != _decisions(c)
 
 
+@pytest.mark.slow  # seconds: kept out of the fast part
 def test_same_seed_same_weights_with_the_ffcv_loader(tiny_data, tmp_path):
     """FFCV, the default loader for real data (its JIT-compiled pipeline, one loader thread): two runs with
     the same seed train bitwise-equal weights and make the same pruning decisions."""

@@ -62,6 +62,7 @@ def test_ekg_macs_budget_on_a_graph_net():
     assert 0.45 * rows[0]["macs"] < rows[1]["macs"] <= 0.5 * rows[0]["macs"]
 
 
+@pytest.mark.slow  # seconds: kept out of the fast part
 def test_latency_tables_refuse_a_graph_net_in_one_line(tmp_path):
     cfg = tmp_path / "tv.yaml"
     cfg.write_text(f"model: {{arch: '{ARCH}'}}\ndata: {{source: digits, resolution: 16}}\n"

@@ -128,6 +128,7 @@ def test_cutting_a_unit_equals_zeroing_it_at_its_producers(cut_nets, arch):
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in both.state_dict().items()}
 
 
+@pytest.mark.slow  # seconds: kept out of the fast part
 def test_a_cut_checkpoint_rebuilds_bitwise_in_a_fresh_process(cut_nets, tmp_path):
     jobs = []
     for i, arch in enumerate(ARCHS):

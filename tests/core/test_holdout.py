@@ -45,7 +45,7 @@ def _indices(loader, epoch=0):
     return torch.cat([b[2] for b in loader]).numpy()
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("ffcv", marks=pytest.mark.slow), "torch"])  # FFCV compiles its pipeline: seconds
 def test_training_loaders_never_serve_the_holdout(data_dir, backend):
     """The actual loaders: train (shuffled, augmented, sharded over 2 ranks) and holdout are disjoint, and
     together they are the whole train split; the holdout is served in order, without augmentation."""

@@ -118,6 +118,7 @@ def test_profile_table_is_keyed_and_predicts_its_own_network_exactly(table_file)
     assert predict(table, [1] * 9) == pytest.approx(narrowest)
 
 
+@pytest.mark.slow  # seconds: kept out of the fast part
 def test_plan_with_a_latency_table_adds_predicted_ms_per_iteration(table_file):
     r = _kesi("plan", str(QUICKSTART), "--json", "--latency", str(table_file))
     assert r.returncode == 0, r.stderr

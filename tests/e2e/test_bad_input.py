@@ -395,6 +395,7 @@ def test_bad_input(case: Case, ctx: Ctx, request, monkeypatch, capsys):
 SUB = [c for c in CASES if c.sub]
 
 
+@pytest.mark.slow  # each a fresh `kesi` process (imports torch): the same cases run in-process in the fast part
 @pytest.mark.parametrize("case", SUB, ids=[c.id for c in SUB])
 def test_bad_input_real_command(case: Case, ctx: Ctx):
     """The real `kesi` process: exit code and stderr as a user sees them (no Ray is started)."""

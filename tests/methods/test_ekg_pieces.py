@@ -137,6 +137,7 @@ def test_scores_and_kept_channels_match_the_sliced_network(toy):
     torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # seconds: kept out of the fast part
 def test_a_search_resumed_from_its_state_continues_where_it_stopped(toy, tmp_path):
     """Saved after step 2 (as a stage does after every accepted step) and reloaded in a new search: the
     remaining steps are those of an uninterrupted search."""

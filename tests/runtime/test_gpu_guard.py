@@ -37,6 +37,7 @@ def test_compute_device():
             compute_device(0.5)
 
 
+@pytest.mark.slow  # a real `kesi run` process
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_kesi_run_with_a_gpu_that_cuda_cannot_use_stops_before_anything_runs(tmp_path):
     out = tmp_path / "run"
