@@ -61,7 +61,12 @@ def test_kesi_run_killed_resumed_and_read_on_s3(s3, tmp_path):
     env = {**os.environ, "KESI_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
     # The driver's whole process group killed once the baseline's first epoch checkpoint is whole on S3.
-    at_kill, _ = run_until(run, lambda r, m: bool(_checkpoints(r, "baseline")), "baseline epoch 1", resume=False,
+    # The progress file (what `kesi status` reads below) is written by the driver after the checkpoint is
+    # reported: wait for both, or a kill between the two leaves nothing in training to show.
+    def epoch_1(r, m) -> bool:
+        return bool(_checkpoints(r, "baseline")) and storage.is_file(storage.join(r, "progress", "baseline.json"))
+
+    at_kill, _ = run_until(run, epoch_1, "baseline epoch 1", resume=False,
                            config=SMOKE, sets=SETS, logs=tmp_path, env=env)
     assert at_kill["stages"]["data"]["status"] == "complete" and not at_kill["snapshots"]
     last_done = max(int(n.split("_")[1]) for n in _checkpoints(run, "baseline")) + 1
