@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kesi_dist.cli import main
 from kesi_dist.config import Config, config_to_yaml, load_config
 from kesi_dist.errors import UsageError
 from kesi_dist.methods import METHODS
@@ -86,20 +87,23 @@ BAD = [
 
 
 @pytest.mark.parametrize("text,overrides,fragments", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
-def test_bad_config_is_a_one_line_error_naming_the_culprit(tmp_path, text, overrides, fragments):
+def test_bad_config_is_a_one_line_error_naming_the_culprit(tmp_path, text, overrides, fragments, capsys):
+    # In-process `kesi config` (the CLI's main, as the console script calls it); a fresh `kesi`
+    # process per bad input is tests/e2e/test_bad_input.py::test_bad_input_real_command.
     path = tmp_path / "x.yaml"
     path.write_text(text)
-    args = [sys.executable, "-m", "kesi_dist.cli", "config", str(path)]
+    args = ["config", str(path)]
     for o in overrides:
         args += ["--set", o]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr  # no traceback
+    code = main(args)
+    out = capsys.readouterr()
+    assert code == 2, out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1, out.err  # no traceback
     assert lines[0].startswith(f"error: {path}") or lines[0].startswith("error: --set"), lines[0]
     for frag in fragments:
         assert frag in lines[0], lines[0]
-    assert proc.stdout == ""
+    assert out.out == ""
 
 
 def test_missing_config_file(tmp_path):
