@@ -130,7 +130,7 @@ def whole_distillation(mode: str, data_dir: str, teacher_paths: list[str], work:
     calls; the student run split by the stamps its worker records."""
     from kesi_dist.runtime import run_training
     from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
-    from kesi_dist.train.tasks import TaskSpec
+    from kesi_dist.train.task_specs import DistillationSpec
 
     e = args.total_epochs
     out: dict = {"mode": mode}
@@ -139,9 +139,9 @@ def whole_distillation(mode: str, data_dir: str, teacher_paths: list[str], work:
         meta = soft_label_pass(data_dir, teacher_paths, str(work / "soft_labels"), args.cpus, args, epochs=e)
         out["pass_s"] = round(time.time() - start, 2)
         out["pass_actors_start_s"] = round(meta["timings"]["actors_start_s"], 2)
-        task = TaskSpec(kind="distillation", temperature=5.0, soft_labels=str(work / "soft_labels"))
+        task = DistillationSpec(temperature=5.0, soft_labels=str(work / "soft_labels"))
     else:
-        task = TaskSpec(kind="distillation", temperature=5.0, teachers=tuple(teacher_paths))
+        task = DistillationSpec(temperature=5.0, teachers=tuple(teacher_paths))
     t0 = time.time()
     result = run_training(
         model=ModelSpec("", init_checkpoint=teacher_paths[-1]),

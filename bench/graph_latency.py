@@ -73,7 +73,7 @@ def main() -> None:
     import torch
 
     from kesi_dist.export import export_model
-    from kesi_dist.latency import cpu_model
+    from kesi_dist.latency_table import cpu_model
     from kesi_dist.models import build_model
     from kesi_dist.pruning import count_macs
 

@@ -131,7 +131,7 @@ def main() -> None:
     res = chains["rows"][1]
     table = None
     if args.latency:
-        from kesi_dist.latency import load_table
+        from kesi_dist.latency_table import load_table
 
         table = load_table(args.latency)
         if table["key"]["threads"] != args.threads:
@@ -188,7 +188,7 @@ def main() -> None:
                 parent = rows[-2]
             row["ort_b64_vs_parent"] = round(parent["ort_b64_ms"] / row["ort_b64_ms"], 3) if parent else None
             if table is not None:
-                from kesi_dist.latency import predict
+                from kesi_dist.latency_table import predict
 
                 b = table["key"]["batch"]
                 row["predicted_ms"] = round(predict(table, row["widths"]), 3)

@@ -37,7 +37,8 @@ def main() -> None:
 
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
     from kesi_dist.config import load_config
-    from kesi_dist.latency import cpu_model, measure
+    from kesi_dist.latency import measure
+    from kesi_dist.latency_table import cpu_model
 
     load_start = os.getloadavg()[0]
     entries, models, resolution = [], [], None

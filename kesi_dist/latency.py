@@ -1,7 +1,10 @@
 """A measured latency model: what a pruned network costs on this machine, built from its units' costs.
 
     table = profile("resnet56", 10, 32, batch=64, threads=2)    # `kesi latency profile`
-    predict(table, widths)                                         # `kesi plan --latency TABLE`
+    measure([model], 32, batch=64, threads=2)                     # the latency stage, after a run
+
+Reading a table and predicting from it is plain Python (`kesi_dist.latency_table`); this module
+measures (torch, onnxruntime).
 
 A unit's piece is its conv, its norms, a ReLU and the conv that reads its channels: for a basic-block
 ResNet, the residual branch. Each piece is exported through `kesi export`'s ONNX path at every width of
@@ -14,16 +17,12 @@ exact at the unpruned widths. What the pieces share (their input and output layo
 residual stream) cancels in the differences; widths between grid points are interpolated linearly.
 Units whose channels feed another unit's conv (VGG, bottleneck ResNets) would interact, so they are
 refused rather than mispredicted. The table is keyed by what its numbers depend on (CPU, runtime
-version, threads, batch, architecture, resolution) and `check_table` says when it does not match.
+version, threads, batch, architecture, resolution) and `latency_table.check_table` says when it does not match.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -33,26 +32,9 @@ import torch
 from torch import nn
 
 from kesi_dist.errors import UsageError
-from kesi_dist.latency_table import despike, falls_steeply, validate_table
+from kesi_dist.latency_table import SCHEMA, despike, table_key
 
-__all__ = ["profile", "predict", "measure", "load_table", "check_table", "budget_table", "plan_latency", "cpu_model",
-           "threads_text", "grid_for", "table_warnings", "warn_once", "check_output", "SCHEMA"]
-
-SCHEMA = 1
-
-
-def threads_text(n: int) -> str:
-    return f"{n} thread" + ("" if n == 1 else "s")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["profile", "measure", "check_profilable", "grid_for", "check_output"]
 
 
 def grid_for(channels: int, step: int = 8, dense_up_to: int = 64) -> list[int]:
@@ -209,89 +191,6 @@ def measure(models: list[nn.Module], resolution: int, *, batch: int, threads: in
         torch.set_num_threads(before)
 
 
-def table_key(arch: str, num_classes: int, resolution: int, options: dict, batch: int, threads: int) -> dict:
-    import onnxruntime as ort
-
-    return {"cpu": cpu_model(), "runtime": "onnxruntime", "runtime_version": ort.__version__, "threads": threads,
-            "batch": batch, "arch": arch, "num_classes": num_classes, "resolution": resolution,
-            "options": dict(sorted(options.items()))}
-
-
-def _interp(widths: list[int], ms: list[float], w: int) -> float:
-    if w <= widths[0]:
-        return ms[0]
-    for (a, ta), (b, tb) in zip(zip(widths, ms), zip(widths[1:], ms[1:])):
-        if a <= w <= b:
-            return ta + (tb - ta) * (w - a) / (b - a)
-    return ms[-1]
-
-
-def predict(table: dict, widths: list[int]) -> float:
-    """Predicted ms of the network at `widths` (one per unit, in the table's unit order)."""
-    units = table["units"]
-    if len(widths) != len(units):
-        raise UsageError(f"latency table has {len(units)} units ({table['key']['arch']}), got {len(widths)} widths")
-    ms = table["full_ms"]
-    for u, w, c in zip(units, widths, table["full_widths"]):
-        p = table["pieces"][u["piece"]]
-        ms += _interp(p["widths"], p["ms"], int(w)) - _interp(p["widths"], p["ms"], int(c))
-    return ms
-
-
-def load_table(path: str | Path) -> dict:
-    """A table written by `kesi latency profile`, every field checked (`validate_table`); UsageError
-    naming the file (and the field) when it is not one."""
-    path = Path(path)
-    try:
-        table = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such latency table; make one with `kesi latency profile CONFIG "
-                         f"--output {path}`") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not a readable latency table ({e})") from None
-    if not isinstance(table, dict) or table.get("schema") != SCHEMA or "pieces" not in table:
-        raise UsageError(f"{path}: not a kesi latency table (schema {SCHEMA}); make one with `kesi latency profile`")
-    return validate_table(table, path)
-
-
-def check_table(table: dict, path, arch: str, num_classes: int, resolution: int, options: dict) -> list[str]:
-    """UsageError when the table is for another network; the ways this machine differs from the
-    table's (CPU, runtime version) as warnings: the prediction is for the machine that measured it."""
-    key = table["key"]
-    want = {"arch": arch, "num_classes": num_classes, "resolution": resolution, "options": dict(sorted(options.items()))}
-    for k, v in want.items():
-        if key.get(k) != v:
-            raise UsageError(f"{path}: the latency table is for {k}={key.get(k)!r}, this config has {v!r}; "
-                             "profile this network with `kesi latency profile <this config> --output TABLE`")
-    here = table_key(arch, num_classes, resolution, options, key["batch"], key["threads"])
-    out = [f"{path}: measured on {k}={key[k]!r}, this machine has {here[k]!r}; predictions are for that machine"
-           for k in ("cpu", "runtime_version") if key[k] != here[k]]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if key["threads"] > cpus:
-        out.append(f"{path}: measured with {threads_text(key['threads'])} (batch {key['batch']}), this machine gives "
-                   f"this process {cpus} CPU(s); predictions and any latency measured here are not comparable")
-    return out
-
-
-_WARNED: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """`warning: message` on stderr, once per process (a table is read by the plan and by the run)."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        print(f"warning: {message}", file=sys.stderr)
-
-
-def table_warnings(table: dict, path, cfg) -> list[str]:
-    """`check_table`'s warnings for a config's network (another CPU, runtime or too many threads for
-    this machine; a cost that falls steeply with the width)."""
-    from kesi_dist.plan import default_num_classes
-
-    return check_table(table, path, cfg.model.arch, default_num_classes(cfg), cfg.data.resolution,
-                       cfg.model.options()) + falls_steeply(table, path)
-
-
 def check_output(path: str | Path, flag: str = "--output") -> Path:
     """A file path that can be written (its folder created, a test file written and removed): checked
     before minutes of profiling; UsageError naming `flag` otherwise."""
@@ -305,29 +204,3 @@ def check_output(path: str | Path, flag: str = "--output") -> Path:
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable path") from None
     return path
-
-
-def plan_latency(plan: dict, table: dict) -> dict:
-    """`plan` (from `plan_schedule`) with each row's predicted ms (`latency_ms`) at the table's batch and
-    threads. Masked (MWP) rows keep their dense widths, so their prediction is the dense network's."""
-    rows = plan["iterations"]
-    for r in rows:
-        r["latency_ms"] = round(predict(table, r["widths"]), 3)
-    key = table["key"]
-    plan["latency"] = {"batch": key["batch"], "threads": key["threads"], "runtime": key["runtime"],
-                       "runtime_version": key["runtime_version"], "cpu": key["cpu"]}
-    return plan
-
-
-def budget_table(cfg, target, where: str) -> dict:
-    """The table of a config's latency budget (`LatencyTargetCfg` at key `where`), loaded and checked
-    against the config's network, its warnings said once; UsageError naming `where` otherwise."""
-    check_profilable(cfg.model.arch, f"{where}: ")
-    try:
-        table = load_table(target.table)
-        warnings_ = table_warnings(table, target.table, cfg)
-    except UsageError as e:
-        raise UsageError(f"{where}.table: {e}") from None
-    for w in warnings_:  # as `kesi plan --latency` says them: the budget is for the table's machine
-        warn_once(f"{where}.table: {w}")
-    return table

@@ -1,9 +1,14 @@
-"""A latency table is untrusted input: checked field by field wherever one is read, and cleaned of
-load spikes when one is measured.
+"""A latency table (`kesi latency profile` writes one, `kesi_dist.latency`): read, checked, predicted from.
 
+    load_table(path)                 # the table, every field checked (`validate_table`)
+    predict(table, widths)           # predicted ms of the network at `widths`
+    check_table(table, path, ...)    # UsageError for another network; warnings for another machine
     validate_table(table, path)      # UsageError naming the file and the field (NaN, inf, negative, ...)
     falls_steeply(table, path)       # warnings: a unit whose cost falls steeply as its width grows
     despike(piece, widths, ms, retime)  # `kesi latency profile`: re-time points far above both neighbours
+
+Plain Python (no torch): what a plan, a budget and a report read. A table is untrusted input: checked
+field by field wherever one is read, and cleaned of load spikes when one is measured.
 
 A width timed while another process took the CPU looks like a spike: far above both its neighbours
 (a profile taken during other work had one width at 20x them). A search reading such a table would
@@ -15,11 +20,20 @@ keeps them rather than being forced to grow with the width.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
+import sys
+from pathlib import Path
 
 from kesi_dist.errors import UsageError
 
-__all__ = ["validate_table", "falls_steeply", "spikes", "despike", "SPIKE", "STEEP"]
+__all__ = ["SCHEMA", "load_table", "predict", "check_table", "table_key", "table_warnings", "plan_latency",
+           "cpu_model", "threads_text", "warn_once", "validate_table", "falls_steeply", "spikes", "despike",
+           "SPIKE", "STEEP"]
+
+SCHEMA = 1
 
 SPIKE = 2.0  # a grid point above SPIKE x both neighbours is re-measured
 STEEP = 2.0  # a piece that costs STEEP x more at a narrower width than at a wider one is warned about
@@ -185,3 +199,110 @@ def falls_steeply(table: dict, path, factor: float = STEEP) -> list[str]:
                        "load?); a search on this table may prune further than the budget needs: re-profile "
                        "on an idle machine")
     return out
+
+
+def threads_text(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table_key(arch: str, num_classes: int, resolution: int, options: dict, batch: int, threads: int) -> dict:
+    """What a table's numbers depend on: this machine's CPU and onnxruntime, the threads, batch and network."""
+    import onnxruntime as ort  # heavy (seconds): only where a table is made or checked against this machine
+
+    return {"cpu": cpu_model(), "runtime": "onnxruntime", "runtime_version": ort.__version__, "threads": threads,
+            "batch": batch, "arch": arch, "num_classes": num_classes, "resolution": resolution,
+            "options": dict(sorted(options.items()))}
+
+
+def _interp(widths: list[int], ms: list[float], w: int) -> float:
+    if w <= widths[0]:
+        return ms[0]
+    for (a, ta), (b, tb) in zip(zip(widths, ms), zip(widths[1:], ms[1:])):
+        if a <= w <= b:
+            return ta + (tb - ta) * (w - a) / (b - a)
+    return ms[-1]
+
+
+def predict(table: dict, widths: list[int]) -> float:
+    """Predicted ms of the network at `widths` (one per unit, in the table's unit order)."""
+    units = table["units"]
+    if len(widths) != len(units):
+        raise UsageError(f"latency table has {len(units)} units ({table['key']['arch']}), got {len(widths)} widths")
+    ms = table["full_ms"]
+    for u, w, c in zip(units, widths, table["full_widths"]):
+        p = table["pieces"][u["piece"]]
+        ms += _interp(p["widths"], p["ms"], int(w)) - _interp(p["widths"], p["ms"], int(c))
+    return ms
+
+
+def load_table(path: str | Path) -> dict:
+    """A table written by `kesi latency profile`, every field checked (`validate_table`); UsageError
+    naming the file (and the field) when it is not one."""
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such latency table; make one with `kesi latency profile CONFIG "
+                         f"--output {path}`") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable latency table ({e})") from None
+    if not isinstance(table, dict) or table.get("schema") != SCHEMA or "pieces" not in table:
+        raise UsageError(f"{path}: not a kesi latency table (schema {SCHEMA}); make one with `kesi latency profile`")
+    return validate_table(table, path)
+
+
+def check_table(table: dict, path, arch: str, num_classes: int, resolution: int, options: dict) -> list[str]:
+    """UsageError when the table is for another network; the ways this machine differs from the
+    table's (CPU, runtime version) as warnings: the prediction is for the machine that measured it."""
+    key = table["key"]
+    want = {"arch": arch, "num_classes": num_classes, "resolution": resolution, "options": dict(sorted(options.items()))}
+    for k, v in want.items():
+        if key.get(k) != v:
+            raise UsageError(f"{path}: the latency table is for {k}={key.get(k)!r}, this config has {v!r}; "
+                             "profile this network with `kesi latency profile <this config> --output TABLE`")
+    here = table_key(arch, num_classes, resolution, options, key["batch"], key["threads"])
+    out = [f"{path}: measured on {k}={key[k]!r}, this machine has {here[k]!r}; predictions are for that machine"
+           for k in ("cpu", "runtime_version") if key[k] != here[k]]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if key["threads"] > cpus:
+        out.append(f"{path}: measured with {threads_text(key['threads'])} (batch {key['batch']}), this machine gives "
+                   f"this process {cpus} CPU(s); predictions and any latency measured here are not comparable")
+    return out
+
+
+def table_warnings(table: dict, path, *, arch: str, num_classes: int, resolution: int, options: dict) -> list[str]:
+    """`check_table`'s warnings for a network (another CPU, runtime or too many threads for this machine)
+    and `falls_steeply`'s (a cost that falls steeply with the width)."""
+    return check_table(table, path, arch, num_classes, resolution, options) + falls_steeply(table, path)
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """`warning: message` on stderr, once per process (a table is read by the plan and by the run)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def plan_latency(plan: dict, table: dict) -> dict:
+    """`plan` (from `plan_schedule`) with each row's predicted ms (`latency_ms`) at the table's batch and
+    threads. Masked (MWP) rows keep their dense widths, so their prediction is the dense network's."""
+    rows = plan["iterations"]
+    for r in rows:
+        r["latency_ms"] = round(predict(table, r["widths"]), 3)
+    key = table["key"]
+    plan["latency"] = {"batch": key["batch"], "threads": key["threads"], "runtime": key["runtime"],
+                       "runtime_version": key["runtime_version"], "cpu": key["cpu"]}
+    return plan

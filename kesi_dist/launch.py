@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from kesi_dist import storage
+from kesi_dist.budget import run_budget
 from kesi_dist.config import Config
 from kesi_dist.errors import Interrupted, KesiError, RunError, UsageError
 from kesi_dist.methods import METHODS
@@ -87,14 +88,7 @@ def _preflight(cfg: Config) -> None:
 
         meta = read_meta(cfg.data.prepared)  # missing, incomplete or truncated: one line naming the file
         num_classes(cfg, meta)  # model.num_classes against the data
-    key = METHODS[cfg.method.name].latency_target
-    target = cfg
-    for part in key.split("."):
-        target = getattr(target, part, None)
-    if target is not None:  # the budget's table: read, validated and checked against the network
-        from kesi_dist.latency import budget_table
-
-        budget_table(cfg, target, key)
+    run_budget(cfg)  # a latency budget's table: read, validated and checked against the network
     if cfg.model.weights:  # read and checked against the network (and the data's classes) before Ray starts
         _check_weights(cfg, meta)
     path = cfg.baseline.checkpoint

@@ -17,7 +17,9 @@ from pydantic import Field, field_validator, model_validator
 from kesi_dist.errors import KesiError
 from kesi_dist.schema import Schedule, Strict
 
-__all__ = ["ModelCfg", "BaselineCfg", "resolve_model"]
+__all__ = ["ModelCfg", "BaselineCfg", "resolve_model", "default_num_classes"]
+
+_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200, "digits": 10}
 
 
 class ModelCfg(Strict):
@@ -92,3 +94,13 @@ def resolve_model(cfg: Any) -> None:
         check_prunable(m.arch, m.resolution)
     except KesiError as e:
         raise ValueError(f"model.arch: {e}") from None
+
+
+def default_num_classes(cfg: Any) -> int:
+    """`model.num_classes` if set, else what the root config's data source has (10 when it cannot be known
+    before the data is read)."""
+    if cfg.model.num_classes:
+        return cfg.model.num_classes
+    if cfg.data.source == "synthetic":
+        return cfg.data.synthetic.num_classes
+    return _CLASSES.get(cfg.data.source, 10)

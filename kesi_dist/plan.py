@@ -8,24 +8,19 @@ this module builds the random model, counts a row and prints the table.
 from __future__ import annotations
 
 import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
 from kesi_dist.config import Config
+from kesi_dist.latency_table import threads_text
+from kesi_dist.methods import METHODS
+from kesi_dist.model_config import default_num_classes
 from kesi_dist.models import build_model, model_units
 from kesi_dist.pruning import count_macs, count_nonzero_params, count_params
 
-__all__ = ["plan_schedule", "print_plan", "default_num_classes", "random_model", "count_row", "unit_kinds"]
-
-_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny-imagenet": 200, "digits": 10}
-
-
-def default_num_classes(cfg: Config) -> int:
-    """`model.num_classes` if set, else what the data source has (10 when it cannot be known up front)."""
-    if cfg.model.num_classes:
-        return cfg.model.num_classes
-    if cfg.data.source == "synthetic":
-        return cfg.data.synthetic.num_classes
-    return _CLASSES.get(cfg.data.source, 10)
+__all__ = ["plan_schedule", "print_plan", "random_model", "count_row", "unit_kinds"]
 
 
 def random_model(cfg: Config) -> nn.Module:
@@ -68,8 +63,6 @@ def unit_kinds(units, stream: bool = True) -> dict:
 
 def plan_schedule(cfg: Config) -> dict:
     """The method's plan: {"model": arch, "method", "iterations": [count_row, ...]}, index 0 unpruned."""
-    from kesi_dist.methods import METHODS
-
     return METHODS[cfg.method.name].module("plan").plan(cfg)
 
 
@@ -87,12 +80,6 @@ def _widths_summary(arch: str, widths: list[int]) -> str:
 
 def print_plan(plan: dict) -> None:
     """Print the plan as a rich table: params, nonzero params, MACs (millions) and reductions per iteration."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    from kesi_dist.latency import threads_text
-
     rows = plan["iterations"]
     base = rows[0]
     table = Table(

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Callable
 
 from kesi_dist import storage
+from kesi_dist.latency_table import threads_text
 
-__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown", "latency_entry", "latency_lines", "save_figure"]
+__all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown", "latency_entry",
+           "latency_lines", "int8_entry", "int8_lines", "save_figure"]
 
 SIZE_KEYS = ("val_acc", "holdout_acc", "params", "nonzero_params", "macs")
 
@@ -100,8 +102,6 @@ def latency_entry(stages: dict) -> dict:
 
 def latency_lines(report: dict) -> list[str]:
     """The latency budget's section: predicted (the table) and measured onnxruntime ms per snapshot."""
-    from kesi_dist.latency import threads_text
-
     lat = report.get("latency")
     if not lat:
         return []
@@ -114,6 +114,35 @@ def latency_lines(report: dict) -> list[str]:
         speed = f"{base / r['measured_ms']:.2f}x" if base else "–"
         lines.append(f"| {name} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {speed} |")
     return lines
+
+
+def int8_entry(stages: dict) -> dict:
+    """`{"int8": ...}` for a report when the run's quantize stage is complete, else `{}`."""
+    q = stages.get("quantize", {})
+    if q.get("status") != "complete":
+        return {}
+    return {"int8": {k: q[k] for k in ("snapshot", "file", "fp32_acc", "int8_acc", "test_images", "bytes",
+                                       "calibration", "latency")}}
+
+
+def int8_lines(report: dict, heading: str = "##") -> list[str]:
+    """The quantize stage's section: the int8 model's test top-1, size and onnxruntime latency next to
+    the fp32 model's."""
+    q = report.get("int8")
+    if not q:
+        return []
+    lat, cal, size = q["latency"], q["calibration"], q["bytes"]
+    drop = 100 * (q["int8_acc"] - q["fp32_acc"])
+    return ["", f"{heading} INT8 (onnxruntime)", "",
+            f"`{q['file']}`: `{q['snapshot']}` quantized by onnxruntime (static, QDQ, per-channel int8 weights, uint8 "
+            f"activations), calibrated ({cal['method']}) on {cal['images']} held-out training images, never the test "
+            f"split. Top-1 on all {q['test_images']} test images, both ONNX models in onnxruntime ({drop:+.2f} "
+            f"points); latency at batch {lat['batch']}, {threads_text(lat['threads'])}, the two models interleaved, "
+            f"measured after the run on {lat['cpu']}.", "",
+            "| model | top-1 test (%) | size (KB) | latency (ms) | speed-up |", "|---|---|---|---|---|",
+            f"| fp32 | {_pct(q['fp32_acc'])} | {size['fp32'] / 1024:.1f} | {lat['fp32_ms']:.2f} | 1.00x |",
+            f"| int8 | {_pct(q['int8_acc'])} | {size['int8'] / 1024:.1f} | {lat['int8_ms']:.2f} | "
+            f"{lat['fp32_ms'] / lat['int8_ms']:.2f}x |"]
 
 
 def render_markdown(report: dict, layout: ReportLayout) -> str:
@@ -135,6 +164,7 @@ def render_markdown(report: dict, layout: ReportLayout) -> str:
     if layout.sections is not None:
         lines += layout.sections(report)
     lines += latency_lines(report)
+    lines += int8_lines(report)
     extra = layout.chain_extra
     if report.get("chain"):
         lines += ["", "## Chain", "", "| iteration | snapshot | " + " | ".join([layout.chain_acc_label, *(e[0] for e in extra)])

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Strict", "Schedule", "LatencyTargetCfg", "describe"]
+__all__ = ["Strict", "Schedule", "describe"]
 
 
 class Strict(BaseModel):
@@ -56,13 +56,6 @@ class Schedule(Strict):
         if not cycling and data.get("momentum") is None:
             data = {**data, "momentum": 0.9}
         return data
-
-
-class LatencyTargetCfg(Strict):
-    latency_ratio: float = Field(gt=0, lt=1, description="the student's predicted latency as a fraction of the "
-                                 "baseline's (the table's batch and threads)")
-    table: str = Field(description="JSON table from `kesi latency profile` for this network and the machine it "
-                                   "will serve on")
 
 
 def describe(cfg: BaseModel) -> str:

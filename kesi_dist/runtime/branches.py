@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from ray.tune import Callback
 
 from kesi_dist import storage
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec, selection_key
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import ClassificationSpec, TaskSpec
 
 __all__ = ["Branch", "run_branches", "ASHA_METRIC"]
 
@@ -40,7 +40,7 @@ class Branch:
     schedule: dict  # ScheduleSpec fields
     hparams: dict = field(default_factory=dict)  # the searched values of this branch
     compete: bool = True  # reports ASHA_METRIC (False: a comparison arm ASHA never stops)
-    task: dict = field(default_factory=dict)  # TaskSpec fields (default: classification)
+    task: TaskSpec = field(default_factory=ClassificationSpec)  # what it optimises (`kesi_dist.train.task_specs`)
     meta: dict = field(default_factory=dict)  # the caller's own (iteration, parent, ...), carried along
 
 
@@ -84,7 +84,7 @@ def _trial(config: dict) -> None:
             on_epoch=on_epoch,
             progress=False,
             max_steps_per_epoch=config.get("max_steps_per_epoch"),
-            task=TaskSpec(**b.task),
+            task=b.task,
         )
     except DivergedError as e:
         # The trial's final result, not an error: Tune would retry an error (max_failures), and the
@@ -161,7 +161,8 @@ def run_branches(
     tuner = tune.Tuner(
         tune.with_resources(_trial, resources),
         param_space={
-            "branch": tune.grid_search([asdict(b) for b in branches]),
+            # One level deep: the task spec travels as itself (asdict would turn it into a dict).
+            "branch": tune.grid_search([{f.name: getattr(b, f.name) for f in fields(b)} for b in branches]),
             "loader": asdict(loader), "engine": asdict(engine), "storage": storage,
             "tensorboard": tensorboard, "seed": seed, "max_steps_per_epoch": max_steps_per_epoch,
             "progress": progress,

@@ -27,7 +27,7 @@ from kesi_dist.runtime.sessions import CHECKPOINTS_KEPT, LocalSession
 from kesi_dist.runtime.worker import train_worker
 from kesi_dist.train.loop import DivergedError
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import ClassificationSpec, TaskSpec
 
 __all__ = ["TrainResult", "run_training"]
 
@@ -104,16 +104,16 @@ def run_training(
     progress: bool = True,
     max_steps_per_epoch: int | None = None,
     inject_failure_at_epoch: int | None = None,
-    task: TaskSpec = TaskSpec(),
+    task: TaskSpec = ClassificationSpec(),
     progress_file: str | None = None,
 ) -> TrainResult:
     """Train one model on a Ray Train worker group (or in-process when engine.num_workers == 0).
 
     Args:
         model, schedule, loader, engine: what to train, how, on what data, where (see their docs).
-        task: what each step optimises (default: classification; `TaskSpec(kind="distillation",
-            teachers=...)` runs the frozen teachers on each worker's shard of every batch,
-            `soft_labels=<cache folder>` reads them by (epoch, sample index) instead).
+        task: what each step optimises (`kesi_dist.train.task_specs`; default: classification;
+            `DistillationSpec(T, teachers=...)` runs the frozen teachers on each worker's shard of every
+            batch, `soft_labels=<cache folder>` reads them by (epoch, sample index) instead).
         storage_path: local absolute path or pyarrow URI (s3://, gs://, ...); the run lives in
             `<storage_path>/<name>`. Ray must already be initialised (`ray.init`) for num_workers > 0.
         name: the run's name (unique per model / Tune trial).
@@ -143,7 +143,7 @@ def run_training(
         storage.remove_dir(run_uri)
     config = {
         "model": asdict(model), "schedule": asdict(schedule), "loader": asdict(loader), "engine": asdict(engine),
-        "task": asdict(task),
+        "task": task,
         "run": {"seed": seed, "run_dir": run_uri, "max_steps_per_epoch": max_steps_per_epoch,
                 "inject_failure_at_epoch": inject_failure_at_epoch, "events": None},
     }

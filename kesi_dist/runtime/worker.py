@@ -6,8 +6,8 @@
              see `LoaderSpec`), summed over ranks
     save     the epoch's checkpoint folder, reported to the session (Ray Train or local)
 
-Every input travels in `config` (plain dicts of `kesi_dist.train.spec` and `TaskSpec`), so a worker on
-any node builds everything itself. A checkpoint folder holds `model.pt` (kesi_dist checkpoint
+Every input travels in `config` (plain dicts of `kesi_dist.train.spec`, and the task's spec from
+`kesi_dist.train.task_specs` as it is), so a worker on any node builds everything itself. A checkpoint folder holds `model.pt` (kesi_dist checkpoint
 format), `train_state.pt` (epoch, scheduler, history, schedule) and the optimizer state (`optimizer.pt`,
 or `optimizer_rank{r}.pt` per rank under DeepSpeed ZeRO).
 
@@ -32,7 +32,7 @@ from kesi_dist.errors import UsageError
 from kesi_dist.runtime.sessions import LocalSession, RaySession
 from kesi_dist.train.loop import DivergedError
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import ClassificationSpec, WorkerEnv
 
 __all__ = ["train_worker", "InjectedFailure"]
 
@@ -84,7 +84,7 @@ class _Worker:
         self.config = config
         self.mspec, self.sched = ModelSpec(**config["model"]), ScheduleSpec(**config["schedule"])
         self.lspec, self.espec = LoaderSpec(**config["loader"]), EngineSpec(**config["engine"])
-        self.tspec, self.run = TaskSpec(**config.get("task") or {}), config["run"]
+        self.tspec, self.run = config.get("task") or ClassificationSpec(), config["run"]
         self.session = session
         self.rank, self.world = session.rank, session.world
         self.started = time.time()  # this process entered the worker function (after Ray Train's start-up)
@@ -94,7 +94,6 @@ class _Worker:
         from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
         from kesi_dist.data.loaders import make_loader
         from kesi_dist.models import build_model
-        from kesi_dist.train.tasks import build_task
 
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -116,9 +115,9 @@ class _Worker:
                       backend=lspec.backend, num_workers=lspec.num_workers, seed=self.run["seed"],
                       distributed=self.world > 1, device=self.device,
                       channels_last=self.espec.channels_last and self.device.type == "cuda")
-        self.task = build_task(self.tspec, num_classes=self.model.num_classes, device=self.device,
-                               seed=self.run["seed"], resolution=lspec.resolution, augment=lspec.augment,
-                               epochs=self.sched.epochs, **lspec.split_args)
+        self.task = self.tspec.build(WorkerEnv(num_classes=self.model.num_classes, device=self.device,
+                                               seed=self.run["seed"], resolution=lspec.resolution,
+                                               augment=lspec.augment, epochs=self.sched.epochs, **lspec.split_args))
         # reuse: a Tune trial process trains branch after branch with the same loaders (FFCV compiles each)
         train_common = {**common, "augment": "none"} if getattr(self.task, "augments", False) else common
         self.train_loader = make_loader(lspec.data_dir, "train", return_indices=self.task.needs_indices, reuse=True,
@@ -256,7 +255,7 @@ class _Worker:
 def train_worker(config: dict, session: LocalSession | None = None) -> None:
     """Ray Train's `train_loop_per_worker` (session None: a Ray Train session), or the in-process run.
 
-    `config`: {"model", "schedule", "loader", "engine", "task"} (asdict of the specs) and "run" (seed,
+    `config`: {"model", "schedule", "loader", "engine"} (asdict of the specs), "task" (a task spec) and "run" (seed,
     run_dir, events queue, max_steps_per_epoch, inject_failure_at_epoch).
     """
     w = _Worker(config, session if session is not None else RaySession(config["run"].get("events")))

@@ -1,6 +1,6 @@
 """The distillation stage: a student snapshot learns from teachers on a Ray Train worker group.
 
-The task says where the teachers' targets come from (`TaskSpec`: the frozen teachers run on every
+The task says where the teachers' targets come from (`DistillationSpec`: the frozen teachers run on every
 worker's shard of each batch, or a soft-label cache read by (epoch, sample index)); teachers are never
 wrapped, only the student is distributed. The result is registered under `name` ("student").
 """
@@ -11,12 +11,12 @@ import time
 
 from kesi_dist.runs import RunContext, fmt_acc, fmt_size
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import DistillationSpec
 
 __all__ = ["distill_stage"]
 
 
-def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: TaskSpec, schedule: ScheduleSpec,
+def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: DistillationSpec, schedule: ScheduleSpec,
                   loader: LoaderSpec, engine: EngineSpec, seed: int, iteration: int, name: str = "student") -> dict:
     """Distil snapshot `student` with `task` into snapshot `name`; returns its registry entry."""
     from kesi_dist.runtime import run_training

@@ -3,6 +3,9 @@ pruned against a latency budget (the budget's table: its batch and threads, onnx
 
 from __future__ import annotations
 
+from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+from kesi_dist.latency import measure
+from kesi_dist.latency_table import cpu_model, load_table, predict, threads_text
 from kesi_dist.runs import RunContext
 
 __all__ = ["latency_stage"]
@@ -12,9 +15,6 @@ def latency_stage(ctx: RunContext, *, table_path: str, snapshots: list[str], res
     """{"batch", "threads", "table", "cpu", "rows": {snapshot: {"predicted_ms", "measured_ms"}}}, recorded
     once. Measured here, in the driver, on the machine that runs it: where the table was profiled is what
     the prediction is for (`cpu` says which), so compare the ratios when the two differ."""
-    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
-    from kesi_dist.latency import cpu_model, load_table, measure, predict, threads_text
-
     with ctx.stage("latency") as st:
         if st.done:
             return st.record

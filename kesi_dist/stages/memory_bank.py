@@ -25,9 +25,6 @@ from kesi_dist.train.spec import EngineSpec, LoaderSpec
 __all__ = ["memory_bank_stage", "build_memory_bank"]
 
 
-def _abs(path: str | Path) -> str:
-    return path if storage.is_uri(path) else str(Path(path).resolve())
-
 
 def memory_bank_stage(ctx: RunContext, teachers: list[str], *, loader: LoaderSpec, engine: EngineSpec, actors: int,
                       batch_size: int) -> str:
@@ -66,7 +63,7 @@ def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, 
     if holdout:
         from kesi_dist.data.holdout import describe_holdout
 
-        held = describe_holdout(_abs(data_dir), holdout, holdout_seed, with_indices=True)
+        held = describe_holdout(storage.absolute(data_dir), holdout, holdout_seed, with_indices=True)
         samples = held["train_size"]
     hashes = [file_sha256(p) for p in teacher_paths]
     key = bank_key(teacher_hashes=hashes, data_fingerprint=data_fp, resolution=resolution, batch_size=batch_size,
@@ -91,7 +88,7 @@ def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, 
 
     units = [(u, a, b) for _, u, a, b in work_units(n_batches, 1, num_actors)]
     actors = map_units(MemoryBankWorker, units, on_result=write, num_actors=num_actors,
-                       args=([_abs(p) for p in teacher_paths], _abs(data_dir)),
+                       args=([storage.absolute(p) for p in teacher_paths], storage.absolute(data_dir)),
                        kwargs=dict(batch_size=batch_size, resolution=resolution, backend=backend, loader_workers=1,
                                    threads=max(1, int(cpus_per_actor)), gpus=gpus_per_actor, holdout=holdout,
                                    holdout_seed=holdout_seed),
@@ -99,7 +96,7 @@ def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, 
     shards.sort(key=lambda s: s["shard"])
     meta = {"format": BANK_FORMAT, "key": key, "num_classes": int(data_meta["num_classes"]),
             "train_size": int(data_meta["train_size"]), "samples": samples, "resolution": int(resolution),
-            "batch_size": int(batch_size), "holdout": held, "data_dir": _abs(data_dir), "data_fingerprint": data_fp,
+            "batch_size": int(batch_size), "holdout": held, "data_dir": storage.absolute(data_dir), "data_fingerprint": data_fp,
             "teachers": [{"path": str(p), "sha256": h} for p, h in zip(teacher_paths, hashes)],
             "actors": actors, "shards": shards, "timings": {"total_s": round(time.perf_counter() - start, 3)},
             "created": time.time()}

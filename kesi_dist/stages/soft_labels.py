@@ -31,10 +31,6 @@ from kesi_dist.train.spec import EngineSpec, LoaderSpec
 __all__ = ["soft_labels_stage", "build_soft_label_cache"]
 
 
-def _abs(path: str | Path) -> str:
-    """What actors on any node are given: a URI as is, a local path made absolute."""
-    return path if storage.is_uri(path) else str(Path(path).resolve())
-
 
 def soft_labels_stage(ctx: RunContext, teachers: list[str], *, loader: LoaderSpec, engine: EngineSpec, seed: int,
                       epochs: int, temperature: float, topk: int, actors: int) -> str:
@@ -134,7 +130,7 @@ def build_soft_label_cache(
     if holdout:  # the student never trains on these: the pass leaves them out
         from kesi_dist.data.holdout import describe_holdout
 
-        held = describe_holdout(_abs(data_dir), holdout, holdout_seed, with_indices=True)
+        held = describe_holdout(storage.absolute(data_dir), holdout, holdout_seed, with_indices=True)
         train_size = held["train_size"]
     key = cache_key(teacher_hashes=teacher_hashes, data_fingerprint=data_fp, **settings,
                     holdout=held["sha256"] if held else None)
@@ -172,7 +168,7 @@ def build_soft_label_cache(
     pool_start = time.perf_counter()
     units = work_units(n_batches, epochs, used)
     actors = map_units(SoftLabelWorker, units, on_result=write, num_actors=used,
-                       args=([_abs(p) for p in teacher_paths], _abs(data_dir)), kwargs=worker_kwargs,
+                       args=([storage.absolute(p) for p in teacher_paths], storage.absolute(data_dir)), kwargs=worker_kwargs,
                        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, what="soft_labels")
     first_up = min(a["up_s"] for a in actors)
     pass_s = time.perf_counter() - pool_start - first_up
@@ -182,7 +178,7 @@ def build_soft_label_cache(
     meta = {
         "format": FORMAT, "key": key, **settings, "topk_stored": k, "batch_size": int(batch_size),
         "num_classes": int(data_meta["num_classes"]), "train_size": int(data_meta["train_size"]),
-        "data_dir": _abs(data_dir), "data_fingerprint": data_fp, "samples_per_epoch": train_size, "holdout": held,
+        "data_dir": storage.absolute(data_dir), "data_fingerprint": data_fp, "samples_per_epoch": train_size, "holdout": held,
         "teachers": [{"path": str(p), "sha256": h} for p, h in zip(teacher_paths, teacher_hashes)],
         "num_actors": used, "batches_per_epoch": n_batches,
         "actors": actors,

@@ -32,50 +32,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from kesi_dist.storage.atomic import atomic_dir, atomic_write
 from kesi_dist.errors import UsageError
+from kesi_dist.storage.atomic import atomic_dir, atomic_write
+from kesi_dist.storage.cache import data_cache_dir, local_copy
+from kesi_dist.storage.fs import REGISTERED as _REGISTERED  # noqa: F401 (tests unregister their schemes)
+from kesi_dist.storage.fs import absolute, copy_stream, is_uri, register_filesystem, storage_fs
 
 __all__ = [
-    "is_uri", "storage_fs", "register_filesystem", "join", "basename", "exists", "is_file", "is_dir", "size", "listdir",
+    "is_uri", "absolute", "storage_fs", "register_filesystem", "join", "basename", "exists", "is_file", "is_dir", "size", "listdir",
     "makedirs", "remove", "remove_dir", "read_bytes", "read_text", "write_bytes", "write_text", "write_file",
     "copy_file", "upload_file", "upload_dir", "publish_dir", "published", "staged_dir", "local_copy", "data_cache_dir",
 ]
 
-_REGISTERED: dict[str, object] = {}
 _NATIVE_ATOMIC = ("s3", "gcs")  # pyarrow type_name of filesystems whose object writes are atomic
 PUBLISHED = ".kesi_published"  # the last object `publish_dir` writes into a folder on an object store
-
-
-def is_uri(path: str | os.PathLike) -> bool:
-    """True for `scheme://...` strings; plain paths (and every `Path`) are local."""
-    return isinstance(path, str) and "://" in path
-
-
-def register_filesystem(scheme: str, filesystem) -> None:
-    """Serve `scheme://<path>` from a pyarrow filesystem object (e.g. an fsspec filesystem wrapped in
-    `pyarrow.fs.PyFileSystem(FSSpecHandler(...))`). Registration is per process: Ray workers on
-    other processes or nodes only see schemes pyarrow knows (s3, gs, hdfs, file)."""
-    _REGISTERED[scheme] = filesystem
-
-
-def storage_fs(path: str | os.PathLike):
-    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/runs.
-
-    Raises:
-        UsageError: the URI's scheme is unknown or its filesystem cannot be set up (the message
-            is pyarrow's, e.g. missing credentials or an unknown bucket region).
-    """
-    import pyarrow.fs as pafs
-
-    if is_uri(path):
-        scheme, rest = path.split("://", 1)
-        if scheme in _REGISTERED:
-            return _REGISTERED[scheme], rest.rstrip("/") or "/"
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except Exception as e:  # pyarrow raises ArrowInvalid/OSError with its own text
-            raise UsageError(f"storage {path!r}: not a usable filesystem URI ({e})") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
 def _split_query(uri: str) -> tuple[str, str]:
@@ -245,12 +215,6 @@ def write_text(path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def _copy_stream(src_fs, src: str, dst: IO[bytes]) -> None:
-    with src_fs.open_input_stream(src) as fin:
-        while chunk := fin.read(1 << 22):
-            dst.write(chunk)
-
-
 def copy_file(src, dst, *, src_fs=None) -> None:
     """Copy one file between any two locations (local or URI), atomically at `dst`.
 
@@ -258,10 +222,10 @@ def copy_file(src, dst, *, src_fs=None) -> None:
     """
     src_fs, s = (src_fs, src) if src_fs is not None else storage_fs(src)
     if not is_uri(dst):
-        atomic_write(dst, lambda f: _copy_stream(src_fs, s, f))
+        atomic_write(dst, lambda f: copy_stream(src_fs, s, f))
         return
     with _output(dst, whole=src_fs.type_name == "local") as f:  # a local file is whole: no spool (.beton files)
-        _copy_stream(src_fs, s, f)
+        copy_stream(src_fs, s, f)
 
 
 def upload_file(local_path: str | os.PathLike, dst) -> None:
@@ -339,4 +303,3 @@ def staged_dir(path) -> Iterator[str]:
 
 
 # node-local copies of URI data (FFCV memory-maps local files); here so callers keep one import
-from kesi_dist.storage.cache import data_cache_dir, local_copy  # noqa: E402

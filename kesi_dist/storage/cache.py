@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kesi_dist.storage.fs import copy_stream, is_uri, storage_fs
+
 __all__ = ["data_cache_dir", "local_copy"]
 
 
@@ -34,11 +36,9 @@ def local_copy(path, cache_root: str | os.PathLike | None = None) -> str:
     Raises:
         FileNotFoundError: nothing exists at `path`.
     """
-    from kesi_dist.storage import _copy_stream, is_uri, storage_fs
-
     if not is_uri(path):
         return str(path)
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # pyarrow: only where a URI is read
 
     fs, p = storage_fs(path)
     info = fs.get_file_info(p)
@@ -63,7 +63,7 @@ def local_copy(path, cache_root: str | os.PathLike | None = None) -> str:
                     dst = tmp / name / rel if rel else tmp / name
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     with open(dst, "wb") as f:
-                        _copy_stream(fs, f"{p.rstrip('/')}/{rel}" if rel else p, f)
+                        copy_stream(fs, f"{p.rstrip('/')}/{rel}" if rel else p, f)
                 os.replace(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

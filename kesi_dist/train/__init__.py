@@ -2,11 +2,11 @@
 
 from kesi_dist.train.loop import DivergedError, evaluate, train_epoch, unwrap
 from kesi_dist.train.optim import build_optimizer, build_scheduler, current_lr
-from kesi_dist.train.tasks import Classification, Distillation, Task, TaskSpec, build_task
+from kesi_dist.train.tasks import Classification, Distillation, Task
 from kesi_dist.train.tensorboard import ScalarWriter
 
 __all__ = [
     "DivergedError", "train_epoch", "evaluate", "unwrap",
     "build_optimizer", "build_scheduler", "current_lr", "ScalarWriter",
-    "Task", "TaskSpec", "Classification", "Distillation", "build_task",
+    "Task", "Classification", "Distillation",
 ]

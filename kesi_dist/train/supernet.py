@@ -6,7 +6,7 @@ frozen baseline's stages 0..s-1 give the stage's input and its stage s the targe
 supervision); only stage s's weights train, so the stages are independent and train in parallel. With
 `stage=None` the whole net trains (the conventional one-shot supernet SWP argues against).
 
-`SupernetTraining` is the Task (`kesi_dist.train.tasks`): every step runs several width configurations
+`SupernetTraining` is the Task (`kesi_dist.train.tasks.Task`; `task_specs.SupernetSpec` describes one): every step runs several width configurations
 in one forward pass of the prepared module and returns the sum of their losses, so one backward
 accumulates every configuration's gradient before the one optimizer step:
     sandwich  the full configuration (stage target: MSE to the baseline's stage output; last stage or
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kesi_dist.models.slimmable import run_sliced, width_choices
+from kesi_dist.train.tasks import TaskOutput
 
 __all__ = ["StageSupernet", "SupernetTraining", "MODES"]
 
@@ -117,9 +118,7 @@ class SupernetTraining:
             tiny[i] = self.choices[i][0]
         return [list(self.full), tiny] + [self._random(rng) for _ in range(self.n_random)]
 
-    def __call__(self, model, images, labels, indices=None):
-        from kesi_dist.train.tasks import TaskOutput
-
+    def __call__(self, model, images, labels, indices=None) -> TaskOutput:
         target, outs, logits = model(images, self.configs())
         last = target is None
         full = F.cross_entropy(outs[0], labels) if last else F.mse_loss(outs[0], target)

@@ -15,7 +15,8 @@ import pytest
 
 from kesi_dist.config import load_config
 from kesi_dist.errors import BadValue, UsageError
-from kesi_dist.latency import check_table, grid_for, load_table, plan_latency, predict, profile
+from kesi_dist.latency import grid_for, profile
+from kesi_dist.latency_table import check_table, load_table, plan_latency, predict
 from kesi_dist.models import build_model
 from kesi_dist.plan import plan_schedule
 from kesi_dist.pruning import align, aligned_count, kept_count, pfec_prune
@@ -159,9 +160,9 @@ def test_units_that_feed_each_other_are_refused():
 
 def _linear_table(cfg, path: Path) -> dict:
     """A table for `cfg`'s network where every piece costs its width in ms (no timing involved)."""
-    from kesi_dist.latency import SCHEMA, table_key
+    from kesi_dist.latency_table import SCHEMA, table_key
     from kesi_dist.models import default_widths, model_units
-    from kesi_dist.plan import default_num_classes
+    from kesi_dist.model_config import default_num_classes
 
     arch, full = cfg.model.arch, default_widths(cfg.model.arch)
     table = {"schema": SCHEMA, "full_widths": full, "full_ms": float(sum(full)),
@@ -243,7 +244,7 @@ def test_ekg_search_with_a_latency_cost_stops_on_the_cost_not_the_macs():
 
 @pytest.mark.parametrize("method,key", [("ekg", "search.round_to"), ("swp", "supernet.round_to")])
 def test_ekg_and_swp_plans_put_the_uniform_arm_under_a_latency_budget(tmp_path, method, key):
-    from kesi_dist.latency import load_table
+    from kesi_dist.latency_table import load_table
 
     config = ROOT / f"configs/{method}/quickstart.yaml"
     table = _linear_table(load_config(config), tmp_path / "t.json")

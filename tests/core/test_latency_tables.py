@@ -16,7 +16,8 @@ import pytest
 from kesi_dist.cli import main
 from kesi_dist.config import load_config
 from kesi_dist.errors import UsageError
-from kesi_dist.latency import budget_table, load_table
+from kesi_dist.budget import run_budget
+from kesi_dist.latency_table import load_table
 from kesi_dist.latency_table import despike, falls_steeply, spikes
 from tests.core.test_latency import _linear_table
 
@@ -85,9 +86,8 @@ def test_every_methods_budget_refuses_it_naming_its_key(tmp_path, method):
     path.write_text(json.dumps(table))
     key = METHODS[method].latency_target
     cfg = load_config(config, [f"{key}.table={path}", f"{key}.latency_ratio=0.5"])
-    target = cfg.method.prune.target if method == "kesi" else cfg.method.target_latency
     with pytest.raises(UsageError, match="^" + re.escape(f"{key}.table: {path}: latency table field {field}:")):
-        budget_table(cfg, target, key)
+        run_budget(cfg)
     assert main(["plan", str(config), f"{key}.table={path}", f"{key}.latency_ratio=0.5"]) == 2  # kesi plan too
 
 

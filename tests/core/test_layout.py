@@ -5,6 +5,8 @@
   runs/, stages/, methods/ or the root config (kesi_dist/config.py), directly or through any other
   kesi_dist module they import;
 - stages/ and runs/ never import the root config (they take specs);
+- no import circle: no kesi_dist module reaches itself through the modules it imports (a package's own
+  `__init__` loading first is Python's order, not a circle);
 - no module is over 350 lines.
 
 Every import counts: at module level, inside functions and classes, under `if TYPE_CHECKING:`, `import x`,
@@ -191,6 +193,99 @@ def test_plain_pytorch_packages_reach_neither_ray_nor_those_layers_through_other
 def test_stages_and_runs_never_import_the_root_config():
     bad = _breaking(_in("stages") + _in("runs"), ("kesi_dist.config",))
     assert not bad, "stages/ and runs/ take specs, never the root config (kesi_dist/config.py):\n" + "\n".join(bad)
+
+
+def _edges() -> dict[str, set[str]]:
+    """module -> the kesi_dist modules its imports name (the deepest module of each import's targets; a
+    dynamic import's literal prefix naming the importing package itself is left out: it loads a child)."""
+    graph = {}
+    for m, imps in IMPORTS.items():
+        graph[m] = set()
+        for imp in imps:
+            found = [t for t in imp.targets if t in SOURCES and t != "kesi_dist"]
+            if found and max(found, key=len) != m:
+                graph[m].add(max(found, key=len))
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import graph's circles: each strongly connected component of more than one module (or a module
+    importing itself), as a path that closes on its first module (Tarjan's algorithm)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1 or v in graph.get(v, ()):
+                out.append(_closing_path(graph, set(part)))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _closing_path(graph: dict[str, set[str]], part: set[str]) -> list[str]:
+    """A shortest path inside `part` from its first module back to itself."""
+    start = min(part)
+    paths, todo = {start: [start]}, [start]
+    while todo:
+        v = todo.pop(0)
+        for w in sorted(graph[v] & part):
+            if w == start:
+                return paths[v] + [start]
+            if w not in paths:
+                paths[w] = paths[v] + [w]
+                todo.append(w)
+    return sorted(part)
+
+
+def test_the_cycle_finder_finds_a_crafted_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}
+    assert sorted(import_cycles(graph)) == [["a", "b", "c", "a"], ["e", "e"]]
+    # on the real package: its two-module circle (config -> methods -> ...) would be found
+    graph = _edges()
+    assert "kesi_dist.methods" in graph["kesi_dist.config"] and "kesi_dist.config" in graph["kesi_dist.launch"]
+    assert import_cycles({**graph, "kesi_dist.methods": graph["kesi_dist.methods"] | {"kesi_dist.config"}})
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle():
+    cycles = import_cycles(_edges())
+    assert not cycles, "import circles (break each one):\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_nothing_imports_the_root_config_from_below():
+    """Only the CLI's layer sees the whole config: stages/, runs/ and the plain-PyTorch packages reach
+    config.py through no chain of imports either."""
+    graph, bad = _edges(), []
+    for start in [m for p in (*PLAIN_TORCH, "stages", "runs") for m in _in(p)]:
+        seen, todo = {start: [start]}, [start]
+        while todo:
+            v = todo.pop()
+            for w in graph[v]:
+                if w == "kesi_dist.config":
+                    bad.append(" -> ".join(seen[v] + [w]))
+                elif w not in seen:
+                    seen[w] = seen[v] + [w]
+                    todo.append(w)
+    assert not bad, "reaches kesi_dist/config.py from below:\n" + "\n".join(sorted(bad))
 
 
 def test_no_module_is_over_350_lines():

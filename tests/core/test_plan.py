@@ -19,7 +19,8 @@ import pytest
 from kesi_dist.config import Config, load_config, parse_config
 from kesi_dist.errors import UsageError
 from kesi_dist.models import build_model
-from kesi_dist.plan import default_num_classes, plan_schedule, print_plan
+from kesi_dist.model_config import default_num_classes
+from kesi_dist.plan import plan_schedule, print_plan
 from kesi_dist.pruning.masks import conv_weights
 
 ROOT = Path(__file__).resolve().parents[2]

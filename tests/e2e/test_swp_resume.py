@@ -80,7 +80,7 @@ def test_killed_during_supernets_and_search_resumes_without_redoing_finished_wor
                          threads=1, gpus=0, seed=cfg.seed)
     net = _load(supernet)
     macs = macs_function(net, (3, cfg.data.resolution, cfg.data.resolution))
-    target, band = cfg.method.budget(), cfg.method.search.band
+    target, band = cfg.method.budget().ratio, cfg.method.search.band
     s = cfg.method.search
     evo = Evolution(width_choices(net.widths, cfg.method.supernet.ratios, cfg.method.supernet.round_to), macs,
                     (target - band) * macs(net.widths), target * macs(net.widths),

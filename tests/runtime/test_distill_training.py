@@ -12,7 +12,7 @@ from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_ch
 from kesi_dist.runtime import run_training
 from kesi_dist.pruning import pfec_prune
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import DistillationSpec
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def teacher_and_student(tmp_path_factory, tiny_data):
     return d, result.metrics["val/acc"]
 
 
-def _distill(d, tiny_data, engine: EngineSpec, name: str, task: TaskSpec):
+def _distill(d, tiny_data, engine: EngineSpec, name: str, task: DistillationSpec):
     return run_training(
         model=ModelSpec("", init_checkpoint=str(d / "student.pt")),
         schedule=ScheduleSpec(epochs=3, optimizer="adam", lr=1e-3, weight_decay=0.0),
@@ -62,9 +62,9 @@ def test_cached_distillation_matches_the_student_loader(ray_local, tiny_data, te
     assert not meta.get("reused") and meta["topk_stored"] == 4
     ddp = EngineSpec(engine="ddp", num_workers=2, max_failures=0)
     cached = _distill(d, tiny_data, ddp, "ddp_cached",
-                      TaskSpec(kind="distillation", soft_labels=str(d / "cache"), temperature=5.0))
+                      DistillationSpec(soft_labels=str(d / "cache"), temperature=5.0))
     online = _distill(d, tiny_data, ddp, "ddp_online",
-                      TaskSpec(kind="distillation", teachers=(str(d / "teacher.pt"),), temperature=5.0))
+                      DistillationSpec(teachers=(str(d / "teacher.pt"),), temperature=5.0))
     assert len(cached.history) == len(online.history) == 3
     for c, o in zip(cached.history, online.history):
         assert c["world_size"] == o["world_size"] == 2 and c["steps"] == o["steps"] > 0

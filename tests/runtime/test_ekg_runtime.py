@@ -116,7 +116,7 @@ def test_memory_bank_fine_tuning_on_a_two_worker_ray_train_group(ray_local, tiny
     from kesi_dist.runtime import run_training
     from kesi_dist.stages.memory_bank import build_memory_bank
     from kesi_dist.train.spec import ModelSpec, ScheduleSpec
-    from kesi_dist.train.tasks import TaskSpec
+    from kesi_dist.train.task_specs import MemoryBankSpec
 
     bank = tmp_path / "bank"
     build_memory_bank([baseline, baseline], tiny_data, str(bank), batch_size=64, resolution=16, backend="torch",
@@ -125,7 +125,7 @@ def test_memory_bank_fine_tuning_on_a_two_worker_ray_train_group(ray_local, tiny
         model=ModelSpec(arch="", init_checkpoint=baseline), schedule=ScheduleSpec(epochs=1, lr=0.01, schedule="constant"),
         loader=_loader(tiny_data), engine=EngineSpec(num_workers=2, cpus_per_worker=1), storage_path=str(tmp_path / "t"),
         name="ekg_arm", max_steps_per_epoch=2, progress=False,
-        task=TaskSpec(kind="memory_bank", memory_bank=str(bank), views=2, temperature=4.0))
+        task=MemoryBankSpec(memory_bank=str(bank), views=2, temperature=4.0))
     m = result.metrics
     assert m["world_size"] == 2 and m["images"] == 2 * 64  # 2 steps of the global batch, over both workers
     assert m["train/kd_loss"] >= 0 and m["train/task_loss"] > 0 and 1 <= m["train/teachers_used"] <= 2

@@ -20,7 +20,7 @@ from kesi_dist.checkpoint import load_checkpoint, save_checkpoint
 from kesi_dist.models import build_model
 from kesi_dist.runtime import run_training
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import ClassificationSpec, DistillationSpec, TaskSpec
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def _run(tiny_data, tmp_path, name: str, kill_after_epoch: int | None, task: TaskSpec = TaskSpec()):
+def _run(tiny_data, tmp_path, name: str, kill_after_epoch: int | None, task: TaskSpec = ClassificationSpec()):
     killed: list[int] = []
 
     def on_epoch(m: dict) -> None:  # in the driver, once rank 0 reported epoch m["epoch"] and its checkpoint
@@ -74,7 +74,7 @@ def test_distillation_survives_a_killed_worker_process(ray_local, tiny_data, tmp
     torch.manual_seed(1)
     teacher = tmp_path / "teacher.pt"
     save_checkpoint(teacher, build_model("resnet20", 4))
-    task = TaskSpec(kind="distillation", teachers=(str(teacher),), temperature=4.0)
+    task = DistillationSpec(teachers=(str(teacher),), temperature=4.0)
     result, killed = _run(tiny_data, tmp_path, "distill", kill_after_epoch=2, task=task)
     assert killed
     _resumed_from_a_checkpoint(result, killed_after=2)

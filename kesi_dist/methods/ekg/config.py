@@ -7,7 +7,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from kesi_dist.schema import LatencyTargetCfg, Schedule, Strict
+from kesi_dist.budget import SearchBudgetCfg
+from kesi_dist.errors import UsageError
+from kesi_dist.schema import Schedule, Strict
 
 __all__ = ["EkgCfg", "SearchCfg", "BankCfg", "FinetuneCfg", "ArmsCfg"]
 
@@ -50,16 +52,11 @@ class ArmsCfg(Strict):
                           "fine-tuned with CE: what the search is worth")
 
 
-class EkgCfg(Strict):
+class EkgCfg(SearchBudgetCfg):
     """EKG: greedy sub-network search scored with the ensemble of interim sub-networks, then fine-tuning
-    from a memory bank of their logits."""
+    from a memory bank of their logits (its budget: `SearchBudgetCfg`)."""
 
     name: Literal["ekg"] = "ekg"
-    target_macs_ratio: float = Field(0.45, gt=0, lt=1, description="the search stops at the widest sub-network with "
-                                     "at most this fraction of the baseline's MACs")
-    target_latency: LatencyTargetCfg | None = Field(None, description="search to this fraction of the baseline's "
-                                                    "predicted latency instead of target_macs_ratio (and the uniform "
-                                                    "arm to the same)")
     search: SearchCfg = SearchCfg()
     bank: BankCfg = BankCfg()
     finetune: FinetuneCfg = FinetuneCfg()
@@ -69,8 +66,6 @@ class EkgCfg(Strict):
 
     def check(self, root: Any) -> None:
         """The search and the teacher pick are choices by loss: they need the held-out split."""
-        from kesi_dist.errors import UsageError
-
         if not root.data.holdout:
             raise UsageError("data.holdout: EKG searches on the held-out split, and it is 0; set a fraction or a "
                              "count per class (e.g. 0.1, or 32 as the reference)")
@@ -78,10 +73,6 @@ class EkgCfg(Strict):
         if self.finetune.schedule == "multistep" and too_late:
             raise UsageError(f"method.finetune.milestones: {too_late} are not before epoch {self.finetune.epochs}; "
                              "give milestones below method.finetune.epochs")
-
-    def budget(self) -> float:
-        """The search's target ratio: of the predicted latency when target_latency is set, else of the MACs."""
-        return self.target_latency.latency_ratio if self.target_latency else self.target_macs_ratio
 
     def temperature(self, num_classes: int) -> float:
         return self.finetune.temperature or (4.0 if num_classes < 1000 else 10.0)

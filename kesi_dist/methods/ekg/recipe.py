@@ -16,8 +16,7 @@ its state after every accepted step, so `--resume` continues a killed search whe
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
+from kesi_dist.budget import run_budget
 from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_classes
 from kesi_dist.errors import RunError
 from kesi_dist.methods.ekg.report import build_report, layout
@@ -28,18 +27,17 @@ from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.memory_bank import memory_bank_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.latency import latency_stage
+from kesi_dist.stages.quantize import quantize_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.train.spec import ModelSpec, schedule_from
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import MemoryBankSpec
 
 __all__ = ["run"]
 
 
 def run(cfg: Config, ctx: RunContext) -> None:
-    from kesi_dist.latency import budget_table
-
     m = cfg.method
-    table = budget_table(cfg, m.target_latency, "method.target_latency") if m.target_latency else None
+    budget = run_budget(cfg)  # MACs, or a latency table read and checked before anything runs
     data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     classes = num_classes(cfg, meta)
@@ -47,9 +45,9 @@ def run(cfg: Config, ctx: RunContext) -> None:
                    schedule=schedule_from(cfg.baseline), loader=loader, engine=engine, seed=cfg.seed,
                    given=cfg.baseline.checkpoint, weights=cfg.model.weights)
     found = search_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine,
-                         target=m.budget(), step=m.search.step, cut=m.search.otsu_cut,
+                         budget=budget, step=m.search.step, cut=m.search.otsu_cut,
                          batch_size=m.search.batch_size, actors=m.search.actors, teachers=m.bank.teachers,
-                         round_to=m.search.round_to, latency_table=table)
+                         round_to=m.search.round_to)
     bank = memory_bank_stage(ctx, [t["file"] for t in found["teachers"]], loader=loader, engine=engine,
                              actors=m.bank.actors, batch_size=m.search.batch_size)
 
@@ -59,16 +57,15 @@ def run(cfg: Config, ctx: RunContext) -> None:
             schedule = vars(schedule_from(f))
             arms = [Branch(name="student", arm="ekg", init_checkpoint=found["subnet"], checkpoint=ctx.snapshot("student"),
                            schedule=schedule, compete=False, hparams={"loss": "memory bank", "views": f.views},
-                           task=asdict(TaskSpec(kind="memory_bank", memory_bank=bank, views=f.views,
-                                                temperature=m.temperature(classes))),
+                           task=MemoryBankSpec(bank, m.temperature(classes), f.views),
                            meta={"iteration": 1, "branch": None, "parent": "baseline"})]
             if m.arms.ce_finetune:
                 arms.append(Branch(name="ce_finetune", arm="ce_finetune", init_checkpoint=found["subnet"],
                                    checkpoint=ctx.snapshot("ce_finetune"), schedule=schedule, compete=False,
                                    hparams={"loss": "CE"}, meta={"iteration": 1, "branch": None, "parent": "baseline"}))
             if m.arms.uniform:
-                init = uniform_stage(ctx, baseline=ctx.snapshot("baseline"), target=m.budget(),
-                                     round_to=m.search.round_to, latency_table=table)
+                init = uniform_stage(ctx, baseline=ctx.snapshot("baseline"), budget=budget,
+                                     round_to=m.search.round_to)
                 arms.append(Branch(name="uniform", arm="uniform", init_checkpoint=init, checkpoint=ctx.snapshot("uniform"),
                                    schedule=schedule, compete=False, hparams={"loss": "CE", "pruning": "uniform L1"},
                                    meta={"iteration": 1, "branch": None, "parent": "baseline"}))
@@ -80,8 +77,11 @@ def run(cfg: Config, ctx: RunContext) -> None:
             if missing:
                 raise RunError(f"finetune: {', '.join(f'{n} failed ({failures.get(n)})' for n in missing)}")
             st.update(arms=[a.name for a in arms], failed=failures)
-    if table is not None:
-        latency_stage(ctx, table_path=m.target_latency.table, resolution=cfg.data.resolution,
+    if budget.table is not None:
+        latency_stage(ctx, table_path=budget.table_path, resolution=cfg.data.resolution,
                       snapshots=["baseline", "student", *(["uniform"] if m.arms.uniform else [])])
+    if cfg.quantize.enabled:  # the deliverable as an int8 ONNX model, calibrated on held-out images
+        q = cfg.quantize
+        quantize_stage(ctx, "student", loader=loader, images=q.calibration_images, calibration=q.calibration)
     ctx.complete()
     report_stage(ctx, build_report(ctx.manifest.data), layout(cfg))

@@ -9,6 +9,7 @@ search's trajectory and the memory bank's teachers.
 
 from __future__ import annotations
 
+from kesi_dist.budget import reached, search_fields
 from kesi_dist.report import ReportLayout, latency_entry, size_row
 
 __all__ = ["build_report", "layout", "sections"]
@@ -30,8 +31,7 @@ def build_report(manifest: dict) -> dict:
         "ce_finetune": size_row(snaps.get("ce_finetune")),
         "uniform": size_row(snaps.get("uniform")),
         "search": {
-            "target_macs_ratio": search.get("target_macs_ratio"), "macs_ratio": search.get("macs_ratio"),
-            "target_latency_ratio": search.get("target_latency_ratio"), "budget_ratio": search.get("budget_ratio"),
+            **search_fields(search),
             "widths": search.get("widths"), "holdout_images": search.get("holdout"),
             "resumed_from": search.get("resumed_from"), "original_loss": search.get("original_loss"),
             "steps": [{k: s[k] for k in ("step", "unit", "widths", "macs", "macs_ratio", "holdout_loss", "score",
@@ -68,10 +68,7 @@ def sections(report: dict) -> list[str]:
     if s.get("steps"):
         lines += ["", "## Search", "",
                   f"{len(s['steps'])} accepted steps on {s.get('holdout_images') or held} held-out images, "
-                  + (f"to {100 * s['budget_ratio']:.2f} % of the baseline's predicted latency (target "
-                     f"{100 * s['target_latency_ratio']:.0f} %; MACs {100 * s['macs_ratio']:.2f} %)"
-                     if s.get("target_latency_ratio") else
-                     f"to {100 * s['macs_ratio']:.2f} % of the baseline's MACs (target {100 * s['target_macs_ratio']:.0f} %)")
+                  f"to {reached(s)}"
                   + (f"; resumed after step {s['resumed_from']} of a stopped run" if s.get("resumed_from") else "")
                   + ". Plot: `search.png`; TensorBoard: `tensorboard/search`.", "",
                   "| step | unit narrowed | MACs (%) | holdout CE | score | candidates | actors |", "|---|---|---|---|---|---|---|"]
@@ -90,15 +87,13 @@ def sections(report: dict) -> list[str]:
 
 def layout(cfg) -> ReportLayout:
     """How EKG's report reads for config `cfg` (the root Config)."""
-    m = cfg.method
-    budget = (f"{100 * m.target_latency.latency_ratio:.0f}% of its predicted latency" if m.target_latency
-              else f"{100 * m.target_macs_ratio:.0f}% of its MACs")
-    what = f"{cfg.model.arch} searched by EKG to {budget}"
+    b = cfg.method.budget()
+    what = f"{cfg.model.arch} searched by EKG to {b.label}"
     return ReportLayout(
-        title=f"{cfg.model.arch} · EKG to {budget.replace(' of its ', ' ')} · {cfg.data.source}",
+        title=f"{cfg.model.arch} · EKG to {b.label.replace(' of its ', ' ')} · {cfg.data.source}",
         rows=(("baseline", "baseline", "baseline"), ("EKG: searched + memory-bank fine-tune", "ekg", "EKG"),
               ("searched + CE fine-tune", "ce_finetune", "CE fine-tune"),
-              (f"uniform L1 + CE fine-tune (equal {'latency' if m.target_latency else 'MACs'})", "uniform", "uniform")),
+              (f"uniform L1 + CE fine-tune (equal {b.short})", "uniform", "uniform")),
         deliverables=("ekg", "ce_finetune"),
         card_titles={"ekg": f"{what} + memory-bank fine-tuning", "ce_finetune": f"{what}, CE fine-tuning"},
         arms={"ekg": "EKG", "ce_finetune": "CE fine-tune", "uniform": "uniform"},

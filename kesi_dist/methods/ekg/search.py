@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from kesi_dist.methods.ekg.evaluator import Order, Result, SubnetEvaluator
+from kesi_dist.pruning import align, macs_function
+from kesi_dist.pruning import uniform_widths as widest_uniform
 
 __all__ = ["unit_cost", "trimmed_otsu", "candidates", "update_knowledge", "CLOSED", "SubnetSearch", "Step",
            "uniform_widths"]
@@ -94,11 +96,8 @@ def update_knowledge(knowledge: torch.Tensor, count: int, logits: torch.Tensor) 
 
 def uniform_widths(model: nn.Module, target_ratio: float, input_shape: tuple, round_to: int = 1,
                    cost: Callable[[list[int]], float] | None = None) -> list[int]:
-    """The uniform comparison arm's widths at `target_ratio` of `model`'s MACs, or of `cost` (a latency
-    prediction) when given (`kesi_dist.pruning.uniform_widths`), multiples of `round_to`."""
-    from kesi_dist.pruning import macs_function
-    from kesi_dist.pruning import uniform_widths as widest_uniform
-
+    """The uniform comparison arm's widths at `target_ratio` of `model`'s MACs, or of `cost` (a budget's,
+    `kesi_dist.budget`) when given (`kesi_dist.pruning.uniform_widths`), multiples of `round_to`."""
     return widest_uniform(model.widths, cost or macs_function(model, tuple(input_shape)), target_ratio, round_to)
 
 
@@ -126,8 +125,8 @@ class SubnetSearch:
             both `evaluate_many` and `taylor_many` are given).
         target_ratio: stop once the sub-network's MACs are at most this fraction of the model's.
         step: coarse step as a fraction of each unit's original width; cut: Otsu's trim fraction.
-        cost: widths -> what the target bounds instead of MACs (e.g. `kesi_dist.latency.predict` on a
-            profiled table: a latency budget); None: MACs, the reference's.
+        cost: widths -> what the target bounds (`kesi_dist.budget.Budget.cost`: MACs, a latency table's
+            prediction, ...); None: MACs, the reference's.
         round_to: widths move in multiples of this (the coarse step and the fine search alike; a unit
             stops at one multiple), so every sub-network has aligned widths; 1 is the reference's.
         batch_size: holdout batch (BN statistics are per batch, as in the reference).
@@ -150,8 +149,6 @@ class SubnetSearch:
         self.units = model.units()
         self.full = [int(w) for w in model.widths]
         self.widths = list(self.full)
-        from kesi_dist.pruning import align
-
         self.round_to = int(round_to)
         if self.round_to > 1:
             self.steps = [align(step * c, self.round_to) for c in self.full]
@@ -161,8 +158,6 @@ class SubnetSearch:
             self.floors = [1] * len(self.full)
         self.order: Order = [torch.arange(c) for c in self.full]
         self.target, self.cut = target_ratio, cut
-        from kesi_dist.pruning import macs_function
-
         self._macs = functools.lru_cache(maxsize=None)(macs_function(model, tuple(input_shape or images.shape[1:])))
         self.base_macs = self._macs(tuple(self.full))
         self._cost = cost

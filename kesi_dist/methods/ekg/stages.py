@@ -17,29 +17,28 @@ from pathlib import Path
 import torch
 
 from kesi_dist import storage
+from kesi_dist.budget import Budget
+from kesi_dist.checkpoint import load_checkpoint, load_tensors, model_from_checkpoint, save_checkpoint
+from kesi_dist.data.loaders import split_tensors
 from kesi_dist.methods.ekg.bank import pick_teachers
 from kesi_dist.methods.ekg.evaluator import SubnetEvaluator
 from kesi_dist.methods.ekg.search import Step, SubnetSearch, uniform_widths
 from kesi_dist.progress import bar
+from kesi_dist.pruning import l1_keep_indices, slice_units
 from kesi_dist.report import save_figure
-from kesi_dist.runs import RunContext, fmt_size
+from kesi_dist.runs import RunContext, describe_snapshot, fmt_size
+from kesi_dist.train.devices import compute_device
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
+from kesi_dist.train.tensorboard import ScalarWriter
 
 __all__ = ["SearchWorker", "search_pool", "pool_functions", "search_stage", "uniform_stage"]
 
-
-def _abs(path: str) -> str:
-    return path if storage.is_uri(path) else str(Path(path).resolve())
 
 
 class SearchWorker:
     """An actor of the search's pool: the baseline on its device and the holdout as tensors."""
 
     def __init__(self, checkpoint: str, loader: dict, *, batch_size: int, threads: int, gpus: float):
-        from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
-        from kesi_dist.data.loaders import split_tensors
-        from kesi_dist.train.devices import compute_device
-
         torch.set_num_threads(threads)
         device = compute_device(gpus)  # a GPU request without CUDA stops here, naming the node
         model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
@@ -64,7 +63,7 @@ def search_pool(baseline: str, loader: LoaderSpec, engine: EngineSpec, batch_siz
     """An `ActorPool` of `SearchWorker`s, each holding one training worker's resources."""
     from kesi_dist.runtime import ActorPool
 
-    return ActorPool(SearchWorker, num_actors=actors, args=(_abs(baseline), vars(loader)),
+    return ActorPool(SearchWorker, num_actors=actors, args=(storage.absolute(baseline), vars(loader)),
                      kwargs=dict(batch_size=batch_size, threads=max(1, int(engine.cpus_per_worker)),
                                  gpus=engine.gpus_per_worker),
                      num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, what="ekg search")
@@ -101,29 +100,24 @@ def _record(s: Step, actors: set[int], seconds: float) -> dict:
             "actors": sorted(actors), "seconds": round(seconds, 3)}
 
 
-def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: EngineSpec, target: float, step: float,
-                 cut: float, batch_size: int, actors: int, teachers: int, round_to: int = 1,
-                 latency_table: dict | None = None) -> dict:
-    """Search the baseline's sub-network at `target` x its MACs (x its predicted latency with a
-    `latency_table` from `kesi latency profile`); returns the stage record: steps, the
-    final widths, MACs and ratio, the teachers (step, widths, holdout loss, file) and `subnet` (the cut
-    sub-network's snapshot file, not trained)."""
-    from kesi_dist.checkpoint import load_checkpoint, load_tensors, model_from_checkpoint
-    from kesi_dist.train.tensorboard import ScalarWriter
-
-    with ctx.stage("search", target_macs_ratio=None if latency_table else target,
-                   target_latency_ratio=target if latency_table else None) as st:
+def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: EngineSpec, budget: Budget,
+                 step: float, cut: float, batch_size: int, actors: int, teachers: int, round_to: int = 1) -> dict:
+    """Search the baseline's sub-network to `budget` (`budget.ratio` x its MACs, or its predicted
+    latency); returns the stage record: steps, the final widths, MACs and ratio, the teachers (step,
+    widths, holdout loss, file) and `subnet` (the cut sub-network's snapshot file, not trained)."""
+    target = budget.ratio
+    with ctx.stage("search", **budget.record()) as st:
         if st.done:
             return st.record
         model, _ = model_from_checkpoint(load_checkpoint(baseline))
         state_path = ctx.run.path("ekg", "search_state.pt")
-        res = ctx.resolution
+        shape = (3, ctx.resolution, ctx.resolution)
         with search_pool(baseline, loader, engine, batch_size, actors) as pool:
             used: set[int] = set()
             evaluate_many, taylor_many = pool_functions(pool, used)
             search = SubnetSearch(model, target_ratio=target, step=step, cut=cut, batch_size=batch_size,
-                                  input_shape=(3, res, res), round_to=round_to,
-                                  cost=_latency_cost(latency_table), evaluate_many=evaluate_many, taylor_many=taylor_many)
+                                  input_shape=shape, round_to=round_to, cost=budget.cost(model, shape),
+                                  evaluate_many=evaluate_many, taylor_many=taylor_many)
             holdout = pool.infos[0]["holdout"]
             used.clear()  # from here: the actors that evaluated each step's candidates
             steps: list[dict] = []
@@ -134,8 +128,7 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
                 resumed, steps = len(search.history) - 1, list(state["records"])
                 ctx.print(f"  search: resuming after step {resumed} of a stopped run (MACs "
                           f"{100 * search.ratio(search.widths):.1f}%)")
-            of = (f"the predicted {search.base_cost:.2f} ms" if latency_table else f"{search.base_macs / 1e6:.1f} M MACs")
-            ctx.print(f"[bold]search[/]: {model.arch} to {100 * target:.0f}% of {of} on "
+            ctx.print(f"[bold]search[/]: {model.arch} to {100 * target:.0f}% of {budget.amount(search.base_cost)} on "
                       f"{holdout} held-out images, {actors} actor(s)")
             ctx.note("search", steps=steps, resumed_from=resumed, holdout=holdout)
             writer = ScalarWriter(ctx.run.path("tensorboard", "search"))
@@ -150,9 +143,8 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
                                 "search/holdout_loss": s.holdout_loss,
                                 "search/score": s.score, "search/candidates": s.candidates}, step=s.step)
                 ctx.print(f"  step {s.step}: {s.unit} -> {s.widths[[u.name for u in search.units].index(s.unit)]} "
-                          f"channels, MACs {100 * s.macs_ratio:.1f}%"
-                          + (f", predicted latency {100 * s.budget_ratio:.1f}%" if latency_table else "")
-                          + f", holdout loss {s.holdout_loss:.4f}, "
+                          f"channels, MACs {100 * s.macs_ratio:.1f}%{budget.besides_macs(s.budget_ratio)}"
+                          f", holdout loss {s.holdout_loss:.4f}, "
                           f"{s.candidates} candidates on {len(used)} actor(s)")
                 used.clear()
                 began = time.perf_counter()
@@ -166,7 +158,7 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
                     search.run(step_and_show)
                 finally:
                     writer.close()
-        record = _outputs(ctx, model, search, teachers, steps)
+        record = _outputs(ctx, model, search, teachers, steps, budget)
         st.update(**record)
         ctx.print(f"  searched sub-network: {fmt_size(describe(ctx, record['subnet']))}, "
                   f"{100 * record['macs_ratio']:.1f}% of the MACs; teachers at steps "
@@ -175,16 +167,12 @@ def search_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engine: 
 
 
 def describe(ctx: RunContext, path: str) -> dict:
-    from kesi_dist.runs import describe_snapshot
-
     return describe_snapshot(path, ctx.resolution)
 
 
-def _outputs(ctx: RunContext, model, search: SubnetSearch, num_teachers: int, steps: list[dict]) -> dict:
+def _outputs(ctx: RunContext, model, search: SubnetSearch, num_teachers: int, steps: list[dict],
+             budget: Budget) -> dict:
     """Cut the final sub-network and the teachers out of the baseline, plot the trajectory."""
-    from kesi_dist.checkpoint import save_checkpoint
-    from kesi_dist.pruning.surgery import slice_units
-
     subnet = ctx.snapshot("ekg_init")
     save_checkpoint(subnet, slice_units(model, search.keep()), extra={"parent": "baseline", "method": "ekg"})
     interim = search.history[:-1]  # the final sub-network is not its own teacher (the reference's pop)
@@ -194,22 +182,14 @@ def _outputs(ctx: RunContext, model, search: SubnetSearch, num_teachers: int, st
         save_checkpoint(path, slice_units(model, search.keep(interim[i])), extra={"parent": "baseline", "step": i})
         teachers.append({"step": i, "widths": interim[i]["widths"], "macs": search.macs(interim[i]["widths"]),
                          "holdout_loss": interim[i]["loss"], "file": path})
-    _plot(steps, search.target, ctx.run.path("search.png"), "latency" if search.base_cost is not None else "MACs")
+    _plot(steps, search.target, ctx.run.path("search.png"), budget.noun)
     return {"steps": steps, "widths": list(search.widths), "macs": search.macs(search.widths),
             "macs_ratio": search.macs_ratio(search.widths), "budget_ratio": search.ratio(search.widths),
-            "budget": "latency" if search.base_cost is not None else "macs", "base_macs": search.base_macs, "teachers": teachers,
+            "budget": budget.kind, "base_macs": search.base_macs, "teachers": teachers,
             "subnet": subnet, "original_loss": search.history[0]["loss"]}
 
 
-def _latency_cost(table: dict | None):
-    if table is None:
-        return None
-    from kesi_dist.latency import predict
-
-    return lambda widths: predict(table, widths)
-
-
-def _plot(steps: list[dict], target: float, path: str, budget: str = "MACs") -> None:
+def _plot(steps: list[dict], target: float, path: str, noun: str = "MACs") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +201,7 @@ def _plot(steps: list[dict], target: float, path: str, budget: str = "MACs") -> 
     ax.plot(xs, [s["score"] for s in steps], "s-", ms=3, alpha=0.6, label="score (CE + soft CE to K)")
     ax.axvline(100 * target, color="tab:red", linestyle="--", label=f"target {100 * target:.0f}%")
     ax.invert_xaxis()
-    ax.set_xlabel(f"{'predicted latency' if budget == 'latency' else 'MACs'} of the sub-network (% of the baseline's)")
+    ax.set_xlabel(f"{noun} of the sub-network (% of the baseline's)")
     ax.set_ylabel("holdout loss")
     ax.set_title("EKG search: one accepted step per point")
     ax.grid(alpha=0.3)
@@ -229,18 +209,15 @@ def _plot(steps: list[dict], target: float, path: str, budget: str = "MACs") -> 
     save_figure(fig, path)
 
 
-def uniform_stage(ctx: RunContext, *, baseline: str, target: float, round_to: int = 1,
-                  latency_table: dict | None = None) -> str:
+def uniform_stage(ctx: RunContext, *, baseline: str, budget: Budget, round_to: int = 1) -> str:
     """The baseline with every unit keeping the same fraction of its highest-L1 filters, the widest at or
-    under `target` x its MACs; written once to snapshot file "uniform_init"."""
-    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    from kesi_dist.pruning import l1_keep_indices, slice_units
-
+    under `budget`; written once to snapshot file "uniform_init"."""
     dst = ctx.snapshot("uniform_init")
     if storage.exists(dst):  # written atomically; deterministic anyway
         return dst
     model, _ = model_from_checkpoint(load_checkpoint(baseline))
-    widths = uniform_widths(model, target, (3, ctx.resolution, ctx.resolution), round_to, _latency_cost(latency_table))
+    shape = (3, ctx.resolution, ctx.resolution)
+    widths = uniform_widths(model, budget.ratio, shape, round_to, budget.cost(model, shape))
     convs = dict(model.named_modules())
     keep = {u.name: l1_keep_indices(convs[u.conv].weight, w) for u, w in zip(model.units(), widths)}
     save_checkpoint(dst, slice_units(model, keep), extra={"parent": "baseline", "method": "uniform"})

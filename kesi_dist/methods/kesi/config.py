@@ -6,7 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kesi_dist.schema import LatencyTargetCfg, Schedule, Strict
+from kesi_dist.budget import LatencyBudget, LatencyTargetCfg
+from kesi_dist.schema import Schedule, Strict
 
 __all__ = ["KesiCfg", "PruneCfg", "FixedLRCfg", "TuneCfg", "DistillCfg"]
 
@@ -161,6 +162,10 @@ class KesiCfg(Strict):
                              "branch trains (retrain.epochs / tune.space.epochs), so ASHA could never stop one; "
                              "lower it or train longer")
         return self
+
+    def budget(self) -> LatencyBudget | None:
+        """`prune.target`'s latency budget; None: the schedule is applied as written."""
+        return None if self.prune.target is None else self.prune.target.budget("method.prune.target")
 
     def check(self, root: Any) -> None:
         """Mistakes visible only next to the model (raises BadValue): pruning names and ratio counts

@@ -10,6 +10,7 @@ import random
 
 from torch import nn
 
+from kesi_dist.budget import Budget, run_budget
 from kesi_dist.errors import UsageError
 from kesi_dist.pruning import aligned_count, apply_masks, mwp_masks, pfec_prune, sparsity_target, unit_ratios
 
@@ -40,43 +41,43 @@ def chain_widths(arch: str, prune, scale: float = 1.0) -> list[list[int]]:
     return chain
 
 
-def resolve_prune(cfg):
-    """(the PruneCfg to apply, what the latency budget chose or None).
+def resolve_prune(cfg, budget: Budget | None = None) -> tuple:
+    """(the PruneCfg to apply, what the budget chose or None) for the root config `cfg`; `budget` is the
+    run's (`run_budget(cfg)`, built here when not given).
 
-    Without `prune.target` the config's schedule is applied as written. With one, its stage and layer
+    Without a budget (`prune.target`) the schedule is applied as written. With one, its stage and layer
     ratios are multiplied by the least factor (on a grid of 400 up to where a ratio reaches 0.95) whose
-    last iteration's predicted latency (the target's table) is within `latency_ratio` of the unpruned
-    network's: the paper's shape of schedule, pruned no further than the budget needs, so PFEC's own
-    criterion (L1 norms) still decides which filters go.
+    last iteration's cost (a latency budget: the table's prediction, from the widths alone) is within
+    `budget.ratio` of the unpruned network's: the paper's shape of schedule, pruned no further than the
+    budget needs, so PFEC's own criterion (L1 norms) still decides which filters go.
     """
-    from kesi_dist.latency import budget_table, predict
-
-    prune = cfg.method.prune
-    if prune.target is None:
+    prune, arch = cfg.method.prune, cfg.model.arch
+    budget = budget or run_budget(cfg)
+    if budget is None:
         return prune, None
-    t = prune.target
-    table = budget_table(cfg, t, "method.prune.target")
-    budget = t.latency_ratio * table["full_ms"]
+    cost = budget.cost()
+    full = cost(chain_widths(arch, prune, 0.0)[0])
+    limit = budget.ratio * full
     top = max([*prune.stage_ratios, *prune.layer_ratios.values(), 1e-9])
     best = None
     for i in range(1, _SCALES + 1):
         scale = i / _SCALES * _MAX_RATIO / top
-        widths = chain_widths(cfg.model.arch, prune, scale)[-1]
-        ms = predict(table, widths)
-        if ms <= budget:
+        widths = chain_widths(arch, prune, scale)[-1]
+        ms = cost(widths)
+        if ms <= limit:
             best = (scale, widths, ms)
             break
     if best is None:
-        ms = predict(table, chain_widths(cfg.model.arch, prune, _MAX_RATIO / top)[-1])
-        raise UsageError(f"method.prune.target.latency_ratio={t.latency_ratio}: unreachable with this schedule in "
-                         f"{prune.iterations} iterations (at most {ms / table['full_ms']:.2f} of the baseline's "
-                         f"predicted {table['full_ms']:.2f} ms); raise it, add iterations or prune more units")
+        ms = cost(chain_widths(arch, prune, _MAX_RATIO / top)[-1])
+        raise UsageError(f"{budget.key}.{budget.kind}_ratio={budget.ratio}: unreachable with this schedule in "
+                         f"{prune.iterations} iterations (at most {ms / full:.2f} of "
+                         f"{budget.amount(full)}); raise it, add iterations or prune more units")
     scale, widths, ms = best
     resolved = prune.model_copy(update={"target": None,
         "stage_ratios": [min(_MAX_RATIO, r * scale) for r in prune.stage_ratios],
         "layer_ratios": {k: min(_MAX_RATIO, r * scale) for k, r in prune.layer_ratios.items()}})
-    return resolved, {"scale": scale, "table": t.table, "latency_ratio": t.latency_ratio,
-                      "predicted_ms": round(ms, 3), "baseline_predicted_ms": table["full_ms"],
+    return resolved, {"scale": scale, "table": budget.table_path, "latency_ratio": budget.ratio,
+                      "predicted_ms": round(ms, 3), "baseline_predicted_ms": full,
                       "stage_ratios": [round(r, 4) for r in resolved.stage_ratios], "widths": widths}
 
 

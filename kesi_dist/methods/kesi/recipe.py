@@ -16,6 +16,8 @@ skips what is complete and redoes only what was in flight.
 from __future__ import annotations
 
 from kesi_dist import storage
+from kesi_dist.budget import run_budget
+from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_classes
 from kesi_dist.errors import RunError
 from kesi_dist.methods.kesi.prune import prune_iteration, resolve_prune, restart_grid
@@ -26,18 +28,20 @@ from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.distill import distill_stage
 from kesi_dist.stages.ensemble import ensemble_stage
 from kesi_dist.stages.latency import latency_stage
+from kesi_dist.stages.quantize import quantize_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.stages.soft_labels import soft_labels_stage
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, schedule_from
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import DistillationSpec
 
 __all__ = ["run"]
 
 
 def run(cfg: Config, ctx: RunContext) -> None:
     m = cfg.method
-    _, budget = resolve_prune(cfg)  # a latency budget's table is read (and checked) before anything runs
+    budget = run_budget(cfg)  # a latency budget's table is read (and checked) before anything runs
+    prune, _ = resolve_prune(cfg, budget)
     data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     model = ModelSpec(arch=cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options())
@@ -45,38 +49,43 @@ def run(cfg: Config, ctx: RunContext) -> None:
                    seed=cfg.seed, given=cfg.baseline.checkpoint, weights=cfg.model.weights)
     parent = fixed_parent = "baseline"
     for k in range(1, m.prune.iterations + 1):
-        parent, fixed_parent = prune_stage(cfg, ctx, k, parent, fixed_parent, loader, engine)
+        parent, fixed_parent = prune_stage(cfg, ctx, k, parent, fixed_parent, loader, engine, prune)
     chain = ["baseline"] + [ctx.manifest.stages[f"prune_{k}"]["chosen"] for k in range(1, m.prune.iterations + 1)]
     candidates = {n: select_acc(s) for n, s in ctx.manifest.snapshots.items() if s.get("arm") in ("baseline", "onecycle")}
     d = m.distill
     teachers = ensemble_stage(ctx, policy=d.teachers, chain=chain, candidates=candidates, k=d.num_teachers,
                               loader=loader, engine=engine)
     if d.enabled:
-        task = TaskSpec(kind="distillation", temperature=d.temperature, alpha=d.alpha,
-                        teachers=tuple(ctx.snapshot(n) for n in teachers))
         if d.mode == "cached":
             cache = soft_labels_stage(ctx, teachers, loader=loader, engine=engine, seed=cfg.seed, epochs=d.epochs,
                                       temperature=d.temperature, topk=d.cache_topk or model.num_classes,
                                       actors=d.cache_actors)
-            task = TaskSpec(kind="distillation", temperature=d.temperature, alpha=d.alpha, soft_labels=cache)
+            task = DistillationSpec(d.temperature, d.alpha, soft_labels=cache)
+        else:
+            task = DistillationSpec(d.temperature, d.alpha, teachers=tuple(ctx.snapshot(n) for n in teachers))
         distill_stage(ctx, student=chain[-1], teachers=teachers, task=task, schedule=schedule_from(d), loader=loader,
                       engine=engine, seed=cfg.seed, iteration=m.prune.iterations)
-    if budget is not None:
-        latency_stage(ctx, table_path=budget["table"], resolution=cfg.data.resolution,
+    if budget is not None and budget.table is not None:
+        latency_stage(ctx, table_path=budget.table_path, resolution=cfg.data.resolution,
                       snapshots=["baseline", "student" if d.enabled else chain[-1]])
+    if cfg.quantize.enabled:  # the deliverable as an int8 ONNX model, calibrated on held-out images
+        q = cfg.quantize
+        quantize_stage(ctx, "student" if d.enabled else chain[-1], loader=loader, images=q.calibration_images,
+                       calibration=q.calibration)
     ctx.complete()
     report_stage(ctx, build_report(ctx.manifest.data), layout(cfg))
 
 
 def prune_stage(cfg: Config, ctx: RunContext, k: int, parent: str, fixed_parent: str, loader: LoaderSpec,
-                engine: EngineSpec) -> tuple[str, str]:
-    """Iteration k: prune `parent` (and the fixed-LR arm's `fixed_parent`), retrain the branches in
-    parallel, choose the best one-cycle branch; returns (next parent, next fixed-LR parent)."""
+                engine: EngineSpec, prune) -> tuple[str, str]:
+    """Iteration k: prune `parent` (and the fixed-LR arm's `fixed_parent`) by `prune` (the schedule as
+    resolved against the budget), retrain the branches in parallel, choose the best one-cycle branch;
+    returns (next parent, next fixed-LR parent)."""
     m, stage = cfg.method, f"prune_{k}"
     with ctx.stage(stage, parent=parent) as st:
         if st.done:
             return st.record["chosen"], st.record.get("fixed") or fixed_parent
-        init = _prune_once(cfg, ctx, parent, f"iter{k}_init", k)
+        init = _prune_once(ctx, prune, parent, f"iter{k}_init", k)
         branches = [
             Branch(name=f"iter{k}_b{j}", arm="onecycle", init_checkpoint=init, checkpoint=ctx.snapshot(f"iter{k}_b{j}"),
                    schedule=vars(schedule_from(m.retrain, **{key: (int(v) if key == "epochs" else v)
@@ -85,7 +94,7 @@ def prune_stage(cfg: Config, ctx: RunContext, k: int, parent: str, fixed_parent:
             for j, hp in enumerate(restart_grid(m.tune.space, m.tune.branches, m.tune.search, cfg.seed + k))
         ]
         if m.fixed_lr.enabled:
-            fixed_init = _prune_once(cfg, ctx, fixed_parent, f"iter{k}_fixed_init", k)
+            fixed_init = _prune_once(ctx, prune, fixed_parent, f"iter{k}_fixed_init", k)
             branches.append(Branch(name=f"iter{k}_fixed", arm="fixed", init_checkpoint=fixed_init,
                                    checkpoint=ctx.snapshot(f"iter{k}_fixed"), schedule=vars(schedule_from(m.fixed_lr)),
                                    hparams={"lr": m.fixed_lr.lr}, compete=False,
@@ -110,14 +119,12 @@ def prune_stage(cfg: Config, ctx: RunContext, k: int, parent: str, fixed_parent:
     return chosen, fixed or fixed_parent
 
 
-def _prune_once(cfg: Config, ctx: RunContext, parent: str, name: str, k: int) -> str:
-    """Prune snapshot `parent` (iteration k) into snapshot file `name`, once."""
-    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-
+def _prune_once(ctx: RunContext, prune, parent: str, name: str, k: int) -> str:
+    """Prune snapshot `parent` (iteration k of `prune`) into snapshot file `name`, once."""
     dst = ctx.snapshot(name)
     if storage.exists(dst):  # written atomically: present means complete; pruning is deterministic anyway
         return dst
     model, masks = model_from_checkpoint(load_checkpoint(ctx.snapshot(parent)))
-    pruned, new_masks = prune_iteration(model, masks, resolve_prune(cfg)[0], k)
+    pruned, new_masks = prune_iteration(model, masks, prune, k)
     save_checkpoint(dst, pruned, new_masks, extra={"parent": parent, "iteration": k})
     return dst

@@ -7,7 +7,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from kesi_dist.schema import LatencyTargetCfg, Schedule, Strict
+from kesi_dist.budget import SearchBudgetCfg
+from kesi_dist.errors import UsageError
+from kesi_dist.schema import Schedule, Strict
 
 __all__ = ["SwpCfg", "SupernetCfg", "SearchCfg", "CorrelationCfg"]
 
@@ -59,16 +61,11 @@ class CorrelationCfg(Strict):
                          "proxy ranks them (Kendall tau, Spearman rho, mean gap); 0 = no study")
 
 
-class SwpCfg(Strict):
+class SwpCfg(SearchBudgetCfg):
     """SWP: stage-wise supernets trained in parallel with the sandwich rule and in-place distillation, then
-    an evolutionary search under a MACs budget."""
+    an evolutionary search under a budget (`SearchBudgetCfg`)."""
 
     name: Literal["swp"] = "swp"
-    target_macs_ratio: float = Field(0.45, gt=0, lt=1, description="the searched net's MACs budget, as a fraction "
-                                     "of the baseline's")
-    target_latency: LatencyTargetCfg | None = Field(None, description="search under this fraction of the baseline's "
-                                                    "predicted latency instead of target_macs_ratio (the uniform arm "
-                                                    "too)")
     supernet: SupernetCfg = SupernetCfg()
     search: SearchCfg = SearchCfg()
     retrain: Schedule = Field(default_factory=Schedule, description="how every chosen sub-net is retrained (the "
@@ -79,22 +76,17 @@ class SwpCfg(Strict):
     ARG_KEYS: ClassVar[dict[str, str]] = {"target": "method.target_macs_ratio"}
 
     def check(self, root: Any) -> None:
-        from kesi_dist.errors import UsageError
+        import torch  # torch: the config module loads without it
+
         from kesi_dist.models import build_model
 
         if not root.data.holdout:
             raise UsageError("data.holdout: SWP's search scores sub-nets on the held-out split, and it is 0; set a "
                              "fraction or a count per class")
-        import torch
-
         with torch.device("meta"):  # the structure only
             staged = build_model(root.model.arch, 10).num_stages
         if not staged:
             raise UsageError(f"model.arch: {root.model.arch} has no fixed-width stages (a stage's output is a pruned "
                              "unit), so it cannot be split into stage-wise supernets; use a residual net")
-        if self.budget() - self.search.band <= 0:
+        if self.budget().ratio - self.search.band <= 0:
             raise UsageError("method.search.band: as wide as the target; lower it")
-
-    def budget(self) -> float:
-        """The search's target ratio: of the predicted latency when target_latency is set, else of the MACs."""
-        return self.target_latency.latency_ratio if self.target_latency else self.target_macs_ratio

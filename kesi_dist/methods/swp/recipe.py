@@ -18,6 +18,7 @@ ground truth neither supernet shaped: the correlation study compares both supern
 
 from __future__ import annotations
 
+from kesi_dist.budget import run_budget
 from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_classes
 from kesi_dist.errors import RunError
 from kesi_dist.methods.swp.report import build_report, layout, write_scatter
@@ -27,6 +28,7 @@ from kesi_dist.stages.baseline import baseline_stage
 from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.latency import latency_stage
+from kesi_dist.stages.quantize import quantize_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.train.spec import ModelSpec, schedule_from
 
@@ -34,10 +36,8 @@ __all__ = ["run"]
 
 
 def run(cfg: Config, ctx: RunContext) -> None:
-    from kesi_dist.latency import budget_table
-
     m = cfg.method
-    table = budget_table(cfg, m.target_latency, "method.target_latency") if m.target_latency else None
+    budget = run_budget(cfg)  # MACs, or a latency table read and checked before anything runs
     data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
     loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
     baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options()),
@@ -45,9 +45,9 @@ def run(cfg: Config, ctx: RunContext) -> None:
                    given=cfg.baseline.checkpoint, weights=cfg.model.weights)
     nets = supernets_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine, supernet=m.supernet,
                            whole_net=m.correlation.subnets > 0, seed=cfg.seed)
-    found = search_stage(ctx, supernets=nets, loader=loader, engine=engine, target=m.budget(),
+    found = search_stage(ctx, supernets=nets, loader=loader, engine=engine, budget=budget,
                          ratios=m.supernet.ratios, search=m.search, subnets=m.correlation.subnets, seed=cfg.seed,
-                         round_to=m.supernet.round_to, latency_table=table)
+                         round_to=m.supernet.round_to)
 
     with ctx.stage("retrain") as st:
         if not st.done:
@@ -72,9 +72,12 @@ def run(cfg: Config, ctx: RunContext) -> None:
             if missing:
                 raise RunError(f"retrain: {', '.join(f'{n} failed ({failures.get(n)})' for n in missing)}")
             st.update(arms=[a.name for a in arms])
-    if table is not None:
-        latency_stage(ctx, table_path=m.target_latency.table, resolution=cfg.data.resolution,
+    if budget.table is not None:
+        latency_stage(ctx, table_path=budget.table_path, resolution=cfg.data.resolution,
                       snapshots=["baseline", "student", *(["uniform"] if m.uniform else [])])
+    if cfg.quantize.enabled:  # the deliverable as an int8 ONNX model, calibrated on held-out images
+        q = cfg.quantize
+        quantize_stage(ctx, "student", loader=loader, images=q.calibration_images, calibration=q.calibration)
     ctx.complete()
     report = build_report(ctx.manifest.data)
     report_stage(ctx, report, layout(cfg))

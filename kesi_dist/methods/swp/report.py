@@ -5,6 +5,7 @@ search and the supernets' parallel runs. Correlation accuracies are in percent: 
 
 from __future__ import annotations
 
+from kesi_dist.budget import reached, search_fields
 from kesi_dist.methods.swp.correlation import summary
 from kesi_dist.report import ReportLayout, latency_entry, save_figure, size_row
 
@@ -39,9 +40,7 @@ def build_report(manifest: dict) -> dict:
         "baseline": size_row(snaps.get("baseline")), "swp": size_row(snaps.get("student")),
         "uniform": size_row(snaps.get("uniform")),
         "correlation": correlation,
-        "search": {"target_macs_ratio": search.get("target_macs_ratio"), "macs_ratio": search.get("macs_ratio"),
-                   "target_latency_ratio": search.get("target_latency_ratio"),
-                   "budget_ratio": search.get("budget_ratio"),
+        "search": {**search_fields(search),
                    "widths": search.get("widths"), "best_proxy": _pct(search.get("proxy")),
                    "generations": max(0, len(gens) - 1), "evaluated": search.get("evaluated"),
                    "history": [{k: g[k] for k in ("generation", "best", "mean", "evaluated")} for g in gens]},
@@ -82,11 +81,7 @@ def sections(report: dict) -> list[str]:
     if sr.get("history"):
         lines += ["", "## Search", "",
                   f"{sr['generations']} generations, {sr['evaluated']} sub-nets evaluated; best proxy "
-                  f"{sr['best_proxy']:.2f} % at "
-                  + (f"{100 * sr['budget_ratio']:.2f} % of the baseline's predicted latency (budget "
-                     f"{100 * sr['target_latency_ratio']:.0f} %; MACs {100 * sr['macs_ratio']:.2f} %)."
-                     if sr.get("target_latency_ratio") else
-                     f"{100 * sr['macs_ratio']:.2f} % of the baseline's MACs (budget {100 * sr['target_macs_ratio']:.0f} %).")]
+                  f"{sr['best_proxy']:.2f} % at {reached(sr)}."]
     runs = (report.get("supernets") or {}).get("runs") or []
     if runs:
         t0 = min(r["start"] for r in runs)
@@ -124,14 +119,12 @@ def write_scatter(path: str, report: dict) -> None:
 
 
 def layout(cfg) -> ReportLayout:
-    m = cfg.method
-    budget = (f"{100 * m.target_latency.latency_ratio:.0f}% of its predicted latency" if m.target_latency
-              else f"{100 * m.target_macs_ratio:.0f}% of its MACs")
-    what = f"{cfg.model.arch} searched by SWP under {budget}"
+    b = cfg.method.budget()
+    what = f"{cfg.model.arch} searched by SWP under {b.label}"
     return ReportLayout(
-        title=f"{cfg.model.arch} · SWP under {budget.replace(' of its ', ' ')} · {cfg.data.source}",
+        title=f"{cfg.model.arch} · SWP under {b.label.replace(' of its ', ' ')} · {cfg.data.source}",
         rows=(("baseline", "baseline", "baseline"), ("SWP: searched + retrained", "swp", "SWP"),
-              (f"uniform L1 + retrained (equal {'latency' if m.target_latency else 'MACs'})", "uniform", "uniform")),
+              (f"uniform L1 + retrained (equal {b.short})", "uniform", "uniform")),
         deliverables=("swp",),
         card_titles={"swp": f"{what}, retrained"},
         arms={"swp": "SWP", "uniform": "uniform", "subnet": "correlation sub-nets"},

@@ -12,37 +12,37 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from kesi_dist import storage
+from kesi_dist.budget import Budget
+from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from kesi_dist.data.loaders import make_loader, split_tensors
+from kesi_dist.errors import RunError
 from kesi_dist.methods.swp.evolution import Evolution, sample_in_band
+from kesi_dist.models.slimmable import l1_ordered, materialise, recalibrate_bn, width_choices
 from kesi_dist.progress import bar
+from kesi_dist.pruning import macs_function, uniform_widths
 from kesi_dist.runs import RunContext
+from kesi_dist.runtime import ActorPool
 from kesi_dist.stages.retrain import Branch, retrain
+from kesi_dist.train.devices import compute_device
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, schedule_from
-from kesi_dist.train.tasks import TaskSpec
+from kesi_dist.train.task_specs import SupernetSpec
 
 __all__ = ["ProxyWorker", "supernets_stage", "search_stage", "save_subnet"]
 
 
-def _abs(path: str) -> str:
-    return path if storage.is_uri(path) else str(Path(path).resolve())
-
 
 def _load(path: str):
-    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
-
     return model_from_checkpoint(load_checkpoint(path))[0]
 
 
 def save_subnet(src: str, widths: list[int], dst: str, **extra) -> str:
     """The first `widths[i]` filters of every unit of snapshot `src`, written once to `dst`."""
-    from kesi_dist.checkpoint import save_checkpoint
-    from kesi_dist.models.slimmable import materialise
-
     if not storage.exists(dst):
         save_checkpoint(dst, materialise(_load(src), widths), extra=extra)
     return dst
@@ -52,9 +52,6 @@ def supernets_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engin
                     whole_net: bool, seed: int) -> dict:
     """Train the stage supernets (and the whole-network one) in parallel; returns the stage record: the
     assembled supernet's file, the whole-network supernet's (or None) and every run's start, end and node."""
-    from kesi_dist.checkpoint import save_checkpoint
-    from kesi_dist.models.slimmable import l1_ordered
-
     with ctx.stage("supernets") as st:
         if st.done:
             return st.record
@@ -63,17 +60,17 @@ def supernets_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engin
             save_checkpoint(ordered, l1_ordered(_load(baseline)), extra={"parent": "baseline"})
         stages = _load(ordered).num_stages
         schedule = vars(schedule_from(supernet))
-        spec = dict(kind="supernet", teachers=(_abs(baseline),), ratios=tuple(supernet.ratios),
-                    round_to=supernet.round_to, n_random=supernet.n_random)
+        spec = dict(baseline=storage.absolute(baseline), ratios=tuple(supernet.ratios), round_to=supernet.round_to,
+                    n_random=supernet.n_random)
         runs = [Branch(name=f"supernet_s{s}", arm="supernet", init_checkpoint=ordered,
                        checkpoint=ctx.snapshot(f"supernet_s{s}"), schedule=schedule, compete=False,
-                       hparams={"stage": s, "rule": "sandwich"}, task=asdict(TaskSpec(**spec, stage=s)),
+                       hparams={"stage": s, "rule": "sandwich"}, task=SupernetSpec(**spec, stage=s),
                        meta={"iteration": 0, "branch": s, "parent": "baseline"}) for s in range(stages)]
         if whole_net:
             runs.append(Branch(name="supernet_whole", arm="supernet_whole", init_checkpoint=ordered,
                                checkpoint=ctx.snapshot("supernet_whole"), schedule=schedule, compete=False,
                                hparams={"stage": "all", "rule": "uniform"},
-                               task=asdict(TaskSpec(**spec, stage=None, mode="uniform")),
+                               task=SupernetSpec(**spec, stage=None, mode="uniform"),
                                meta={"iteration": 0, "branch": None, "parent": "baseline"}))
         # Each supernet is its own Ray Train run (a worker group of at least one worker), in a Tune trial.
         group = replace(engine, num_workers=max(1, engine.num_workers),
@@ -85,8 +82,6 @@ def supernets_stage(ctx: RunContext, *, baseline: str, loader: LoaderSpec, engin
         failures = retrain(ctx, "supernets", runs, loader=loader, engine=group, seed=seed)
         missing = [r.name for r in runs if r.name not in ctx.manifest.snapshots]
         if missing:
-            from kesi_dist.errors import RunError
-
             raise RunError(f"supernets: {', '.join(f'{n} failed ({failures.get(n)})' for n in missing)}")
         # One supernet: stage s's weights from stage s's run (stem with stage 0, head with the last).
         net = _load(ordered)
@@ -121,9 +116,6 @@ class ProxyWorker:
     """An actor of the search's pool: the supernets, the calibration batches and the holdout."""
 
     def __init__(self, supernets: list[str], loader: dict, *, calib_batches: int, threads: int, gpus: float, seed: int):
-        from kesi_dist.data.loaders import make_loader, split_tensors
-        from kesi_dist.train.devices import compute_device
-
         torch.set_num_threads(threads)
         self.device = compute_device(gpus)  # a GPU request without CUDA stops here, naming the node
         self.supernets = [_load(p).to(self.device) for p in supernets]
@@ -143,8 +135,6 @@ class ProxyWorker:
     @torch.no_grad()
     def evaluate(self, widths: list[int], which: int = 0) -> float:
         """Holdout accuracy of sub-net `widths` of supernet `which`, its BatchNorm recalibrated first."""
-        from kesi_dist.models.slimmable import materialise, recalibrate_bn
-
         net = recalibrate_bn(materialise(self.supernets[which], widths), self.calib)
         correct = 0
         for a in range(0, len(self.labels), 256):
@@ -152,35 +142,26 @@ class ProxyWorker:
         return correct / len(self.labels)
 
 
-def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine: EngineSpec, target: float,
-                 ratios: list[float], search, subnets: int, seed: int, round_to: int = 1,
-                 latency_table: dict | None = None) -> dict:
-    """Evolve the best proxy under the budget (`target` x the MACs, or x the predicted latency with a
-    `latency_table`); draw the correlation study's sub-nets and score them on both supernets. Returns the
-    stage record (widths, macs, proxy, generations, subnets, uniform)."""
-    from kesi_dist.models.slimmable import width_choices
-    from kesi_dist.pruning import macs_function, uniform_widths
-    from kesi_dist.runtime import ActorPool
-
-    with ctx.stage("search", target_macs_ratio=None if latency_table else target,
-                   target_latency_ratio=target if latency_table else None) as st:
+def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine: EngineSpec, budget: Budget,
+                 ratios: list[float], search, subnets: int, seed: int, round_to: int = 1) -> dict:
+    """Evolve the best proxy under `budget` (`budget.ratio` x the MACs, or x the predicted latency); draw
+    the correlation study's sub-nets and score them on both supernets. Returns the stage record (widths,
+    macs, proxy, generations, subnets, uniform)."""
+    target = budget.ratio
+    with ctx.stage("search", **budget.record()) as st:
         if st.done:
             return st.record
         net = _load(supernets["supernet"])
-        macs = macs_function(net, (3, ctx.resolution, ctx.resolution))
+        shape = (3, ctx.resolution, ctx.resolution)
+        macs = macs_function(net, shape)
         base = macs(net.widths)
-        cost = macs  # what the budget bounds: MACs, or the predicted latency
-        if latency_table is not None:
-            from kesi_dist.latency import predict
-
-            def cost(widths):
-                return predict(latency_table, list(widths))
+        cost = budget.cost(net, shape)  # what the budget bounds: MACs, the predicted latency, ...
         full_cost = cost(net.widths)
         lo, hi = (target - search.band) * full_cost, target * full_cost
         choices = width_choices(net.widths, ratios, round_to)
         files = [supernets["supernet"]] + ([supernets["whole_net"]] if supernets.get("whole_net") else [])
         state_path = ctx.run.path("swp", "search_state.json")
-        with ActorPool(ProxyWorker, num_actors=search.actors, args=([_abs(f) for f in files], vars(loader)),
+        with ActorPool(ProxyWorker, num_actors=search.actors, args=([storage.absolute(f) for f in files], vars(loader)),
                        kwargs=dict(calib_batches=search.calib_batches, threads=max(1, int(engine.cpus_per_worker)),
                                    gpus=engine.gpus_per_worker, seed=seed),
                        num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, what="swp search") as pool:
@@ -194,8 +175,7 @@ def search_stage(ctx: RunContext, *, supernets: dict, loader: LoaderSpec, engine
                 evo.load_state(json.loads(storage.read_text(state_path)))
                 ctx.print(f"  search: resuming after generation {evo.generation} of a stopped run")
             else:
-                of = f"the predicted {full_cost:.2f} ms" if latency_table else f"{base / 1e6:.1f} M MACs"
-                ctx.print(f"[bold]search[/]: evolution to {100 * target:.0f}% of {of} (band "
+                ctx.print(f"[bold]search[/]: evolution to {100 * target:.0f}% of {budget.amount(full_cost)} (band "
                           f"{100 * (target - search.band):.0f}-{100 * target:.0f}%), population {search.population}, "
                           f"{search.generations} generations, {search.actors} actor(s)")
                 _saved(ctx, state_path, evo, evo.start())
