@@ -28,7 +28,6 @@ from kesi_dist.stages.baseline import baseline_stage
 from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.latency import latency_stage
-from kesi_dist.stages.quantize import quantize_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.train.spec import ModelSpec, schedule_from
 
@@ -75,9 +74,6 @@ def run(cfg: Config, ctx: RunContext) -> None:
     if budget.table is not None:
         latency_stage(ctx, table_path=budget.table_path, resolution=cfg.data.resolution,
                       snapshots=["baseline", "student", *(["uniform"] if m.uniform else [])])
-    if cfg.quantize.enabled:  # the deliverable as an int8 ONNX model, calibrated on held-out images
-        q = cfg.quantize
-        quantize_stage(ctx, "student", loader=loader, images=q.calibration_images, calibration=q.calibration)
     ctx.complete()
     report = build_report(ctx.manifest.data)
     report_stage(ctx, report, layout(cfg))
