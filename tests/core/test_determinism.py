@@ -7,7 +7,7 @@ the real pruning functions.
 Also with the FFCV loader (the default for real data). Two 2-worker Ray Train runs with the same seed
 train the same weights (tests/runtime/test_worker_kill.py: a killed-and-restarted run equals an
 uninterrupted one), and a 1-worker TorchTrainer the in-process loop's (tests/runtime/test_train_ray.py).
-What is and is not bitwise reproducible beyond this is documented in README ("Failure handling").
+What is and is not bitwise reproducible beyond this is documented in docs/failure-handling.md ("Reproducibility").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The rules the README's Layout section states, checked on every kesi_dist/**/*.py with `ast`.
+"""The rules docs/layout.md states, checked on every kesi_dist/**/*.py with `ast`.
 
 - only kesi_dist/runtime/ imports Ray;
 - the plain-PyTorch packages (models/, pruning/, train/, distill/, data/) import nothing from runtime/,

@@ -1,4 +1,4 @@
-"""The path the README advertises for real datasets, end to end: `kesi run` with the FFCV loader and a
+"""The path the docs advertise for real datasets, end to end: `kesi run` with the FFCV loader and a
 2-worker Ray Train group (DDP over gloo) for the baseline, every branch and the distillation; once with
 cached soft labels (the actor pool), once with DeepSpeed ZeRO-1, MWP pruning and online distillation.
 

@@ -50,8 +50,8 @@ def test_smoke_run_registers_every_snapshot(smoke_run):
     # Accuracy on digits' 360 test images, 10 classes: chance is 0.10. The run is deterministic (tests/e2e/
     # test_resume.py compares it bit for bit) and on the 2-core machine gives (2026-12-07) baseline 0.800,
     # branches 0.578-0.831, fixed-LR arms 0.756-0.814, ensemble 0.794, student 0.744. Two epochs per
-    # iteration are too few for the paper's ordering that the README's quickstart shows (fixed LR <
-    # one-cycle < KESI <= baseline, at 20+ epochs), so the bounds say what a run this short must reach:
+    # iteration are too few for the paper's ordering that the KESI quickstart shows in docs/results.md (fixed
+    # LR < one-cycle < KESI <= baseline, at 20+ epochs), so the bounds say what a run this short must reach:
     # every model far above chance (above), and the baseline, the ensemble and the student well above that.
     ensemble_acc = m["stages"]["ensemble"]["acc"]
     assert snaps["baseline"]["val_acc"] >= 0.7 and ensemble_acc >= 0.7 and snaps["student"]["val_acc"] >= 0.6, \
