@@ -6,6 +6,8 @@
   README) parses with the real parser (`kesi_dist.cli.build_parser`, bare KEY=VALUE words as `kesi`
   takes them) and, where it names a config of the repository, that config loads with its overrides;
   every `./dev X` line names a command of the dev script (`./dev bench NAME`: a bench/NAME.py).
+- Every file path (`tests/e2e/test_s3.py`, `methods/ekg/search.py`) and dotted name
+  (`kesi_dist.models.build_model`) the pages and the README give exists in the repository.
 - Nothing links outside the repository: no /work path, no ../shared.
 """
 
@@ -149,6 +151,75 @@ def test_nothing_links_outside_the_repository():
     assert links, "README.md links into the docs"
     missing = [link for link in links if not (ROOT / link).exists()]
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+PATH = re.compile(r"[\w./<>{}-]*/[\w./<>{}-]*\.(?:py|yaml|yml|sh)\b")
+DOTTED = re.compile(r"\bkesi_dist(?:\.\w+)+")
+
+
+def missing_names(text: str) -> list[str]:
+    """The repository paths and `kesi_dist.x.y` names of `text` that do not exist (placeholders such as
+    `<run>/config.yaml` or `bench/NAME.py` left out). A path may be relative to the root or to kesi_dist/;
+    a dotted name ends in a module, or in a name its module defines."""
+    out = []
+    for path in set(PATH.findall(text)):
+        if re.search(r"[<>{}]|[A-Z]{3}|^/|^\.", path) or path.startswith(("site/", "runs/", "data/")):
+            continue
+        if not ((ROOT / path).exists() or (ROOT / "kesi_dist" / path).exists()):
+            out.append(path)
+    for name in set(DOTTED.findall(text)):
+        parts, found = name.split("."), False
+        for i in range(len(parts), 0, -1):
+            base = ROOT.joinpath(*parts[:i])
+            module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+            if module.is_file():
+                rest = parts[i:]
+                found = not rest or (len(rest) == 1 and re.search(
+                    rf"^(?:def|class) {rest[0]}\b|^{rest[0]}\b.*=|\b{rest[0]}\b.*import|import.*\b{rest[0]}\b",
+                    module.read_text(encoding="utf-8"), flags=re.M) is not None)
+                break
+        out += [] if found else [name]
+    return sorted(out)
+
+
+def test_every_path_and_module_the_docs_name_exists():
+    bad = {str(p.relative_to(ROOT)): m for p in [*PAGES, ROOT / "README.md"]
+           if (m := missing_names(p.read_text(encoding="utf-8")))}
+    assert not bad, f"the docs name files or modules that do not exist (renamed?): {bad}"
+    assert missing_names("`methods/ekg/nope.py`, kesi_dist.models.nope, tests/e2e/test_s3.py, "
+                         "kesi_dist.models.build_model") == ["kesi_dist.models.nope", "methods/ekg/nope.py"]
+
+
+def layout_problems(text: str) -> list[str]:
+    """The files and folders of docs/layout.md's tree (its first fenced block) that do not exist: each
+    entry where its indentation puts it, and each `name.py` its description names in the entry's folder."""
+    problems, stack, folder = [], [], ROOT
+    for line in text.split("```")[1].splitlines()[1:]:
+        m = re.match(r"^( *)(\S+)(.*)$", line)
+        if not m:
+            continue
+        indent, entry, rest = len(m.group(1)), m.group(2).rstrip(","), m.group(3)
+        if indent < 16:  # an entry (a continuation line is indented to the descriptions' column)
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            base = stack[-1][1] if stack else ROOT
+            if "<" not in entry and not (base / entry).exists():
+                problems.append(str((base / entry).relative_to(ROOT)))
+            folder = base / entry if entry.endswith("/") else base
+            if entry.endswith("/"):
+                stack.append((indent, folder))
+        else:
+            rest = line
+        problems += [str((folder / name).relative_to(ROOT)) for name in re.findall(r"\b\w+\.py\b", rest)
+                     if not (folder / name).exists()]
+    return problems
+
+
+def test_the_layout_page_names_the_modules_as_they_are():
+    text = (DOCS / "layout.md").read_text(encoding="utf-8")
+    assert not layout_problems(text), f"docs/layout.md names what does not exist: {layout_problems(text)}"
+    assert layout_problems("```\nkesi_dist/\n  nope.py    x\n  train/    loop.py, gone.py\n```") == \
+        ["kesi_dist/nope.py", "kesi_dist/train/gone.py"]
 
 
 def _hook():
