@@ -30,7 +30,7 @@ from kesi_dist.models import build_model
 from kesi_dist.pruning.masks import apply_masks
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_tensors", "model_from_checkpoint",
-           "checkpoint_options"]
+           "checkpoint_options", "load_model"]
 
 FORMAT = "kesi_dist/v1"
 _CORE = ("format", "arch", "widths", "num_classes", "state_dict", "masks", "metrics")
@@ -155,3 +155,8 @@ def model_from_checkpoint(ckpt: dict) -> tuple[nn.Module, dict | None]:
     if masks:
         apply_masks(model, masks)
     return model.eval(), masks
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The model (eval mode, masks applied) of the checkpoint file or URI at `path`."""
+    return model_from_checkpoint(load_checkpoint(path))[0]

@@ -25,12 +25,18 @@ from typing import Iterator
 
 from kesi_dist import storage
 from kesi_dist.budget import run_budget
-from kesi_dist.config import Config
+from kesi_dist.checkpoint import load_checkpoint
+from kesi_dist.config import Config, num_classes
+from kesi_dist.data.loaders import read_meta
 from kesi_dist.errors import Interrupted, KesiError, RunError, UsageError
 from kesi_dist.methods import METHODS
+from kesi_dist.methods.opening import open_recipe
+from kesi_dist.model_config import default_num_classes
 from kesi_dist.runs import RunContext, fmt_acc, fmt_size, open_run
 from kesi_dist.runs.lease import Lease
 from kesi_dist.runs.rundir import check_run
+from kesi_dist.stages.baseline import load_weights
+from kesi_dist.train.spec import ModelSpec
 
 __all__ = ["run_method", "train_baseline", "open_context", "resume_command"]
 
@@ -80,12 +86,8 @@ def resume_command(argv: list[str] | None, resume: bool = True) -> str:
 
 
 def _preflight(cfg: Config) -> None:
-    from kesi_dist.config import num_classes
-
     meta = None
     if cfg.data.source == "prepared" and cfg.data.prepared:
-        from kesi_dist.data.loaders import read_meta
-
         meta = read_meta(cfg.data.prepared)  # missing, incomplete or truncated: one line naming the file
         num_classes(cfg, meta)  # model.num_classes against the data
     run_budget(cfg)  # a latency budget's table: read, validated and checked against the network
@@ -94,8 +96,6 @@ def _preflight(cfg: Config) -> None:
     path = cfg.baseline.checkpoint
     if not path:
         return
-    from kesi_dist.checkpoint import load_checkpoint
-
     try:
         ck = load_checkpoint(path)
     except RunError as e:
@@ -111,11 +111,6 @@ def _preflight(cfg: Config) -> None:
 
 
 def _check_weights(cfg: Config, meta: dict | None) -> None:
-    from kesi_dist.config import num_classes
-    from kesi_dist.plan import default_num_classes
-    from kesi_dist.stages.baseline import load_weights
-    from kesi_dist.train.spec import ModelSpec
-
     known = meta is not None or bool(cfg.model.num_classes) or cfg.data.source != "imagefolder"
     classes = num_classes(cfg, meta) if meta else default_num_classes(cfg)
     load_weights(cfg.model.weights, ModelSpec(cfg.model.arch, classes, options=cfg.model.options()),
@@ -206,23 +201,13 @@ def train_baseline(cfg: Config, output: str, resume: bool = False, *, command: l
     The folder is a run folder like `kesi run`'s (a later `kesi run --resume` of the same config reuses
     the baseline); the baseline is `<output>/snapshots/baseline.pt`.
     """
-    from kesi_dist.config import data_spec, engine_spec, loader_spec, num_classes
-    from kesi_dist.stages.baseline import baseline_stage
-    from kesi_dist.stages.data import data_stage
-    from kesi_dist.train.spec import ModelSpec, schedule_from
-
     ctx = None
     with _signals():
         try:
             ctx = open_context(cfg, output, resume, title=f"kesi train · {cfg.model.arch}",
                                use_ray=cfg.train.num_workers > 0)
             try:
-                data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
-                entry = baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta),
-                                                            options=cfg.model.options()),
-                                       schedule=schedule_from(cfg.baseline), loader=loader_spec(cfg, data_dir),
-                                       engine=engine_spec(cfg), seed=cfg.seed, given=cfg.baseline.checkpoint,
-                                       weights=cfg.model.weights)
+                entry = open_recipe(cfg, ctx).baseline
             except KesiError as e:
                 ctx.fail(str(e))
                 raise

@@ -1,7 +1,7 @@
 """EKG's memory-bank distillation loss: a curriculum over teachers ranked by their loss (Lee & Song, ECCV 2022).
 
 The bank holds, per training image, the logits of J teachers ordered by ascending loss (teacher 0 is
-the best; `kesi_dist.methods.ekg.bank`). Per batch, a teacher joins the target when it is closer to the
+the best; `kesi_dist.methods.ekg.teacher_pick`). Per batch, a teacher joins the target when it is closer to the
 best teacher than the student is, both distances summed over the batch:
 
     kld_T(t, s) = T * sum_c softmax(t/T)_c (log_softmax(t/T)_c - log_softmax(s/T)_c)     per sample
@@ -14,7 +14,7 @@ Early on the student is far from the best teacher and many teachers are averaged
 as it closes in, the target narrows to the best one. The best teacher is used whenever the student
 differs from it at all (its own distance is 0); when the student matches it exactly the reference
 would average no teacher (all-zero logits, a uniform target), here the target stays the best teacher. The scale is T, not T^2, as the reference code
-(sseung0703/EKG op_utils.py; shared/design/EKG_SWP.md A.10).
+(sseung0703/EKG op_utils.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torch import nn
 
 from kesi_dist.distill.ensemble import ensemble_probs, freeze, load_teachers
 from kesi_dist.distill.losses import dense_from_topk
-from kesi_dist.distill.softlabels import SoftLabelCache
+from kesi_dist.distill.soft_label_cache import SoftLabelCache
 from kesi_dist.errors import BadValue, RunError
 
 __all__ = ["OnlineTeachers", "CachedSoftLabels"]

@@ -1,25 +1,24 @@
 """The memory-bank stage: J teachers' logits on every clean training image, computed once on an actor pool.
 
-Each actor (`kesi_dist.runtime.map_units`) holds the teachers and a clean train loader in sample order;
-the pass is cut into work units of consecutive batches, the next unit goes to whichever actor is free,
-and the driver writes one shard per unit as it arrives (`kesi_dist.distill.memory_bank` has the format
-and the reader). The held-out images are left out: no student trains on them. A complete bank with the
+Each actor holds the teachers and a clean train loader in sample order; the pass is cut into work units
+of consecutive batches, the next unit goes to whichever actor is free, and the driver writes one shard
+per unit as it arrives (`kesi_dist.stages.sharded_cache`, the pass the soft labels share;
+`kesi_dist.distill.memory_bank_cache` has the format and the reader). The held-out images are left out: no student trains on them. A complete bank with the
 same key (teacher files, data, resolution, batch, holdout) is reused as is.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import time
-from pathlib import Path
 from typing import Callable
 
 from kesi_dist import storage
-from kesi_dist.distill.memory_bank import BANK_FORMAT, BANK_KINDS, MemoryBankWorker, bank_key
-from kesi_dist.distill.softlabels import check_teachers, complete_meta, file_sha256, save_npy, work_units
+from kesi_dist.data.holdout import describe_holdout
+from kesi_dist.distill.memory_bank_cache import BANK_FORMAT, BANK_KINDS, MemoryBankWorker, bank_key
+from kesi_dist.distill.shards import check_teachers, file_sha256, work_units
 from kesi_dist.progress import bar
 from kesi_dist.runs import RunContext
+from kesi_dist.stages.sharded_cache import compute_shards, reuse_or_clear, write_meta
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
 __all__ = ["memory_bank_stage", "build_memory_bank"]
@@ -55,44 +54,31 @@ def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, 
                       progress: Callable[[int, int], None] | None = None) -> dict:
     """Compute (or reuse) the bank; returns its meta (plus "reused"). Ray must be initialised.
     `progress(units written, units)` is called as the pass goes."""
-    from kesi_dist.runtime import map_units
-
     start = time.perf_counter()
     data_fp, data_meta = check_teachers(teacher_paths, data_dir)
     held, samples = None, int(data_meta["train_size"])
     if holdout:
-        from kesi_dist.data.holdout import describe_holdout
-
         held = describe_holdout(storage.absolute(data_dir), holdout, holdout_seed, with_indices=True)
         samples = held["train_size"]
     hashes = [file_sha256(p) for p in teacher_paths]
     key = bank_key(teacher_hashes=hashes, data_fingerprint=data_fp, resolution=resolution, batch_size=batch_size,
                    holdout=held["sha256"] if held else None)
-    found = complete_meta(out_dir, key, BANK_FORMAT, BANK_KINDS)
+    found = reuse_or_clear(out_dir, key, BANK_FORMAT, BANK_KINDS, "*-s*-*.npy")
     if found is not None:
-        return {**found, "reused": True}
-    storage.makedirs(out_dir)
-    storage.remove(storage.join(out_dir, "meta.json"))  # from here on the folder does not look complete
-    for old in fnmatch.filter(storage.listdir(out_dir), "*-s*-*.npy"):
-        storage.remove(storage.join(out_dir, old))
+        return found
     n_batches = -(-samples // batch_size)
-    shards: list[dict] = []
 
-    def write(unit: tuple, r: dict, actor: dict) -> None:
-        stem = f"{key[:12]}-s{r['shard']:03d}"
-        files = {kind: save_npy(storage.join(out_dir, f"{stem}-{kind}.npy"), r[kind]) for kind in BANK_KINDS}
-        shards.append({"shard": r["shard"], "batches": r["batches"], "count": len(r["samples"]), "files": files,
-                       "actor": actor["actor"], "node_id": actor["node_id"], "compute_s": round(r["compute_s"], 4)})
-        if progress is not None:
-            progress(len(shards), len(units))
+    def entry(r: dict, actor: dict, files: dict) -> dict:
+        return {"shard": r["shard"], "batches": r["batches"], "count": len(r["samples"]), "files": files,
+                "actor": actor["actor"], "node_id": actor["node_id"], "compute_s": round(r["compute_s"], 4)}
 
-    units = [(u, a, b) for _, u, a, b in work_units(n_batches, 1, num_actors)]
-    actors = map_units(MemoryBankWorker, units, on_result=write, num_actors=num_actors,
-                       args=([storage.absolute(p) for p in teacher_paths], storage.absolute(data_dir)),
-                       kwargs=dict(batch_size=batch_size, resolution=resolution, backend=backend, loader_workers=1,
-                                   threads=max(1, int(cpus_per_actor)), gpus=gpus_per_actor, holdout=holdout,
-                                   holdout_seed=holdout_seed),
-                       num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, what="memory_bank")
+    shards, actors = compute_shards(
+        out_dir, [(u, a, b) for _, u, a, b in work_units(n_batches, 1, num_actors)], MemoryBankWorker,
+        kinds=BANK_KINDS, stem=lambda r: f"{key[:12]}-s{r['shard']:03d}", entry=entry, num_actors=num_actors,
+        args=([storage.absolute(p) for p in teacher_paths], storage.absolute(data_dir)),
+        kwargs=dict(batch_size=batch_size, resolution=resolution, backend=backend, loader_workers=1,
+                    threads=max(1, int(cpus_per_actor)), gpus=gpus_per_actor, holdout=holdout, holdout_seed=holdout_seed),
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, what="memory_bank", progress=progress)
     shards.sort(key=lambda s: s["shard"])
     meta = {"format": BANK_FORMAT, "key": key, "num_classes": int(data_meta["num_classes"]),
             "train_size": int(data_meta["train_size"]), "samples": samples, "resolution": int(resolution),
@@ -100,5 +86,4 @@ def build_memory_bank(teacher_paths: list[str], data_dir: str, out_dir: str, *, 
             "teachers": [{"path": str(p), "sha256": h} for p, h in zip(teacher_paths, hashes)],
             "actors": actors, "shards": shards, "timings": {"total_s": round(time.perf_counter() - start, 3)},
             "created": time.time()}
-    storage.write_text(storage.join(out_dir, "meta.json"), json.dumps(meta, indent=1) + "\n")
-    return {**meta, "reused": False}
+    return write_meta(out_dir, meta)

@@ -1,31 +1,27 @@
 """The soft-label stage: the teachers' top-k soft labels for every (epoch, image) the student will see.
 
-A pool of Ray actors (`kesi_dist.runtime.map_units`) each holds the whole ensemble and a train loader in
-sample order; every epoch is cut into work units of consecutive batches and the next unit goes to
-whichever actor is free (a slow or busy node does less, not the same share late), and an actor's
-loader reads only its unit's samples. Results come back to the driver, which writes one shard per
-unit as it arrives (`kesi_dist.distill.softlabels` has the format), so actors may live on any node
-that can read the dataset folder. The pool works with the actors it can get: an actor lost with its
-node gives its unit back and is replaced.
+A pool of Ray actors each holds the whole ensemble and a train loader in sample order; every epoch is
+cut into work units of consecutive batches and the next unit goes to whichever actor is free (a slow or
+busy node does less, not the same share late), and an actor's loader reads only its unit's samples.
+The driver writes one shard per unit as it arrives (`kesi_dist.stages.sharded_cache`, the pass the
+memory bank shares; `kesi_dist.distill.soft_label_cache` has the format). The pool works with the actors
+it can get: an actor lost with its node gives its unit back and is replaced.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import math
 import time
-from pathlib import Path
 from typing import Callable
 
 from kesi_dist import storage
-from kesi_dist.distill.softlabels import (
-    FORMAT, KINDS, VALUE_DTYPES, SoftLabelWorker, cache_key, check_teachers, complete_meta, file_sha256,
-    load_npy, save_npy, verified, work_units,
-)
+from kesi_dist.data.holdout import describe_holdout
+from kesi_dist.distill.shards import check_teachers, file_sha256, load_npy, verified, work_units
+from kesi_dist.distill.soft_label_cache import FORMAT, KINDS, VALUE_DTYPES, SoftLabelWorker, cache_key
 from kesi_dist.errors import UsageError
 from kesi_dist.progress import bar
 from kesi_dist.runs import RunContext
+from kesi_dist.stages.sharded_cache import compute_shards, reuse_or_clear, write_meta
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
 __all__ = ["soft_labels_stage", "build_soft_label_cache"]
@@ -105,8 +101,6 @@ def build_soft_label_cache(
     Raises:
         UsageError: bad arguments. RunError: unreadable teachers or data, a failed actor.
     """
-    from kesi_dist.runtime import map_units
-
     start = time.perf_counter()
     if not teacher_paths:
         raise UsageError("build_soft_label_cache: no teacher checkpoints given")
@@ -128,37 +122,23 @@ def build_soft_label_cache(
     train_size = int(data_meta["train_size"])
     held = None
     if holdout:  # the student never trains on these: the pass leaves them out
-        from kesi_dist.data.holdout import describe_holdout
-
         held = describe_holdout(storage.absolute(data_dir), holdout, holdout_seed, with_indices=True)
         train_size = held["train_size"]
     key = cache_key(teacher_hashes=teacher_hashes, data_fingerprint=data_fp, **settings,
                     holdout=held["sha256"] if held else None)
     out = out_dir if storage.is_uri(out_dir) else str(out_dir)
-    found = complete_meta(out, key)
+    found = reuse_or_clear(out, key, FORMAT, KINDS, "*-e*-s*-*.npy")
     if found is not None:
-        return {**found, "reused": True}
-
-    storage.makedirs(out)
-    storage.remove(storage.join(out, "meta.json"))  # from here on the folder does not look complete
-    for old in fnmatch.filter(storage.listdir(out), "*-e*-s*-*.npy"):
-        storage.remove(storage.join(out, old))
+        return found
 
     n_batches = math.ceil(train_size / batch_size)
     used = min(num_actors, n_batches * epochs)  # an actor with no batch would only cost a process
-    shards: list[dict] = []
-    prefix = key[:12]
 
-    def write(unit: tuple, r: dict, actor: dict) -> None:  # as each unit arrives, while actors go on
-        stem = f"{prefix}-e{r['epoch']:04d}-s{r['shard']:03d}"
-        files = {kind: save_npy(storage.join(out, f"{stem}-{kind}.npy"), r[kind]) for kind in KINDS}
-        shards.append({"epoch": r["epoch"], "shard": r["shard"], "actor": actor["actor"],
-                       "actor_id": actor["actor_id"], "pid": actor["pid"], "node_id": actor["node_id"],
-                       "batches": r["batches"], "count": int(len(r["samples"])), "files": files,
-                       "compute_s": round(r["compute_s"], 4), "teacher_s": round(r["teacher_s"], 4),
-                       "teacher_cpu_s": round(r["teacher_cpu_s"], 4)})
-        if progress is not None:
-            progress(len(shards), len(units))
+    def entry(r: dict, actor: dict, files: dict) -> dict:
+        return {"epoch": r["epoch"], "shard": r["shard"], "actor": actor["actor"], "actor_id": actor["actor_id"],
+                "pid": actor["pid"], "node_id": actor["node_id"], "batches": r["batches"],
+                "count": int(len(r["samples"])), "files": files, "compute_s": round(r["compute_s"], 4),
+                "teacher_s": round(r["teacher_s"], 4), "teacher_cpu_s": round(r["teacher_cpu_s"], 4)}
 
     worker_kwargs = dict(batch_size=batch_size, resolution=resolution, augment=augment, seed=seed,
                          temperature=temperature, topk=topk, backend=backend, loader_workers=loader_workers,
@@ -166,10 +146,11 @@ def build_soft_label_cache(
                          values_dtype=values_dtype, expected_batches=n_batches, holdout=holdout,
                          holdout_seed=holdout_seed)
     pool_start = time.perf_counter()
-    units = work_units(n_batches, epochs, used)
-    actors = map_units(SoftLabelWorker, units, on_result=write, num_actors=used,
-                       args=([storage.absolute(p) for p in teacher_paths], storage.absolute(data_dir)), kwargs=worker_kwargs,
-                       num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, what="soft_labels")
+    shards, actors = compute_shards(
+        out, work_units(n_batches, epochs, used), SoftLabelWorker, kinds=KINDS,
+        stem=lambda r: f"{key[:12]}-e{r['epoch']:04d}-s{r['shard']:03d}", entry=entry, num_actors=used,
+        args=([storage.absolute(p) for p in teacher_paths], storage.absolute(data_dir)), kwargs=worker_kwargs,
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, what="soft_labels", progress=progress)
     first_up = min(a["up_s"] for a in actors)
     pass_s = time.perf_counter() - pool_start - first_up
     shards.sort(key=lambda s: (s["epoch"], s["shard"]))
@@ -187,7 +168,4 @@ def build_soft_label_cache(
                     "total_s": round(time.perf_counter() - start, 4)},
         "created": time.time(),
     }
-    storage.write_text(storage.join(out, "meta.json"), json.dumps(meta, indent=1) + "\n")
-    return {**meta, "reused": False}
-
-
+    return write_meta(out, meta)

@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from kesi_dist.errors import UsageError
 from kesi_dist.storage.atomic import atomic_dir, atomic_write
 from kesi_dist.storage.cache import data_cache_dir, local_copy
 from kesi_dist.storage.fs import REGISTERED as _REGISTERED  # noqa: F401 (tests unregister their schemes)

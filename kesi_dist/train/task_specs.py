@@ -20,7 +20,7 @@ import torch
 
 from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
 from kesi_dist.data.image_loader import CIFAR_PAD
-from kesi_dist.distill.memory_bank import MemoryBank
+from kesi_dist.distill.memory_bank_cache import MemoryBank
 from kesi_dist.distill.sources import CachedSoftLabels, OnlineTeachers
 from kesi_dist.errors import BadValue, RunError
 from kesi_dist.train.supernet import MODES, SupernetTraining

@@ -1,7 +1,7 @@
 """Half-written files are never read as complete; a crash mid-write leaves the previous file intact.
 
 Manifest, snapshots (kesi_dist.checkpoint), `.beton` + meta.json (kesi_dist.data.prepare) and
-soft-label shards (kesi_dist.distill.softlabels) all go through kesi_dist.storage.atomic. Plain PyTorch, no Ray.
+soft-label shards (kesi_dist.distill.shards) all go through kesi_dist.storage.atomic. Plain PyTorch, no Ray.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def test_prepare_crash_mid_write_keeps_the_previous_dataset(tmp_path, monkeypatc
 def _write_cache(out: Path) -> None:
     """A one-epoch, one-shard cache written with the real shard writer (what build_soft_label_cache does
     per shard, minus the Ray actors that compute the arrays)."""
-    from kesi_dist.distill.softlabels import FORMAT, save_npy
+    from kesi_dist.distill.shards import save_npy
+    from kesi_dist.distill.soft_label_cache import FORMAT
 
     n, k = 8, 2
     rng = np.random.default_rng(0)
@@ -189,7 +190,7 @@ def _write_cache(out: Path) -> None:
 
 
 def test_truncated_soft_label_shard_is_refused(tmp_path):
-    from kesi_dist.distill.softlabels import SoftLabelCache
+    from kesi_dist.distill.soft_label_cache import SoftLabelCache
 
     _write_cache(tmp_path)
     values, _ = SoftLabelCache(tmp_path).lookup(0, torch.arange(8))
@@ -202,7 +203,8 @@ def test_truncated_soft_label_shard_is_refused(tmp_path):
 
 
 def test_shard_crash_mid_write_keeps_the_previous_shard(tmp_path, monkeypatch):
-    from kesi_dist.distill import softlabels as cache
+    from kesi_dist.distill import shards
+    from kesi_dist.distill import soft_label_cache as cache
 
     _write_cache(tmp_path)
     shard = tmp_path / "abc-e0000-s000-values.npy"
@@ -215,7 +217,7 @@ def test_shard_crash_mid_write_keeps_the_previous_shard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache.np, "save", half)
     with pytest.raises(Crash):
-        cache.save_npy(shard, np.zeros((8, 2), np.float32))
+        shards.save_npy(shard, np.zeros((8, 2), np.float32))
     monkeypatch.setattr(cache.np, "save", real_save)
     assert shard.read_bytes() == before and not temp_files(tmp_path)
     values, _ = cache.SoftLabelCache(tmp_path).lookup(0, torch.arange(8))

@@ -64,7 +64,7 @@ def test_window_yields_exactly_those_batches_of_the_full_epoch(data_dir, backend
 
 
 def test_work_units_cover_each_epoch_once():
-    from kesi_dist.distill.softlabels import work_units
+    from kesi_dist.distill.shards import work_units
 
     for batches, epochs, actors in ((8, 2, 2), (391, 30, 8), (3, 1, 4), (1, 5, 2)):
         units = work_units(batches, epochs, actors)

@@ -27,7 +27,7 @@ def _run(tmp_path, method: str = "ekg") -> RunContext:
 def test_an_ekg_search_under_a_latency_budget(tmp_path, capsys):
     """The steps as EKG's search stage records them (`_record` of real `SubnetSearch` steps with a cost)."""
     from kesi_dist.methods.ekg.search import SubnetSearch
-    from kesi_dist.methods.ekg.stages import _record
+    from kesi_dist.methods.ekg.search_stage import _record
     from kesi_dist.models import build_model
 
     torch.manual_seed(0)

@@ -271,7 +271,8 @@ def test_open_run_rules_hold_on_uris(root):
 def test_soft_label_cache_on_a_uri(root):
     import numpy as np
 
-    from kesi_dist.distill.softlabels import FORMAT, SoftLabelCache, save_npy
+    from kesi_dist.distill.shards import save_npy
+    from kesi_dist.distill.soft_label_cache import FORMAT, SoftLabelCache
 
     out = storage.join(root, "soft_labels")
     n, k = 8, 2

@@ -13,7 +13,8 @@ import pytest
 
 from kesi_dist.config import load_config, loader_spec
 from kesi_dist.methods.swp.evolution import Evolution
-from kesi_dist.methods.swp.stages import ProxyWorker, _load
+from kesi_dist.checkpoint import load_model as _load
+from kesi_dist.methods.swp.search_stage import ProxyWorker
 from kesi_dist.models.slimmable import width_choices
 from kesi_dist.pruning import macs_function
 from tests.killing import _manifest, run_until

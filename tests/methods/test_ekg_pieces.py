@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kesi_dist.distill.curriculum import curriculum_target, kld_t, memory_bank_loss
-from kesi_dist.methods.ekg.bank import pick_teachers
+from kesi_dist.methods.ekg.teacher_pick import pick_teachers
 from kesi_dist.methods.ekg.search import CLOSED, candidates, trimmed_otsu, unit_cost, update_knowledge
 
 

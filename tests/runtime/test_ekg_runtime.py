@@ -33,7 +33,7 @@ def test_candidates_are_evaluated_on_two_actors_and_the_search_chooses_as_in_one
                                                                                          baseline):
     from kesi_dist.data.loaders import split_tensors
     from kesi_dist.methods.ekg.search import SubnetSearch
-    from kesi_dist.methods.ekg.stages import pool_functions, search_pool
+    from kesi_dist.methods.ekg.search_stage import pool_functions, search_pool
 
     def model():
         return model_from_checkpoint(load_checkpoint(baseline))[0]
@@ -66,7 +66,7 @@ def test_candidates_are_evaluated_on_two_actors_and_the_search_chooses_as_in_one
 
 def test_memory_bank_pass_holds_each_teachers_logits_of_the_clean_batches(ray_local, tiny_data, baseline, tmp_path):
     from kesi_dist.data.loaders import make_loader
-    from kesi_dist.distill.memory_bank import MemoryBank
+    from kesi_dist.distill.memory_bank_cache import MemoryBank
     from kesi_dist.errors import RunError
     from kesi_dist.pruning import slice_units
     from kesi_dist.stages.memory_bank import build_memory_bank

@@ -3,8 +3,8 @@
 A sub-network is (widths, order): unit i keeps the `widths[i]` channels ranked best by `order[i]`;
 the others are masked at the unit's consumers (the weights never change). `SubnetEvaluator.evaluate`
 gives its holdout score and logits, `SubnetEvaluator.taylor` its channels' first-order Taylor
-importance per holdout batch (shared/design/EKG_SWP.md A.3-A.5). An actor of the search's pool holds
-one (`kesi_dist.methods.ekg.stages.SearchWorker`); the greedy loop (`search.SubnetSearch`) does not.
+importance per holdout batch (the reference code's, sseung0703/EKG). An actor of the search's pool holds
+one (`kesi_dist.methods.ekg.search_stage.SearchWorker`); the greedy loop (`search.SubnetSearch`) does not.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""EKG, top to bottom (Lee & Song, ECCV 2022; shared/design/EKG_SWP.md part A).
+"""EKG, top to bottom (Lee & Song, ECCV 2022; reference code sseung0703/EKG).
 
     data -> baseline -> search -> memory_bank -> finetune -> report
       search: the greedy, training-free sub-network search on the held-out split, scored by CE + soft CE
@@ -17,18 +17,17 @@ its state after every accepted step, so `--resume` continues a killed search whe
 from __future__ import annotations
 
 from kesi_dist.budget import run_budget
-from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_classes
+from kesi_dist.config import Config
 from kesi_dist.errors import RunError
 from kesi_dist.methods.ekg.report import build_report, layout
-from kesi_dist.methods.ekg.stages import search_stage, uniform_stage
+from kesi_dist.methods.ekg.search_stage import search_stage, uniform_stage
+from kesi_dist.methods.opening import open_recipe
 from kesi_dist.runs import RunContext
-from kesi_dist.stages.baseline import baseline_stage
-from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.memory_bank import memory_bank_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.latency import latency_stage
 from kesi_dist.stages.retrain import Branch, retrain
-from kesi_dist.train.spec import ModelSpec, schedule_from
+from kesi_dist.train.spec import schedule_from
 from kesi_dist.train.task_specs import MemoryBankSpec
 
 __all__ = ["run"]
@@ -37,12 +36,8 @@ __all__ = ["run"]
 def run(cfg: Config, ctx: RunContext) -> None:
     m = cfg.method
     budget = run_budget(cfg)  # MACs, or a latency table read and checked before anything runs
-    data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
-    loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
-    classes = num_classes(cfg, meta)
-    baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=classes, options=cfg.model.options()),
-                   schedule=schedule_from(cfg.baseline), loader=loader, engine=engine, seed=cfg.seed,
-                   given=cfg.baseline.checkpoint, weights=cfg.model.weights)
+    o = open_recipe(cfg, ctx)
+    loader, engine, classes = o.loader, o.engine, o.model.num_classes
     found = search_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine,
                          budget=budget, step=m.search.step, cut=m.search.otsu_cut,
                          batch_size=m.search.batch_size, actors=m.search.actors, teachers=m.bank.teachers,

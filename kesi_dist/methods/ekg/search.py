@@ -1,5 +1,5 @@
-"""EKG's greedy, training-free sub-network search, plain PyTorch (shared/design/EKG_SWP.md A.3-A.7;
-reference sseung0703/EKG).
+"""EKG's greedy, training-free sub-network search, plain PyTorch (Lee & Song, ECCV 2022; reference
+code sseung0703/EKG).
 
 A sub-network of a zoo model is one kept-channel count per prunable unit (the block inner widths, as
 PFEC); each unit keeps its channels ranked highest by a first-order Taylor importance. Every step:

@@ -18,20 +18,19 @@ from __future__ import annotations
 from kesi_dist import storage
 from kesi_dist.budget import run_budget
 from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_classes
+from kesi_dist.config import Config
 from kesi_dist.errors import RunError
 from kesi_dist.methods.kesi.prune import prune_iteration, resolve_prune, restart_grid
 from kesi_dist.methods.kesi.report import build_report, layout
+from kesi_dist.methods.opening import open_recipe
 from kesi_dist.runs import RunContext, describe_snapshot, fmt_acc, fmt_size, select_acc
-from kesi_dist.stages.baseline import baseline_stage
-from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.distill import distill_stage
 from kesi_dist.stages.ensemble import ensemble_stage
 from kesi_dist.stages.latency import latency_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.stages.soft_labels import soft_labels_stage
-from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, schedule_from
+from kesi_dist.train.spec import EngineSpec, LoaderSpec, schedule_from
 from kesi_dist.train.task_specs import DistillationSpec
 
 __all__ = ["run"]
@@ -40,12 +39,9 @@ __all__ = ["run"]
 def run(cfg: Config, ctx: RunContext) -> None:
     m = cfg.method
     budget = run_budget(cfg)  # a latency budget's table is read (and checked) before anything runs
-    prune, _ = resolve_prune(cfg, budget)
-    data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
-    loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
-    model = ModelSpec(arch=cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options())
-    baseline_stage(ctx, model=model, schedule=schedule_from(cfg.baseline), loader=loader, engine=engine,
-                   seed=cfg.seed, given=cfg.baseline.checkpoint, weights=cfg.model.weights)
+    prune, _ = resolve_prune(cfg, budget)  # an unreachable budget is refused before anything runs too
+    o = open_recipe(cfg, ctx)
+    loader, engine, model = o.loader, o.engine, o.model
     parent = fixed_parent = "baseline"
     for k in range(1, m.prune.iterations + 1):
         parent, fixed_parent = prune_stage(cfg, ctx, k, parent, fixed_parent, loader, engine, prune)

@@ -1,5 +1,5 @@
 """SWP's search: regularised evolution under a MACs budget, plain Python (OFA's
-ofa/nas/search_algorithm/evolution.py, shared/design/EKG_SWP.md B.3-B.4.5).
+ofa/nas/search_algorithm/evolution.py).
 
 A candidate is one width per unit, each from that unit's choices. Every candidate (random, mutated or
 crossed over) is resampled until its MACs lie in the band [lo, hi], so the search can never return a

@@ -1,4 +1,4 @@
-"""SWP, top to bottom (Rong, Ou, Zhang et al., arXiv 2011.04908; shared/design/EKG_SWP.md part B).
+"""SWP, top to bottom (Rong, Ou, Zhang et al., arXiv 2011.04908).
 
     data -> baseline -> supernets -> search -> retrain -> report
       supernets: the baseline's filters sorted by L1 norm; one supernet per stage, each a Ray Train run
@@ -19,17 +19,17 @@ ground truth neither supernet shaped: the correlation study compares both supern
 from __future__ import annotations
 
 from kesi_dist.budget import run_budget
-from kesi_dist.config import Config, data_spec, engine_spec, loader_spec, num_classes
+from kesi_dist.config import Config
 from kesi_dist.errors import RunError
+from kesi_dist.methods.opening import open_recipe
 from kesi_dist.methods.swp.report import build_report, layout, write_scatter
-from kesi_dist.methods.swp.stages import save_subnet, search_stage, supernets_stage
+from kesi_dist.methods.swp.search_stage import search_stage
+from kesi_dist.methods.swp.supernets_stage import save_subnet, supernets_stage
 from kesi_dist.runs import RunContext
-from kesi_dist.stages.baseline import baseline_stage
-from kesi_dist.stages.data import data_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.latency import latency_stage
 from kesi_dist.stages.retrain import Branch, retrain
-from kesi_dist.train.spec import ModelSpec, schedule_from
+from kesi_dist.train.spec import schedule_from
 
 __all__ = ["run"]
 
@@ -37,11 +37,8 @@ __all__ = ["run"]
 def run(cfg: Config, ctx: RunContext) -> None:
     m = cfg.method
     budget = run_budget(cfg)  # MACs, or a latency table read and checked before anything runs
-    data_dir, meta = data_stage(ctx, data_spec(cfg), holdout=cfg.data.holdout, holdout_seed=cfg.seed)
-    loader, engine = loader_spec(cfg, data_dir), engine_spec(cfg)
-    baseline_stage(ctx, model=ModelSpec(cfg.model.arch, num_classes=num_classes(cfg, meta), options=cfg.model.options()),
-                   schedule=schedule_from(cfg.baseline), loader=loader, engine=engine, seed=cfg.seed,
-                   given=cfg.baseline.checkpoint, weights=cfg.model.weights)
+    o = open_recipe(cfg, ctx)
+    loader, engine = o.loader, o.engine
     nets = supernets_stage(ctx, baseline=ctx.snapshot("baseline"), loader=loader, engine=engine, supernet=m.supernet,
                            whole_net=m.correlation.subnets > 0, seed=cfg.seed)
     found = search_stage(ctx, supernets=nets, loader=loader, engine=engine, budget=budget,

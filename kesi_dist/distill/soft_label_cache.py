@@ -10,7 +10,8 @@ returns a batch's soft labels from its (epoch, indices) and no teacher runs.
 This module is the format, plain PyTorch: `SoftLabelWorker` computes one work unit (a run of
 consecutive batches of one epoch, read in sample order, no shuffling or dropped samples), and
 `SoftLabelCache` reads a finished cache. `kesi_dist.stages.soft_labels.build_soft_label_cache` runs
-the workers on a pool of Ray actors and writes one shard per unit as results arrive.
+the workers on a pool of Ray actors and writes one shard per unit as results arrive. What every keyed,
+sharded cache shares (shard files, their checks, work units) is `kesi_dist.distill.shards`.
 
 Layout of `out_dir`:
     meta.json                                   written last, atomically: its presence = complete
@@ -31,9 +32,7 @@ complete cache with the same key is reused as is.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -42,25 +41,18 @@ import numpy as np
 import torch
 
 from kesi_dist import storage
-from kesi_dist.distill.losses import dense_from_topk
+from kesi_dist.data.loaders import make_loader
+from kesi_dist.distill.ensemble import ensemble_probs, load_teachers
+from kesi_dist.distill.losses import dense_from_topk, topk_probs
+from kesi_dist.distill.shards import load_npy, verified
 from kesi_dist.errors import RunError
+from kesi_dist.train.devices import compute_device
 
-__all__ = ["FORMAT", "KINDS", "VALUE_DTYPES", "SoftLabelWorker", "SoftLabelCache", "cache_key", "file_sha256",
-           "data_fingerprint", "check_teachers", "save_npy", "verified", "load_npy", "complete_meta", "work_units"]
+__all__ = ["FORMAT", "KINDS", "VALUE_DTYPES", "SoftLabelWorker", "SoftLabelCache", "cache_key"]
 
 FORMAT = "kesi_dist/soft-labels/v1"
 KINDS = ("samples", "values", "indices")
 VALUE_DTYPES = ("float32", "float16")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a local file or a storage URI, streamed."""
-    h = hashlib.sha256()
-    fs, p = storage.storage_fs(path)
-    with fs.open_input_stream(p) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(*, teacher_hashes: list[str], data_fingerprint: str, seed: int, epochs: int, resolution: int,
@@ -75,89 +67,6 @@ def cache_key(*, teacher_hashes: list[str], data_fingerprint: str, seed: int, ep
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def data_fingerprint(data_dir: str | Path) -> tuple[str, dict]:
-    from kesi_dist.data.loaders import read_meta
-
-    meta = read_meta(data_dir)
-    fp = meta.get("fingerprint") or hashlib.sha256(storage.read_bytes(storage.join(data_dir, "meta.json"))).hexdigest()
-    return fp, meta
-
-
-def check_teachers(teacher_paths: list[str], data_dir: str | Path) -> tuple[str, dict]:
-    """(data fingerprint, meta) after checking that every teacher file exists and predicts the dataset's
-    classes: fails here, naming the file, rather than inside an actor's constructor."""
-    from kesi_dist.checkpoint import load_checkpoint
-
-    if not teacher_paths:
-        raise RunError("no teacher checkpoints given")
-    missing = [p for p in teacher_paths if not storage.is_file(p)]
-    if missing:
-        raise RunError(f"{missing[0]}: no such teacher checkpoint")
-    data_fp, data_meta = data_fingerprint(data_dir)
-    for path in teacher_paths:
-        classes = load_checkpoint(path)["num_classes"]
-        if classes != data_meta["num_classes"]:
-            raise RunError(f"{path}: teacher predicts {classes} classes, the dataset in {data_dir} has "
-                           f"{data_meta['num_classes']}")
-    return data_fp, data_meta
-
-
-def save_npy(path: str | Path, array: np.ndarray) -> dict:
-    """np.save, written atomically (local or URI, see kesi_dist.storage); returns {name, bytes, sha256}."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    data = buf.getvalue()
-    storage.write_bytes(path, data)
-    return {"name": storage.basename(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def verified(out_dir: str | Path, entry: dict) -> tuple[str, bytes]:
-    """(path, content) of a shard whose size and sha256 match its meta.json entry (read once)."""
-    path = storage.join(out_dir, entry["name"])
-    try:
-        data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise RunError(f"{path}: soft-label shard missing; delete {out_dir} to rebuild the cache") from None
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        what = f"{len(data)} bytes, expected {entry['bytes']}" if len(data) != entry["bytes"] else "content hash differs"
-        raise RunError(f"{path}: soft-label shard is truncated or corrupt ({what}); delete {out_dir} to rebuild")
-    return path, data
-
-
-def load_npy(path: str, data: bytes) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise RunError(f"{path}: not a readable .npy soft-label shard ({e})") from None
-
-
-def complete_meta(out_dir: str | Path, key: str, fmt: str = FORMAT, kinds: tuple[str, ...] = KINDS) -> dict | None:
-    """The meta of a complete, intact cache (format `fmt`, shard files `kinds`) with `key` in `out_dir`,
-    else None."""
-    path = storage.join(out_dir, "meta.json")
-    if not storage.is_file(path):
-        return None
-    try:
-        meta = json.loads(storage.read_text(path))
-        if meta.get("format") != fmt or meta.get("key") != key:
-            return None
-        for shard in meta["shards"]:
-            for kind in kinds:
-                verified(out_dir, shard["files"][kind])
-    except (ValueError, KeyError, TypeError, RunError):
-        return None
-    return meta
-
-
-def work_units(batches: int, epochs: int, actors: int, per_actor: int = 8) -> list[tuple[int, int, int, int]]:
-    """(epoch, unit, first batch, stop batch) of the pass: each epoch cut into runs of consecutive
-    batches, about `per_actor` units per actor in all, so that handing units to free actors balances
-    the load to within one unit."""
-    per_epoch = max(1, min(batches, math.ceil(per_actor * actors / epochs)))
-    bounds = [round(i * batches / per_epoch) for i in range(per_epoch + 1)]
-    return [(e, u, bounds[u], bounds[u + 1]) for e in range(epochs) for u in range(per_epoch)]
-
-
 class SoftLabelWorker:
     """The frozen ensemble and a train loader in sample order (one per actor of the pass)."""
 
@@ -165,13 +74,8 @@ class SoftLabelWorker:
                  seed: int, temperature: float, topk: int, backend: str, loader_workers: int, threads: int,
                  gpus: float, values_dtype: str, expected_batches: int | None = None, holdout: float = 0,
                  holdout_seed: int = 0):
-        from kesi_dist.data.loaders import make_loader
-        from kesi_dist.distill.ensemble import load_teachers
-
         self.threads = threads
         torch.set_num_threads(threads)
-        from kesi_dist.train.devices import compute_device
-
         self.device = compute_device(gpus)  # a GPU request without CUDA stops here, naming the node
         self.teachers = load_teachers(teacher_paths, self.device)
         self.temperature, self.topk, self.values_dtype = temperature, topk, values_dtype
@@ -192,9 +96,6 @@ class SoftLabelWorker:
     @torch.no_grad()
     def compute(self, epoch: int, unit: int, first: int, stop: int) -> dict:
         """Top-k ensemble probabilities of batches first..stop-1 of `epoch` (work unit `unit`)."""
-        from kesi_dist.distill.ensemble import ensemble_probs
-        from kesi_dist.distill.losses import topk_probs
-
         start = time.perf_counter()
         teacher_s = teacher_cpu_s = 0.0  # wall and this thread's CPU time in the teachers
         samples, values, classes = [], [], []

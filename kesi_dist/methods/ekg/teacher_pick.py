@@ -1,4 +1,4 @@
-"""Which interim sub-networks become the memory bank's teachers (shared/design/EKG_SWP.md A.9).
+"""Which interim sub-networks become the memory bank's teachers (the reference code's pick, sseung0703/EKG).
 
 The search's history (the original network and every accepted sub-network except the final one, each
 with its holdout loss) is sorted by loss; `num` targets are spread evenly from the lowest loss upward in

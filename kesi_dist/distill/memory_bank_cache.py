@@ -1,9 +1,9 @@
 """EKG's memory bank: the logits of J teacher sub-networks for every clean training image, stored once.
 
-Unlike the soft-label cache (`kesi_dist.distill.softlabels`: ensemble probabilities per (epoch,
+Unlike the soft-label cache (`kesi_dist.distill.soft_label_cache`: ensemble probabilities per (epoch,
 augmented image)), a memory bank is epoch-independent: the teachers see each training image once,
 unaugmented, in sample order, and the student's augmented views are all matched to those fixed logits
-(Lee & Song, ECCV 2022; shared/design/EKG_SWP.md A.9). Teachers are kept apart ([n, C, J], teacher 0
+(Lee & Song, ECCV 2022). Teachers are kept apart ([n, C, J], teacher 0
 the best) because the curriculum loss (`kesi_dist.distill.curriculum`) picks a subset per batch.
 
 BatchNorm runs on batch statistics, as in the search that chose the teachers (their running
@@ -11,7 +11,7 @@ statistics are the unpruned network's and do not fit a sub-network); the batches
 pass (`batch_size` consecutive images in sample order, whichever actor computes them), so the bank
 does not depend on how the pass was split.
 
-Layout of a bank folder (the soft-label cache's guarantees: every file written atomically, meta.json
+Layout of a bank folder (`kesi_dist.distill.shards`' guarantees: every file written atomically, meta.json
 last with each shard's size and sha256, checked before a shard is trusted, `allow_pickle=False`):
     meta.json                      format, key, teachers, num_classes, train_size, holdout, shards
     <key12>-s<shard>-samples.npy   int64 [n]          positions in train.beton
@@ -29,8 +29,12 @@ import numpy as np
 import torch
 
 from kesi_dist import storage
-from kesi_dist.distill.softlabels import load_npy, verified
+from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
+from kesi_dist.data.loaders import make_loader
+from kesi_dist.distill.shards import load_npy, verified
 from kesi_dist.errors import RunError
+from kesi_dist.train.bn import batch_statistics
+from kesi_dist.train.devices import compute_device
 
 __all__ = ["BANK_FORMAT", "BANK_KINDS", "bank_key", "MemoryBankWorker", "MemoryBank"]
 
@@ -52,10 +56,6 @@ class MemoryBankWorker:
 
     def __init__(self, teacher_paths: list[str], data_dir: str, *, batch_size: int, resolution: int, backend: str,
                  loader_workers: int, threads: int, gpus: float, holdout: float = 0, holdout_seed: int = 0):
-        from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
-        from kesi_dist.data.loaders import make_loader
-        from kesi_dist.train.devices import compute_device
-
         self.threads = threads
         torch.set_num_threads(threads)
         self.device = compute_device(gpus)  # a GPU request without CUDA stops here, naming the node
@@ -74,8 +74,6 @@ class MemoryBankWorker:
     @torch.no_grad()
     def compute(self, unit: int, first: int, stop: int) -> dict:
         """Every teacher's logits on batches first..stop-1 of the clean pass (work unit `unit`)."""
-        from kesi_dist.train.bn import batch_statistics
-
         start = time.perf_counter()
         bs = self.loader.batch_size
         self.loader.set_window(first * bs, stop * bs)

@@ -1,18 +1,18 @@
-"""EKG's own stages: the search on an actor pool, its teachers and result, and the uniform comparison arm.
+"""EKG's own pipeline stage, the search (on an actor pool), its teachers and result, and the uniform
+comparison arm's initial net (the finetune stage trains it).
 
     search    the greedy loop in the driver; the Taylor scores (sharded by holdout batch) and each step's
               candidate evaluations run on a pool of actors that each hold the baseline and the holdout;
               after every accepted step the search's state is saved and the step recorded, so a killed
               driver resumes at its last accepted step
-    teachers  the memory bank's interim sub-networks (`bank.pick_teachers`) cut out of the baseline
-    uniform   the baseline pruned by one ratio in every unit (L1 filters) to the same MACs target
+    teachers  the memory bank's interim sub-networks (`teacher_pick.pick_teachers`) cut out of the baseline
+    uniform   the baseline pruned by one ratio in every unit (L1 filters) to the same budget
 """
 
 from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import torch
 
@@ -20,7 +20,7 @@ from kesi_dist import storage
 from kesi_dist.budget import Budget
 from kesi_dist.checkpoint import load_checkpoint, load_tensors, model_from_checkpoint, save_checkpoint
 from kesi_dist.data.loaders import split_tensors
-from kesi_dist.methods.ekg.bank import pick_teachers
+from kesi_dist.methods.ekg.teacher_pick import pick_teachers
 from kesi_dist.methods.ekg.evaluator import SubnetEvaluator
 from kesi_dist.methods.ekg.search import Step, SubnetSearch, uniform_widths
 from kesi_dist.progress import bar
