@@ -23,12 +23,13 @@ from typing import Any, Callable, ClassVar, Sequence
 from pydantic import Field
 
 from kesi_dist.errors import UsageError
+from kesi_dist.fields import get_field
 from kesi_dist.latency_table import load_table, plan_latency, predict, table_warnings, warn_once
 from kesi_dist.model_config import default_num_classes
 from kesi_dist.schema import Strict
 
 __all__ = ["Budget", "MacsBudget", "LatencyBudget", "BUDGETS", "LatencyTargetCfg", "SearchBudgetCfg", "run_budget",
-           "network_of", "reached", "search_fields"]
+           "network_of", "reached", "recorded_budget", "search_fields"]
 
 Cost = Callable[[Sequence[int]], float]
 
@@ -61,9 +62,15 @@ class Budget:
         """The baseline's cost in words ("the baseline's 4.1 M MACs")."""
         raise NotImplementedError
 
-    def besides_macs(self, ratio: float) -> str:
+    @classmethod
+    def besides_macs(cls, ratio: float | None) -> str:
         """What a progress line adds after the MACs ratio: the bounded cost's own ratio (nothing for MACs)."""
-        return f", {self.noun} {100 * ratio:.1f}%"
+        return "" if ratio is None else f", {cls.noun} {100 * ratio:.1f}%"
+
+    @classmethod
+    def target_words(cls, target: float) -> str:
+        """"target 60% of the latency" (`kesi status`)."""
+        return f"target {100 * target:.0f}% of the {cls.short}"
 
     def record(self) -> dict:
         """The search stage's manifest fields naming the target (`kesi status` and reports read them)."""
@@ -96,8 +103,13 @@ class MacsBudget(Budget):
     def amount(self, base: float) -> str:
         return f"the baseline's {base / 1e6:.1f} M MACs"
 
-    def besides_macs(self, ratio: float) -> str:
+    @classmethod
+    def besides_macs(cls, ratio: float | None) -> str:
         return ""
+
+    @classmethod
+    def target_words(cls, target: float) -> str:
+        return f"target {100 * target:.0f}%"
 
     def plan(self, out: dict, base: float) -> dict:
         return {**out, "target_macs_ratio": self.ratio, "target_macs": int(self.ratio * base)}
@@ -174,6 +186,16 @@ class SearchBudgetCfg(Strict):
 
 
 BUDGETS: dict[str, type[Budget]] = {b.kind: b for b in (MacsBudget, LatencyBudget)}
+
+
+def recorded_budget(record: dict, where: str) -> tuple[type[Budget], float] | None:
+    """(the budget class, its target) a search stage's record names (`Budget.record`), each field checked
+    (`FieldError` naming it); None when it names none (a run from before budgets were recorded)."""
+    for kind, cls in BUDGETS.items():
+        target = get_field(record, f"target_{kind}_ratio", float, where, required=False)
+        if target is not None:
+            return cls, target
+    return None
 
 
 def search_fields(record: dict) -> dict:

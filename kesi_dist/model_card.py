@@ -129,25 +129,8 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
             continue
         snap = r.get("snapshot") or f"{len(r.get('teachers', []))} teachers (sums)"
         lines.append(f"| {label} | {_pct(r['val_acc'])} | {_m(r['params'])} | {r['macs'] / 1e6:.1f} M | {snap} |")
-    ens = report.get("ensemble")
-    lines += ["", "## Teachers", ""]
-    if ens:
-        members = {s["name"]: s for s in report.get("snapshots", [])}
-        lines += [f"The student was distilled from {len(ens['teachers'])} teachers "
-                  f"(ensemble top-1 {_pct(ens['val_acc'])}):", ""]
-        for t in ens["teachers"]:
-            m = members.get(t, {})
-            lines.append(f"- `{t}`: top-1 {_pct(m.get('val_acc'))}, {_m(m.get('params'))} params, "
-                         f"{(m.get('macs') or 0) / 1e6:.1f} M MACs")
-    elif report.get("teachers"):  # EKG: a memory bank of interim sub-networks of the search
-        lines += [f"The student was fine-tuned from a memory bank of {len(report['teachers'])} interim sub-networks of "
-                  "the search (the baseline's weights, not trained; their logits on the clean training images), "
-                  "with the curriculum loss:", ""]
-        for j, t in enumerate(report["teachers"]):
-            lines.append(f"- teacher {j}: search step {t['step']}, {t['macs'] / 1e6:.1f} M MACs, holdout CE "
-                         f"{t['holdout_loss']:.4f}")
-    else:
-        lines.append("No ensemble stage completed (distillation off or the run stopped early).")
+    if layout.teachers is not None:  # the method's own words for what its student learnt from
+        lines += ["", "## Teachers", "", *layout.teachers(report)]
     lines += ["", "## Data", "",
               f"- source: `{data_cfg.get('source', '?')}`" + (f" from `{data_cfg['root']}`" if data_cfg.get("root") else ""),
               f"- prepared data: `{data.get('path', '?')}`",

@@ -47,6 +47,7 @@ class ReportLayout:
     chain_acc_label: the chain table's accuracy column; chain_extra: (column label, chain key,
         TensorBoard tag) of further chain columns.
     sections: report -> the method's own report.md lines after the table (a search's steps, ...).
+    teachers: report -> the model card's "Teachers" section (None: the method has no teachers).
     """
 
     title: str
@@ -57,6 +58,7 @@ class ReportLayout:
     chain_acc_label: str = "top-1 (%)"
     chain_extra: tuple[tuple[str, str, str], ...] = ()
     sections: Callable[[dict], list[str]] | None = None
+    teachers: Callable[[dict], list[str]] | None = None
 
     def deliverable(self, report: dict) -> str | None:
         return next((k for k in self.deliverables if report.get(k)), None)

@@ -1,6 +1,7 @@
 """`kesi status RUN`: where a run is, from its folder alone (a local path or a storage URI).
 
-Reads `manifest.json` (stages, registered snapshots, a search's recorded steps or generations),
+Reads `manifest.json` (stages, registered snapshots; a method's own stages, such as a search's recorded
+steps or generations, are described by the method: `status_detail` in its report module),
 `config.yaml`, `progress/<snapshot>.json` (rewritten by every training run after each epoch: epoch,
 last metrics, node, epoch end times), `lease.json` (the driver running it) and, once the run is
 complete, `report.json`. Works while the run is in progress (from any machine that can read the
@@ -19,32 +20,12 @@ import yaml
 
 from kesi_dist import storage
 from kesi_dist.errors import RunError, UsageError
+from kesi_dist.fields import FieldError, get_field
+from kesi_dist.methods import METHODS
+from kesi_dist.runs.lease import LEASE, describe_holder, read_lease
+from kesi_dist.runs.manifest import Manifest
 
 __all__ = ["run_status", "format_status"]
-
-
-class _Bad(Exception):
-    """Field `field` of a file is missing or has the wrong type."""
-
-    def __init__(self, field: str, what: str):
-        super().__init__(f"{field}: {what}")
-
-
-def _get(obj, key: str, kind, where: str, required: bool = True):
-    """obj[key] checked to be `kind` (a number is int or float, never bool); None when optional and absent."""
-    field = f"{where}.{key}" if where else key
-    if not isinstance(obj, dict):
-        raise _Bad(where or "(top level)", f"a {type(obj).__name__}, expected a mapping")
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise _Bad(field, "missing")
-        return None
-    kinds = (int, float) if kind is float else kind
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kinds):
-        name = {dict: "mapping", list: "list", str: "string", int: "whole number", float: "number"}[kind]
-        raise _Bad(field, f"{value!r} is a {type(value).__name__}, expected a {name}")
-    return value
 
 
 def _read_json(path: str):
@@ -68,52 +49,31 @@ def _config(run: str) -> dict:
                        "folder is damaged")
     try:
         for section in ("method", "model"):
-            _get(cfg, section, dict, "", required=False)
-        _get(cfg.get("method") or {}, "name", str, "method", required=False)
-        _get(cfg.get("model") or {}, "arch", str, "model", required=False)
-        _get(cfg.get("method") or {}, "search", dict, "method", required=False)
-        _get((cfg.get("method") or {}).get("search") or {}, "generations", int, "method.search", required=False)
-    except _Bad as e:
+            get_field(cfg, section, dict, "", required=False)
+        get_field(cfg.get("method") or {}, "name", str, "method", required=False)
+        get_field(cfg.get("model") or {}, "arch", str, "model", required=False)
+    except FieldError as e:
         raise RunError(f"{path}: {e}; the run folder is damaged") from None
     return cfg
 
 
-def _search_detail(st: dict, cfg: dict) -> str | None:
-    """A search stage's progress: EKG's accepted steps, SWP's generations (None when neither)."""
-    steps = _get(st, "steps", list, "stages.search", required=False)
-    if steps:
-        last = _get({"steps[-1]": steps[-1]}, "steps[-1]", dict, "stages.search")
-        macs = _get(last, "macs_ratio", float, "stages.search.steps[-1]")
-        budget = _get(last, "budget_ratio", float, "stages.search.steps[-1]", required=False)
-        lat = _get(st, "target_latency_ratio", float, "stages.search", required=False)
-        macs_target = _get(st, "target_macs_ratio", float, "stages.search", required=False)
-        if lat is not None:  # a latency budget: the predicted latency is what the search stops on
-            return (f"{len(steps)} steps, MACs {100 * macs:.1f}%"
-                    + (f", predicted latency {100 * budget:.1f}%" if budget is not None else "")
-                    + f" (target {100 * lat:.0f}% of the latency)")
-        return f"{len(steps)} steps, MACs {100 * macs:.1f}%" + (
-            f" (target {100 * macs_target:.0f}%)" if macs_target is not None else "")
-    gens = _get(st, "generations", list, "stages.search", required=False)
-    if gens:
-        g = _get({"generations[-1]": gens[-1]}, "generations[-1]", dict, "stages.search")
-        total = ((cfg.get("method") or {}).get("search") or {}).get("generations")
-        return (f"generation {_get(g, 'generation', int, 'stages.search.generations[-1]')}"
-                + (f"/{total}" if total else "")
-                + f", best proxy {100 * _get(g, 'best', float, 'stages.search.generations[-1]'):.2f}%")
-    return None
+def _detail_of(method: str):
+    """The method's status line for one of its own stages (`status_detail` of its report module), if any."""
+    m = METHODS.get(method)
+    return getattr(m.module("report"), "status_detail", None) if m else None
 
 
 def _stages(m: dict, cfg: dict, now: float) -> list[dict]:
-    rows = []
-    for name, st in _get(m, "stages", dict, "").items():
+    rows, detail_of = [], _detail_of((cfg.get("method") or {}).get("name", "kesi"))
+    for name, st in get_field(m, "stages", dict, "").items():
         where = f"stages.{name}"
-        status = _get(st, "status", str, where)
-        start = _get(st, "start", float, where)
-        end = _get(st, "end", float, where, required=False)
-        attempts = _get(st, "attempts", int, where, required=False) or 1
+        status = get_field(st, "status", str, where)
+        start = get_field(st, "start", float, where)
+        end = get_field(st, "end", float, where, required=False)
+        attempts = get_field(st, "attempts", int, where, required=False) or 1
         row = {"stage": name, "status": status, "attempts": attempts,
                "seconds": round((end if status != "running" and end is not None else now) - start, 1)}
-        detail = _search_detail(st, cfg) if name == "search" else None
+        detail = detail_of(name, st, cfg) if detail_of else None
         if detail:
             row["detail"] = detail
         elif status == "failed" and st.get("error"):  # a completed stage's earlier failure is history
@@ -134,16 +94,16 @@ def _training(run: str, snaps: dict, now: float, problems: list[str]) -> list[di
         if p is None or snapshot in snaps:  # mid-write or gone; or its snapshot is registered: finished
             continue
         try:
-            epoch, epochs = _get(p, "epoch", int, ""), _get(p, "epochs", int, "")
-            metrics = _get(p, "metrics", dict, "")
-            updated = _get(p, "updated", float, "")
-            times = [_get({"t": t}, "t", float, "epoch_times[]") for t in _get(p, "epoch_times", list, "", False) or []]
+            epoch, epochs = get_field(p, "epoch", int, ""), get_field(p, "epochs", int, "")
+            metrics = get_field(p, "metrics", dict, "")
+            updated = get_field(p, "updated", float, "")
+            times = [get_field({"t": t}, "t", float, "epoch_times[]") for t in get_field(p, "epoch_times", list, "", False) or []]
             per_epoch = statistics.median([b - a for a, b in zip(times, times[1:])]) if len(times) > 1 else \
-                _get(metrics, "epoch_s", float, "metrics", required=False)
-            accs = {k: _get(metrics, k, float, "metrics", required=False) for k in ("holdout/acc", "val/acc")}
-            node = _get(metrics, "node_id", str, "metrics", required=False)
-            attempts = _get(p, "attempts", int, "", required=False)
-        except _Bad as e:
+                get_field(metrics, "epoch_s", float, "metrics", required=False)
+            accs = {k: get_field(metrics, k, float, "metrics", required=False) for k in ("holdout/acc", "val/acc")}
+            node = get_field(metrics, "node_id", str, "metrics", required=False)
+            attempts = get_field(p, "attempts", int, "", required=False)
+        except FieldError as e:
             problems.append(f"{path}: {e}; skipped")
             continue
         out.append({"name": snapshot, "epoch": epoch, "epochs": epochs, "holdout_acc": accs["holdout/acc"],
@@ -159,11 +119,11 @@ def _report_rows(run: str, problems: list[str]) -> list[dict]:
     for key, value in (report if isinstance(report, dict) else {}).items():
         if isinstance(value, dict) and "val_acc" in value and "macs" in value:
             try:
-                rows.append({"row": key, "val_acc": _get(value, "val_acc", float, key),
-                             "holdout_acc": _get(value, "holdout_acc", float, key, required=False),
-                             "macs": _get(value, "macs", float, key),
-                             "params": _get(value, "params", float, key, required=False)})
-            except _Bad as e:
+                rows.append({"row": key, "val_acc": get_field(value, "val_acc", float, key),
+                             "holdout_acc": get_field(value, "holdout_acc", float, key, required=False),
+                             "macs": get_field(value, "macs", float, key),
+                             "params": get_field(value, "params", float, key, required=False)})
+            except FieldError as e:
                 problems.append(f"{storage.join(run, 'report.json')}: {e}; row skipped")
     return rows
 
@@ -171,9 +131,6 @@ def _report_rows(run: str, problems: list[str]) -> list[dict]:
 def run_status(run: str) -> dict:
     """{run, method, arch, status, created, updated, driver, stages: [...], training: [...], report_rows:
     [...], problems: [...]}; RunError naming the file and field when the manifest or config is damaged."""
-    from kesi_dist.runs.lease import LEASE, describe_holder, read_lease
-    from kesi_dist.runs.manifest import Manifest
-
     run = run if storage.is_uri(run) else str(run)
     mpath = storage.join(run, "manifest.json")
     if not storage.is_file(mpath):
@@ -182,14 +139,14 @@ def run_status(run: str) -> dict:
     cfg = _config(run)
     now, problems = time.time(), []
     try:
-        snaps = _get(m, "snapshots", dict, "")
+        snaps = get_field(m, "snapshots", dict, "")
         stages = _stages(m, cfg, now)
-        status = _get(m, "status", str, "")
-        created = _get(m, "created", float, "", required=False)
-        events = _get(m, "events", list, "", required=False) or []
-        updated = _get({"events[-1]": events[-1]}, "events[-1]", dict, "") if events else None
-        updated = _get(updated, "t", float, "events[-1]") if updated else None
-    except _Bad as e:
+        status = get_field(m, "status", str, "")
+        created = get_field(m, "created", float, "", required=False)
+        events = get_field(m, "events", list, "", required=False) or []
+        updated = get_field({"events[-1]": events[-1]}, "events[-1]", dict, "") if events else None
+        updated = get_field(updated, "t", float, "events[-1]") if updated else None
+    except FieldError as e:
         raise RunError(f"{mpath}: {e}; the run folder is damaged") from None
     held = read_lease(storage.join(run, LEASE))
     return {"run": run, "method": (cfg.get("method") or {}).get("name", "kesi"),

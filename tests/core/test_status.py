@@ -1,4 +1,4 @@
-"""`kesi status` never crashes: an EKG search under a latency budget (its stage records no MACs target),
+"""`kesi status` never crashes: an EKG or SWP search under a latency budget (its stage records no MACs target),
 a stage that failed or was interrupted and then completed on `--resume` (no stale error), a progress
 file or report.json that is not what it should be (skipped with a warning line, the rest is shown), and
 the driver holding the run. A damaged manifest or config.yaml is one error line: rows of
@@ -50,6 +50,19 @@ def test_an_ekg_search_under_a_latency_budget(tmp_path, capsys):
     ctx.manifest.stages["search"]["target_macs_ratio"] = 0.45
     ctx.manifest.save()
     assert run_status(ctx.run.root)["stages"][0]["detail"].endswith("(target 45%)")
+
+
+def test_an_swp_search_under_a_latency_budget(tmp_path, capsys):
+    """SWP's search stage as it records itself (`Budget.record` of a latency budget, then generations)."""
+    from kesi_dist.budget import LatencyBudget
+
+    ctx = _run(tmp_path, "swp")
+    with ctx.stage("search", **LatencyBudget(0.6, "method.target_latency").record()):
+        ctx.note("search", generations=[{"generation": 0, "best": 0.4, "mean": 0.3, "evaluated": 12},
+                                        {"generation": 1, "best": 0.5, "mean": 0.4, "evaluated": 24}])
+        row = run_status(ctx.run.root)["stages"][0]
+    assert row["detail"] == "generation 1, best proxy 50.00% (target 60% of the latency)"
+    assert main(["status", ctx.run.root]) == 0 and "(target 60% of the latency)" in capsys.readouterr().out
 
 
 def test_a_stage_redone_on_resume_shows_no_stale_error_and_an_interrupted_one_says_so(tmp_path):

@@ -9,10 +9,11 @@ search's trajectory and the memory bank's teachers.
 
 from __future__ import annotations
 
-from kesi_dist.budget import reached, search_fields
+from kesi_dist.budget import recorded_budget, reached, search_fields
+from kesi_dist.fields import get_field
 from kesi_dist.report import ReportLayout, latency_entry, size_row
 
-__all__ = ["build_report", "layout", "sections"]
+__all__ = ["build_report", "layout", "sections", "status_detail", "teacher_lines"]
 
 
 def build_report(manifest: dict) -> dict:
@@ -85,6 +86,33 @@ def sections(report: dict) -> list[str]:
     return lines
 
 
+def status_detail(stage: str, record: dict, config: dict) -> str | None:
+    """`kesi status`'s line for the search stage: its accepted steps, MACs and the budget's own ratio
+    against the target (every field checked: `kesi_dist.fields.FieldError` names a damaged one)."""
+    steps = get_field(record, "steps", list, f"stages.{stage}", required=False) if stage == "search" else None
+    if not steps:
+        return None
+    where = "stages.search.steps[-1]"
+    last = get_field({"steps[-1]": steps[-1]}, "steps[-1]", dict, "stages.search")
+    macs, ratio = get_field(last, "macs_ratio", float, where), get_field(last, "budget_ratio", float, where, False)
+    budget = recorded_budget(record, "stages.search")
+    line = f"{len(steps)} steps, MACs {100 * macs:.1f}%"
+    return line if budget is None else f"{line}{budget[0].besides_macs(ratio)} ({budget[0].target_words(budget[1])})"
+
+
+def teacher_lines(report: dict) -> list[str]:
+    """The model card's teachers: the memory bank's interim sub-networks."""
+    if not report.get("teachers"):
+        return ["No memory bank was built (the run stopped before it)."]
+    lines = [f"The student was fine-tuned from a memory bank of {len(report['teachers'])} interim sub-networks of "
+             "the search (the baseline's weights, not trained; their logits on the clean training images), "
+             "with the curriculum loss:", ""]
+    for j, t in enumerate(report["teachers"]):
+        lines.append(f"- teacher {j}: search step {t['step']}, {t['macs'] / 1e6:.1f} M MACs, holdout CE "
+                     f"{t['holdout_loss']:.4f}")
+    return lines
+
+
 def layout(cfg) -> ReportLayout:
     """How EKG's report reads for config `cfg` (the root Config)."""
     b = cfg.method.budget()
@@ -98,4 +126,5 @@ def layout(cfg) -> ReportLayout:
         card_titles={"ekg": f"{what} + memory-bank fine-tuning", "ce_finetune": f"{what}, CE fine-tuning"},
         arms={"ekg": "EKG", "ce_finetune": "CE fine-tune", "uniform": "uniform"},
         sections=sections,
+        teachers=teacher_lines,
     )

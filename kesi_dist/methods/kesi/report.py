@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kesi_dist.report import ReportLayout, latency_entry, size_row
 
-__all__ = ["build_report", "layout"]
+__all__ = ["build_report", "layout", "teacher_lines"]
 
 
 def build_report(manifest: dict) -> dict:
@@ -50,6 +50,29 @@ def build_report(manifest: dict) -> dict:
     }
 
 
+def teacher_lines(report: dict) -> list[str]:
+    """The model card's teachers: the ensemble the student was distilled from."""
+    ens = report.get("ensemble")
+    if not ens:
+        return ["No ensemble stage completed (distillation off or the run stopped early)."]
+    members = {s["name"]: s for s in report.get("snapshots", [])}
+    lines = [f"The student was distilled from {len(ens['teachers'])} teachers (ensemble top-1 {_pct(ens['val_acc'])}):",
+             ""]
+    for t in ens["teachers"]:
+        m = members.get(t, {})
+        lines.append(f"- `{t}`: top-1 {_pct(m.get('val_acc'))}, {_m(m.get('params'))} params, "
+                     f"{(m.get('macs') or 0) / 1e6:.1f} M MACs")
+    return lines
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def _m(x) -> str:
+    return "–" if x is None else f"{x / 1e6:.3f} M"
+
+
 def layout(cfg) -> ReportLayout:
     """How KESI's report reads for config `cfg` (the root Config)."""
     p = cfg.method.prune
@@ -64,4 +87,5 @@ def layout(cfg) -> ReportLayout:
         arms={"onecycle": "one-cycle branches", "fixed": "fixed-LR arm"},
         chain_acc_label="top-1 one-cycle (%)",
         chain_extra=(("top-1 fixed LR (%)", "fixed_lr_val_acc", "fixed_lr/val_acc"),),
+        teachers=teacher_lines,
     )

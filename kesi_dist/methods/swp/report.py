@@ -5,11 +5,12 @@ search and the supernets' parallel runs. Correlation accuracies are in percent: 
 
 from __future__ import annotations
 
-from kesi_dist.budget import reached, search_fields
+from kesi_dist.budget import recorded_budget, reached, search_fields
+from kesi_dist.fields import get_field
 from kesi_dist.methods.swp.correlation import summary
 from kesi_dist.report import ReportLayout, latency_entry, save_figure, size_row
 
-__all__ = ["build_report", "layout", "sections", "write_scatter"]
+__all__ = ["build_report", "layout", "sections", "write_scatter", "status_detail"]
 
 
 def _pct(x) -> float | None:
@@ -116,6 +117,22 @@ def write_scatter(path: str, report: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def status_detail(stage: str, record: dict, config: dict) -> str | None:
+    """`kesi status`'s line for the search stage: the last generation of the evolution, its best proxy and
+    the budget's target (every field checked: `kesi_dist.fields.FieldError` names a damaged one)."""
+    gens = get_field(record, "generations", list, f"stages.{stage}", required=False) if stage == "search" else None
+    if not gens:
+        return None
+    where = "stages.search.generations[-1]"
+    g = get_field({"generations[-1]": gens[-1]}, "generations[-1]", dict, "stages.search")
+    search = (config.get("method") or {}).get("search")
+    total = search.get("generations") if isinstance(search, dict) else None
+    budget = recorded_budget(record, "stages.search")
+    return (f"generation {get_field(g, 'generation', int, where)}" + (f"/{total}" if isinstance(total, int) else "")
+            + f", best proxy {100 * get_field(g, 'best', float, where):.2f}%"
+            + (f" ({budget[0].target_words(budget[1])})" if budget else ""))
 
 
 def layout(cfg) -> ReportLayout:
