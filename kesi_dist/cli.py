@@ -108,9 +108,19 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from kesi_dist.errors import UsageError
     from kesi_dist.export import export_run
 
-    info = export_run(args.run, args.format, args.out, snapshot=args.snapshot)
+    if args.format is None and not args.int8:
+        raise UsageError("--format: required (onnx, torchscript or safetensors), or --int8 for an int8 ONNX model")
+    info = export_run(args.run, args.format or "onnx", args.out, snapshot=args.snapshot, int8=args.int8)
+    if args.int8:
+        cal = info["calibration"]
+        print(f"onnx int8: {info['path']}  ({info['snapshot']}: {info['fp32_bytes'] / 1024:.1f} KB fp32 -> "
+              f"{info['bytes'] / 1024:.1f} KB)  calibrated ({cal['method']}) on {cal['images']} held-out images; "
+              f"test top-1 {100 * info['int8_acc']:.2f}% int8 vs {100 * info['fp32_acc']:.2f}% fp32 on "
+              f"{info['test_images']} images")
+        return 0
     extra = f" + {info['widths_file']}" if info.get("widths_file") else ""
     print(f"{info['format']}: {info['path']}{extra}  ({info['snapshot']}: {info['params'] / 1e6:.3f} M params, "
           f"{info['macs'] / 1e6:.1f} M MACs)  verified on {info['verified_batch']} {info['sample']}: "
@@ -203,10 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a stopped `kesi train` in --output")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("export", help="export a run's student (or any snapshot) to onnx, torchscript or safetensors")
+    p = sub.add_parser("export", help="export a run's student (or any snapshot) to onnx, torchscript or "
+                                      "safetensors, or as an int8 ONNX model (--int8)")
     p.add_argument("run", help="run directory (holds manifest.json)")
     p.add_argument("--snapshot", default="student", help="snapshot name from the manifest (default: student)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], help="required unless --int8")
+    p.add_argument("--int8", action="store_true", help="an int8 ONNX model (onnxruntime static quantization, "
+                                                       "per-channel), calibrated on the run's held-out images")
     p.add_argument("--out", required=True, help="file to write (safetensors also writes OUT.widths.json)")
     p.set_defaults(func=_cmd_export)
 

@@ -26,7 +26,7 @@ from kesi_dist.schema import Strict
 METHOD_CONFIGS = {name: m.config for name, m in METHODS.items()}
 
 __all__ = [
-    "Config", "ModelCfg", "DataCfg", "BaselineCfg", "TrainCfg", "ClusterCfg", "MethodCfg",
+    "Config", "ModelCfg", "DataCfg", "BaselineCfg", "TrainCfg", "ClusterCfg", "QuantizeCfg", "MethodCfg",
     "load_config", "parse_config", "apply_overrides", "config_to_yaml", "loader_spec",
     "engine_spec", "data_spec", "num_classes",
 ]
@@ -90,6 +90,21 @@ class ClusterCfg(Strict):
     address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS, else a local Ray")
 
 
+class QuantizeCfg(Strict):
+    """The optional last stage of any method's run: an int8 ONNX model of the deliverable."""
+
+    enabled: bool = Field(False, description="quantize the run's deliverable to int8 at the end (onnxruntime static "
+                          "quantization, QDQ, per-channel int8 weights, uint8 activations) into <run>/int8/, "
+                          "calibrated on held-out training images (needs data.holdout > 0), never the test split; "
+                          "its test top-1 and onnxruntime latency (the latency stage's batch and threads, else batch "
+                          "64, 2 threads) go next to the fp32 model's in report.md, report.json and MODEL_CARD.md")
+    calibration_images: int = Field(256, ge=1, description="held-out images the activation ranges are calibrated on "
+                                    "(all of them when the holdout has fewer)")
+    calibration: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="onnxruntime's calibrator: minmax (the observed range), percentile (the 99.999th "
+        "percentile of |x|), entropy (the KL-divergence threshold; slower)")
+
+
 # One entry per method; with a single method pydantic takes the plain model and still checks `name`.
 MethodCfg = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]
 
@@ -104,12 +119,20 @@ class Config(Strict):
     baseline: BaselineCfg = BaselineCfg()
     train: TrainCfg = TrainCfg()
     cluster: ClusterCfg = ClusterCfg()
+    quantize: QuantizeCfg = QuantizeCfg()
     method: MethodCfg = Field(default_factory=METHOD_CONFIGS["kesi"],
                               description="the compression method and its own sections")
 
     @model_validator(mode="after")
     def _model_fits(self) -> "Config":
         resolve_model(self)  # model.resolution from the data's; a torchvision/timm network the graph cannot cut
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_is_held_out(self) -> "Config":
+        if self.quantize.enabled and not self.data.holdout:
+            raise ValueError("quantize.enabled: int8 calibration reads held-out training images only, and "
+                             "data.holdout is 0 (the test split is never calibrated on); set data.holdout, e.g. 0.1")
         return self
 
 

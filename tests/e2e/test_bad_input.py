@@ -203,6 +203,20 @@ def _export(where: str, fmt: str = "onnx") -> Callable[[Ctx], list[str]]:
     return setup
 
 
+def _export_int8(*extra: str, holdout: float | None = None) -> Callable[[Ctx], list[str]]:
+    """`kesi export RUN --int8` on a fabricated run (its config's data.holdout replaced by `holdout`)."""
+    def setup(c: Ctx) -> list[str]:
+        import yaml
+
+        run = c.fabricated_run(student=True)
+        if holdout is not None:
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            cfg["data"]["holdout"] = holdout
+            (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        return ["export", str(run), "--int8", *extra, "--out", str(c.tmp / "student.int8.onnx")]
+    return setup
+
+
 def _corrupt_manifest(c: Ctx) -> list[str]:
     run = c.fabricated_run()
     text = (run / "manifest.json").read_text()
@@ -341,6 +355,15 @@ CASES = [
          no_output_dir=False),
     Case("export_into_a_run_subfolder", _export("train/student.onnx"), 2, "is a place of run", no_output_dir=False),
     Case("export_over_the_report", _export("report.md", "safetensors"), 2, "(report.md)", no_output_dir=False),
+    # -- int8: calibrated on held-out images only, written as ONNX ---------------------------------------
+    Case("quantize_without_holdout", lambda c: c.on_data("quantize.enabled=true", "data.holdout=0"), 2,
+         "quantize.enabled: int8 calibration reads held-out training images only"),
+    Case("export_int8_without_holdout", _export_int8(holdout=0), 2, "has no held-out split (data.holdout: 0)",
+         no_output_dir=False),
+    Case("export_int8_as_torchscript", _export_int8("--format", "torchscript"), 2, "--int8 --format torchscript",
+         no_output_dir=False),
+    Case("export_without_a_format", lambda c: ["export", str(c.fabricated_run(student=True)), "--out",
+                                               str(c.tmp / "m.onnx")], 2, "--format: required", no_output_dir=False),
 ]
 
 

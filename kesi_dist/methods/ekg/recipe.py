@@ -26,6 +26,7 @@ from kesi_dist.runs import RunContext
 from kesi_dist.stages.memory_bank import memory_bank_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.latency import latency_stage
+from kesi_dist.stages.quantize import quantize_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.train.spec import schedule_from
 from kesi_dist.train.task_specs import MemoryBankSpec
@@ -74,5 +75,8 @@ def run(cfg: Config, ctx: RunContext) -> None:
     if budget.table is not None:
         latency_stage(ctx, table_path=budget.table_path, resolution=cfg.data.resolution,
                       snapshots=["baseline", "student", *(["uniform"] if m.arms.uniform else [])])
+    if cfg.quantize.enabled:  # the deliverable as an int8 ONNX model, calibrated on held-out images
+        q = cfg.quantize
+        quantize_stage(ctx, "student", loader=loader, images=q.calibration_images, calibration=q.calibration)
     ctx.complete()
     report_stage(ctx, build_report(ctx.manifest.data), layout(cfg))

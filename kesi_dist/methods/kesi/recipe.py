@@ -27,6 +27,7 @@ from kesi_dist.runs import RunContext, describe_snapshot, fmt_acc, fmt_size, sel
 from kesi_dist.stages.distill import distill_stage
 from kesi_dist.stages.ensemble import ensemble_stage
 from kesi_dist.stages.latency import latency_stage
+from kesi_dist.stages.quantize import quantize_stage
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.stages.soft_labels import soft_labels_stage
@@ -63,6 +64,10 @@ def run(cfg: Config, ctx: RunContext) -> None:
     if budget is not None and budget.table is not None:
         latency_stage(ctx, table_path=budget.table_path, resolution=cfg.data.resolution,
                       snapshots=["baseline", "student" if d.enabled else chain[-1]])
+    if cfg.quantize.enabled:  # the deliverable as an int8 ONNX model, calibrated on held-out images
+        q = cfg.quantize
+        quantize_stage(ctx, "student" if d.enabled else chain[-1], loader=loader, images=q.calibration_images,
+                       calibration=q.calibration)
     ctx.complete()
     report_stage(ctx, build_report(ctx.manifest.data), layout(cfg))
 

@@ -28,6 +28,7 @@ from kesi_dist.methods.swp.supernets_stage import save_subnet, supernets_stage
 from kesi_dist.runs import RunContext
 from kesi_dist.stages.report import report_stage
 from kesi_dist.stages.latency import latency_stage
+from kesi_dist.stages.quantize import quantize_stage
 from kesi_dist.stages.retrain import Branch, retrain
 from kesi_dist.train.spec import schedule_from
 
@@ -71,6 +72,9 @@ def run(cfg: Config, ctx: RunContext) -> None:
     if budget.table is not None:
         latency_stage(ctx, table_path=budget.table_path, resolution=cfg.data.resolution,
                       snapshots=["baseline", "student", *(["uniform"] if m.uniform else [])])
+    if cfg.quantize.enabled:  # the deliverable as an int8 ONNX model, calibrated on held-out images
+        q = cfg.quantize
+        quantize_stage(ctx, "student", loader=loader, images=q.calibration_images, calibration=q.calibration)
     ctx.complete()
     report = build_report(ctx.manifest.data)
     report_stage(ctx, report, layout(cfg))
