@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kesi_dist import storage
-from kesi_dist.report import ReportLayout, latency_lines, protocol_line
+from kesi_dist.report import ReportLayout, int8_lines, latency_lines, protocol_line
 
 __all__ = ["write_model_card", "measure_latency"]
 
@@ -119,6 +119,7 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
                                  f"{base['macs'] / student['macs']:.2f}x fewer MACs "
                                  f"({100 * (1 - student['macs'] / base['macs']):.1f} % reduction)", *speed]) + "."]
     lines += [line.replace("## Latency", "### Latency") for line in latency_lines(report)]
+    lines += int8_lines(report, "###")
     lines += ["", "## Accuracy of every arm", "",
               f"Top-1 on the test split of {data_cfg.get('source', '?')} (`report.json`). {protocol_line(report)}", "",
               "| arm | top-1 | params | MACs | snapshot |", "|---|---|---|---|---|"]
@@ -163,6 +164,7 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
               *([f"CLASSES = {norm['class_names']!r}", "print(CLASSES[int(logits.argmax())])"]
                 if norm.get("class_names") else []),
               "```", "",
+              *_int8_snippet(report, norm, res, data_cfg.get("augment", "cifar")),
               "The safetensors file holds weights only; the architecture is rebuilt from the widths file:", "",
               "```python",
               "import json; from safetensors.torch import load_file; from kesi_dist.models import build_model",
@@ -171,6 +173,23 @@ def _card(run_root: str, manifest: dict, report: dict, layout: ReportLayout, con
               "model.load_state_dict(load_file(\"student.safetensors\")); model.eval()",
               "```", ""]
     return "\n".join(lines)
+
+
+def _int8_snippet(report: dict, norm: dict, res: int, augment: str) -> list[str]:
+    """Loading the int8 model (when the run quantized its deliverable): onnxruntime alone, as for fp32."""
+    q = report.get("int8")
+    if not q:
+        return []
+    name = q["file"].rsplit("/", 1)[-1]
+    return [f"The int8 model is `{q['file']}` in this folder; `kesi export . --int8 --out {name}` writes the same "
+            f"bytes again (calibrated on the same held-out images). onnxruntime alone loads it; run from the folder "
+            f"holding `{name}`, this gives the int8 top-1 above ({_pct(q['int8_acc'])}) on the test images:", "",
+            "```python",
+            "import numpy as np, onnxruntime as ort",
+            "from PIL import Image",
+            *_preprocessing(norm, res, augment),
+            f"logits = ort.InferenceSession(\"{name}\").run(None, {{\"input\": x}})[0]  # int8 inside, float32 logits",
+            "```", ""]
 
 
 def _split_sizes(data: dict) -> str:

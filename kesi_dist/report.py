@@ -30,7 +30,7 @@ from kesi_dist import storage
 from kesi_dist.latency_table import threads_text
 
 __all__ = ["ReportLayout", "size_row", "protocol", "protocol_line", "write_report", "render_markdown", "latency_entry",
-           "latency_lines", "save_figure"]
+           "latency_lines", "int8_entry", "int8_lines", "save_figure"]
 
 SIZE_KEYS = ("val_acc", "holdout_acc", "params", "nonzero_params", "macs")
 
@@ -118,6 +118,35 @@ def latency_lines(report: dict) -> list[str]:
     return lines
 
 
+def int8_entry(stages: dict) -> dict:
+    """`{"int8": ...}` for a report when the run's quantize stage is complete, else `{}`."""
+    q = stages.get("quantize", {})
+    if q.get("status") != "complete":
+        return {}
+    return {"int8": {k: q[k] for k in ("snapshot", "file", "fp32_acc", "int8_acc", "test_images", "bytes",
+                                       "calibration", "latency")}}
+
+
+def int8_lines(report: dict, heading: str = "##") -> list[str]:
+    """The quantize stage's section: the int8 model's test top-1, size and onnxruntime latency next to
+    the fp32 model's."""
+    q = report.get("int8")
+    if not q:
+        return []
+    lat, cal, size = q["latency"], q["calibration"], q["bytes"]
+    drop = 100 * (q["int8_acc"] - q["fp32_acc"])
+    return ["", f"{heading} INT8 (onnxruntime)", "",
+            f"`{q['file']}`: `{q['snapshot']}` quantized by onnxruntime (static, QDQ, per-channel int8 weights, uint8 "
+            f"activations), calibrated ({cal['method']}) on {cal['images']} held-out training images, never the test "
+            f"split. Top-1 on all {q['test_images']} test images, both ONNX models in onnxruntime ({drop:+.2f} "
+            f"points); latency at batch {lat['batch']}, {threads_text(lat['threads'])}, the two models interleaved, "
+            f"measured after the run on {lat['cpu']}.", "",
+            "| model | top-1 test (%) | size (KB) | latency (ms) | speed-up |", "|---|---|---|---|---|",
+            f"| fp32 | {_pct(q['fp32_acc'])} | {size['fp32'] / 1024:.1f} | {lat['fp32_ms']:.2f} | 1.00x |",
+            f"| int8 | {_pct(q['int8_acc'])} | {size['int8'] / 1024:.1f} | {lat['int8_ms']:.2f} | "
+            f"{lat['fp32_ms'] / lat['int8_ms']:.2f}x |"]
+
+
 def render_markdown(report: dict, layout: ReportLayout) -> str:
     base = report.get("baseline")
     lines = [f"# {layout.title}", "", f"Run status: {report['status']}", "", protocol_line(report), "",
@@ -137,6 +166,7 @@ def render_markdown(report: dict, layout: ReportLayout) -> str:
     if layout.sections is not None:
         lines += layout.sections(report)
     lines += latency_lines(report)
+    lines += int8_lines(report)
     extra = layout.chain_extra
     if report.get("chain"):
         lines += ["", "## Chain", "", "| iteration | snapshot | " + " | ".join([layout.chain_acc_label, *(e[0] for e in extra)])

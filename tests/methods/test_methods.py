@@ -67,13 +67,15 @@ def latency_table(tmp_path_factory):
 @pytest.fixture(scope="module", params=NAMES)
 def finished_run(request, ray_local, tiny_data, latency_table, tmp_path_factory):
     """The method's run pruned against a measured-latency budget (`Method.latency_target`, 0.8 of the
-    baseline's predicted latency), so the budget's path runs for every method too."""
+    baseline's predicted latency), so the budget's path runs for every method too, and its deliverable
+    quantized to int8 (`quantize.enabled`)."""
     from kesi_dist.launch import run_method
 
     name = request.param
     out = tmp_path_factory.mktemp(f"run_{name}") / "run"
     key = METHODS[name].latency_target
-    cfg = _config(name, f"{key}.table={latency_table[1]}", f"{key}.latency_ratio={LATENCY_RATIO}", data=tiny_data)
+    cfg = _config(name, f"{key}.table={latency_table[1]}", f"{key}.latency_ratio={LATENCY_RATIO}",
+                  "quantize.enabled=true", data=tiny_data)
     run_method(cfg, str(out), max_steps=2)
     return name, cfg, out
 
@@ -201,3 +203,64 @@ def test_kesi_export_writes_the_deliverable(finished_run, tmp_path):
     final = METHODS[name].module("report").layout(cfg).deliverable(report)
     assert info["snapshot"] == report[final]["snapshot"] == "student" and info["max_abs_diff"] < 1e-4
     assert info["macs"] == report[final]["macs"] and (tmp_path / "model.onnx").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_deliverable_quantized_to_int8_is_reported_and_its_card_snippet_reproduces_it(finished_run, tmp_path):
+    """The quantize stage of every method's run: calibrated on the holdout, timed at the latency stage's
+    batch and threads; report.json, report.md and MODEL_CARD.md give it; `kesi export --int8` writes the
+    same bytes; the card's int8 snippet, as printed, in a fresh process that never imports kesi_dist, gives
+    the recorded int8 top-1 on every test image (PNG files of the prepared data)."""
+    import re
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from kesi_dist.cli import main as kesi
+    from kesi_dist.data.beton import BetonFile
+
+    name, cfg, out = finished_run
+    m = _manifest(out)
+    q = m["stages"]["quantize"]
+    assert q["status"] == "complete" and q["snapshot"] == "student" and q["file"] == "int8/student.int8.onnx"
+    assert (q["latency"]["batch"], q["latency"]["threads"]) == (m["stages"]["latency"]["batch"],
+                                                                 m["stages"]["latency"]["threads"]) == (4, 1)
+    held = m["stages"]["data"]["holdout"]
+    assert q["calibration"]["split"] == "holdout" and q["calibration"]["images"] == min(256, held["size"])
+    assert q["bytes"]["int8"] == (out / q["file"]).stat().st_size < q["bytes"]["fp32"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["int8"] == {k: q[k] for k in report["int8"]}
+    rows = [f"| fp32 | {100 * q['fp32_acc']:.2f} |", f"| int8 | {100 * q['int8_acc']:.2f} |"]
+    for doc, heading in (("report.md", "## INT8 (onnxruntime)"), ("MODEL_CARD.md", "### INT8 (onnxruntime)")):
+        text = (out / doc).read_text()
+        assert heading in text and all(any(line.startswith(r) for line in text.splitlines()) for r in rows), doc
+
+    folder = tmp_path / "card"
+    folder.mkdir()
+    assert kesi(["export", str(out), "--int8", "--out", str(folder / "student.int8.onnx")]) == 0
+    assert (folder / "student.int8.onnx").read_bytes() == (out / q["file"]).read_bytes()
+    card = (out / "MODEL_CARD.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "student.int8.onnx" in b)
+    (folder / "snippet.py").write_text(snippet)
+    val = BetonFile(Path(m["stages"]["data"]["path"]) / "val.beton")
+    (folder / "val").mkdir()
+    for i in range(len(val.labels)):
+        Image.fromarray(val.image(i)).save(folder / "val" / f"{i}.png")
+    (folder / "labels.json").write_text(json.dumps([int(y) for y in val.labels]))
+    (folder / "score.py").write_text(
+        "import json, shutil, sys\n"
+        "code = compile(open('snippet.py').read(), 'MODEL_CARD.md', 'exec')\n"
+        "correct = 0\n"
+        "for i, y in enumerate(json.load(open('labels.json'))):\n"
+        "    shutil.copy(f'val/{i}.png', 'image.png')\n"
+        "    scope = {}\n"
+        "    exec(code, scope)\n"
+        "    correct += int(scope['logits'].argmax(1)[0] == y)\n"
+        "assert 'kesi_dist' not in sys.modules\n"
+        "print(correct)\n")
+    proc = subprocess.run([sys.executable, "score.py"], cwd=folder, capture_output=True, text=True, timeout=600,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(val.labels) == q["test_images"]
+    assert int(proc.stdout.split()[-1]) == round(q["int8_acc"] * q["test_images"])
