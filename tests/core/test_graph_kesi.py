@@ -2,11 +2,10 @@
 kept whole unless `prune.stream: true`, aligned widths, MWP's global sparsity, EKG's MACs budget, and the
 latency table's one-line refusal of a graph network before anything is measured."""
 
-import subprocess
-import sys
 
 import pytest
 
+from kesi_dist.cli import main
 from kesi_dist.config import parse_config
 from kesi_dist.errors import UsageError
 from kesi_dist.models import default_widths, model_units
@@ -63,15 +62,16 @@ def test_ekg_macs_budget_on_a_graph_net():
 
 
 @pytest.mark.slow  # seconds: kept out of the fast part
-def test_latency_tables_refuse_a_graph_net_in_one_line(tmp_path):
+def test_latency_tables_refuse_a_graph_net_in_one_line(tmp_path, capsys):
     cfg = tmp_path / "tv.yaml"
     cfg.write_text(f"model: {{arch: '{ARCH}'}}\ndata: {{source: digits, resolution: 16}}\n"
                    "method: {prune: {stage_ratios: [0.1, 0.1, 0.2, 0.3]}}\n")
     table = tmp_path / "t.json"
     for args in (["latency", "profile", str(cfg), "--output", str(table)], ["plan", str(cfg), "--latency", str(table)]):
-        r = subprocess.run([sys.executable, "-m", "kesi_dist.cli", *args], capture_output=True, text=True)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(lines) == 1, r.stderr
+        code = main(args)  # the CLI in-process; test_bad_input_real_command runs real `kesi` processes
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code != 0 and len(lines) == 1, err
         assert "latency tables cover the zoo's networks only" in lines[0] and ARCH in lines[0]
         assert not table.exists()
 
