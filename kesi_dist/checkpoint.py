@@ -26,7 +26,7 @@ from torch import nn
 
 from kesi_dist import storage
 from kesi_dist.errors import KesiError, RunError
-from kesi_dist.models import build_model
+from kesi_dist.models import build_model, model_options
 from kesi_dist.pruning.masks import apply_masks
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "load_tensors", "model_from_checkpoint",
@@ -135,8 +135,6 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def checkpoint_options(ckpt: dict) -> dict:
     """The architecture options a loaded checkpoint was built with (`LEGACY_OPTIONS` when it predates them)."""
-    from kesi_dist.models import model_options
-
     options = ckpt.get("options")
     if options is None:
         options = {k: v for k, v in LEGACY_OPTIONS.items() if k in model_options(ckpt["arch"])}

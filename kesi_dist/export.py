@@ -34,7 +34,7 @@ from torch import nn
 from kesi_dist.storage.atomic import atomic_write, atomic_write_text
 from kesi_dist.errors import RunError, UsageError
 
-__all__ = ["FORMATS", "OPSET", "export_snapshot", "export_model", "export_run", "export_int8", "widths_path"]
+__all__ = ["FORMATS", "OPSET", "export_snapshot", "export_model", "export_run", "export_int8", "widths_path", "to_onnx"]
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 OPSET = 17
@@ -46,7 +46,8 @@ def widths_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".widths.json")
 
 
-def _to_onnx(model: nn.Module, sample: torch.Tensor) -> bytes:
+def to_onnx(model: nn.Module, sample: torch.Tensor) -> bytes:
+    """The model as ONNX bytes, as `kesi export` writes it (latency tables time the same graphs)."""
     buf = io.BytesIO()
     # The TorchScript-based exporter: no onnxscript dependency, and constant folding fuses each
     # BatchNorm into its conv in eval mode (fewer, cheaper nodes for onnxruntime).
@@ -154,7 +155,7 @@ def _check_not_run_file(run: str, out: Path, fmt: str) -> None:
 def _build_and_run(model: nn.Module, fmt: str, sample: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     """The artefact's bytes and its outputs on `sample`, as the runtime that loads it computes them."""
     if fmt == "onnx":
-        data = _to_onnx(model, sample)
+        data = to_onnx(model, sample)
         return data, _run_onnx(data, sample)
     if fmt == "torchscript":
         data = _to_torchscript(model, sample)

@@ -32,9 +32,12 @@ import torch
 from torch import nn
 
 from kesi_dist.errors import UsageError
+from kesi_dist.export import to_onnx
 from kesi_dist.latency_table import SCHEMA, despike, table_key
+from kesi_dist.models import build_model, default_widths
+from kesi_dist.models.sources import is_source_arch
 
-__all__ = ["profile", "measure", "check_profilable", "grid_for", "check_output"]
+__all__ = ["profile", "measure", "check_profilable", "grid_for", "check_output", "ort_session", "time_interleaved"]
 
 
 def grid_for(channels: int, step: int = 8, dense_up_to: int = 64) -> list[int]:
@@ -42,8 +45,10 @@ def grid_for(channels: int, step: int = 8, dense_up_to: int = 64) -> list[int]:
     return sorted({*range(1, min(channels, dense_up_to) + 1), *range(step, channels + 1, step), channels})
 
 
-def _ort_session(data: bytes, threads: int):
-    import onnxruntime as ort
+def ort_session(data: bytes, threads: int):
+    """An onnxruntime CPU session of the ONNX bytes `data`: `threads` intra-op threads, sequential, idle
+    threads not spinning (what every timing here and the int8 comparison use)."""
+    import onnxruntime as ort  # seconds to import: only where a session is made
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -55,14 +60,12 @@ def _ort_session(data: bytes, threads: int):
 
 
 def _onnx(model: nn.Module, sample: torch.Tensor) -> bytes:
-    from kesi_dist.export import _to_onnx
-
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices, once per piece
         warnings.simplefilter("ignore")
-        return _to_onnx(model.eval(), sample)
+        return to_onnx(model.eval(), sample)
 
 
-def _time(runners: list, warmup: int, repeats: int) -> list[float]:
+def time_interleaved(runners: list, warmup: int, repeats: int) -> list[float]:
     """Median ms of each runner; runners interleaved round by round so drifting load hits all alike."""
     for run in runners:
         for _ in range(warmup):
@@ -112,8 +115,6 @@ def check_profilable(arch: str, where: str = "") -> None:
     """UsageError, in one line, for a torchvision/timm network: the additive table times each unit as one
     standalone piece (its conv, norms and consumer convs), which a graph network's stream and depthwise
     units (several producers joined by additions, a depthwise conv between) are not."""
-    from kesi_dist.models.sources import is_source_arch
-
     if is_source_arch(arch):
         raise UsageError(f"{where}{arch}: latency tables cover the zoo's networks only (a torchvision/timm network's "
                          "units span several producers joined by additions or depthwise convs, so their costs are "
@@ -128,7 +129,6 @@ def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, th
     Raises:
         UsageError: `arch` has units that feed each other (the additive model does not hold).
     """
-    from kesi_dist.models import build_model, default_widths
 
     import onnxruntime as ort
 
@@ -158,17 +158,17 @@ def profile(arch: str, num_classes: int, resolution: int, *, batch: int = 64, th
             widths = list(full)
             widths[i] = w
             piece = _piece(build_model(arch, num_classes, widths, **options).eval(), u)
-            sess = _ort_session(_onnx(piece, x[:1]), threads)
+            sess = ort_session(_onnx(piece, x[:1]), threads)
             runners.append(lambda s=sess, x=x.numpy(): s.run(None, {"input": x}))
-        ms = _time(runners, warmup, repeats)
-        fixed += despike(sigs[u.name], grid, ms, lambda idx: _time([runners[j] for j in idx], 1, repeats))
+        ms = time_interleaved(runners, warmup, repeats)
+        fixed += despike(sigs[u.name], grid, ms, lambda idx: time_interleaved([runners[j] for j in idx], 1, repeats))
         pieces[sigs[u.name]] = {"widths": grid, "ms": [round(m, 4) for m in ms]}
         if on_progress is not None:
             on_progress(len(pieces), len(set(sigs.values())))
     x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
-    sess = _ort_session(_onnx(base, x[:1]), threads)
+    sess = ort_session(_onnx(base, x[:1]), threads)
     whole = lambda: sess.run(None, {"input": x.numpy()})  # noqa: E731
-    full_ms = min(_time([whole, whole], warmup, repeats))  # two medians: the least is the one load touched least
+    full_ms = min(time_interleaved([whole, whole], warmup, repeats))  # two medians: the least is the one load touched least
     return {
         "schema": SCHEMA, "key": table_key(arch, num_classes, resolution, options, batch, threads),
         "onnxruntime": ort.__version__, "torch": torch.__version__, "grid_step": step,
@@ -185,8 +185,8 @@ def measure(models: list[nn.Module], resolution: int, *, batch: int, threads: in
     before = torch.get_num_threads()
     try:
         x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).numpy()
-        sessions = [_ort_session(_onnx(m, torch.from_numpy(x[:1])), threads) for m in models]
-        return _time([lambda s=s: s.run(None, {"input": x}) for s in sessions], warmup, repeats)
+        sessions = [ort_session(_onnx(m, torch.from_numpy(x[:1])), threads) for m in models]
+        return time_interleaved([lambda s=s: s.run(None, {"input": x}) for s in sessions], warmup, repeats)
     finally:
         torch.set_num_threads(before)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kesi_dist.data.splits import ArraySplit, FileSplit, SourceData, _file_digest, _files_identity
+from kesi_dist.data.splits import ArraySplit, FileSplit, SourceData, file_digest, files_identity
 from kesi_dist.errors import RunError
 
 __all__ = ["read_tiny_imagenet", "read_imagefolder", "read_digits", "IMG_EXTENSIONS"]
@@ -88,10 +88,10 @@ def read_tiny_imagenet(root: str | Path, resolution: int | None = None) -> Sourc
             k, _, v = line.partition("\t")
             words[k.strip()] = v.strip()
     identity = {
-        "train": _files_identity(train_paths, str(root)),
-        "val": _files_identity(val_paths, str(root)),
-        "annotations": _file_digest(ann),
-        "wnids": _file_digest(wnids_file),
+        "train": files_identity(train_paths, str(root)),
+        "val": files_identity(val_paths, str(root)),
+        "annotations": file_digest(ann),
+        "wnids": file_digest(wnids_file),
     }
     extra = {"class_words": [words.get(w, "") for w in wnids]} if words else {}
     return SourceData("tiny-imagenet", FileSplit(train_paths, train_labels, res), FileSplit(val_paths, val_labels, res),
@@ -141,7 +141,7 @@ def read_imagefolder(root: str | Path, resolution: int | None = None) -> SourceD
     if not val_paths:
         raise RunError(f"{root / 'val'}: no images")
     res = resolution or _first_image_side(train_paths[0])
-    identity = {"train": _files_identity(train_paths, str(root)), "val": _files_identity(val_paths, str(root))}
+    identity = {"train": files_identity(train_paths, str(root)), "val": files_identity(val_paths, str(root))}
     return SourceData("imagefolder", FileSplit(train_paths, train_labels, res), FileSplit(val_paths, val_labels, res),
                       classes, res, identity)
 

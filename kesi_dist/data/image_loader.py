@@ -1,6 +1,6 @@
 """The backend-independent part of a loader: the per-sample pixel plan and the `ImageLoader` base.
 
-`_plan` turns (augment, split, stored side, resolution) into a `_Plan` that both backends execute
+`augment_plan` turns (augment, split, stored side, resolution) into an `AugmentPlan` that both backends execute
 identically (`kesi_dist.data.ffcv_loader`, `kesi_dist.data.torch_loader`). `ImageLoader` does the
 sharding, the epoch bookkeeping (`set_epoch`, `set_window`) and the final normalisation to float32
 NCHW on the target device. Build loaders with `kesi_dist.data.loaders.make_loader`.
@@ -17,13 +17,13 @@ import torch
 
 from kesi_dist.data.augment import epoch_order
 
-__all__ = ["ImageLoader", "CIFAR_PAD"]
+__all__ = ["ImageLoader", "AugmentPlan", "augment_plan", "CIFAR_PAD"]
 
 CIFAR_PAD = 4
 
 
 @dataclass(frozen=True)
-class _Plan:
+class AugmentPlan:
     """Per-sample pixel pipeline: decode ("stored" | "full" | "center" | "random") to `size`, then
     optional pad-and-crop (`pad` > 0) and flip."""
 
@@ -33,13 +33,13 @@ class _Plan:
     flip: bool
 
 
-def _plan(augment: str, train: bool, stored: int, resolution: int) -> _Plan:
+def augment_plan(augment: str, train: bool, stored: int, resolution: int) -> AugmentPlan:
     if augment == "imagenet":
-        return _Plan("random", resolution, 0, True) if train else _Plan("center", resolution, 0, False)
+        return AugmentPlan("random", resolution, 0, True) if train else AugmentPlan("center", resolution, 0, False)
     decode = "stored" if resolution == stored else "full"
     if augment == "cifar" and train:
-        return _Plan(decode, resolution, CIFAR_PAD, True)
-    return _Plan(decode, resolution, 0, False)
+        return AugmentPlan(decode, resolution, CIFAR_PAD, True)
+    return AugmentPlan(decode, resolution, 0, False)
 
 
 class ImageLoader:
@@ -47,7 +47,7 @@ class ImageLoader:
     `(images float32 NCHW on device, labels int64 [B])`, plus `indices int64 [B]` (position in the
     split) when built with `return_indices=True`."""
 
-    def __init__(self, data_dir: Path, split: str, meta: dict, *, batch_size: int, plan: _Plan, seed: int,
+    def __init__(self, data_dir: Path, split: str, meta: dict, *, batch_size: int, plan: AugmentPlan, seed: int,
                  rank: int, world_size: int, shuffle: bool, drop_last: bool, device: torch.device,
                  channels_last: bool, return_indices: bool, subset: np.ndarray | None = None):
         self.data_dir, self.split, self.meta, self.plan = data_dir, split, meta, plan

@@ -42,7 +42,6 @@ This module holds `read_meta` and `make_loader`; the plan and the shared base ar
 from __future__ import annotations
 
 import collections
-
 import json
 from pathlib import Path
 
@@ -50,7 +49,7 @@ import torch
 
 from kesi_dist import storage
 from kesi_dist.data.ffcv_loader import FFCVLoader
-from kesi_dist.data.image_loader import CIFAR_PAD, ImageLoader, _plan
+from kesi_dist.data.image_loader import CIFAR_PAD, ImageLoader, augment_plan
 from kesi_dist.data.torch_loader import TorchLoader
 from kesi_dist.errors import BadValue, RunError, UsageError
 
@@ -170,7 +169,7 @@ def make_loader(data_dir: str | Path, split: str, *, batch_size: int, resolution
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device}: CUDA is not available on this machine")
-    plan = _plan(augment, train, int(meta["resolution"]), int(resolution))
+    plan = augment_plan(augment, train, int(meta["resolution"]), int(resolution))
     common = dict(batch_size=batch_size, plan=plan, seed=seed, rank=rank, world_size=world, shuffle=shuffle,
                   drop_last=drop_last, device=device, channels_last=channels_last, return_indices=return_indices,
                   subset=subset)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kesi_dist.data.folders import IMG_EXTENSIONS, read_digits, read_imagefolder, read_tiny_imagenet
-from kesi_dist.data.splits import ArraySplit, FileSplit, SampleError, SourceData, Split, _file_digest
+from kesi_dist.data.splits import ArraySplit, FileSplit, SampleError, SourceData, Split, file_digest
 from kesi_dist.data.synthetic import make_synthetic
 from kesi_dist.errors import RunError, UsageError
 
@@ -139,7 +139,7 @@ def read_cifar(root: str | Path, num_classes: int, resolution: int | None = None
         parts = [_cifar_batch(base / f, label_key, num_classes) for f in files]
         return ArraySplit(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), resolution)
 
-    identity = {f: _file_digest(base / f) for f in [*train_files, *val_files, meta_file]}
+    identity = {f: file_digest(base / f) for f in [*train_files, *val_files, meta_file]}
     return SourceData(f"cifar{num_classes}", load(train_files), load(val_files), names, resolution or 32, identity)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-__all__ = ["Split", "SourceData", "ArraySplit", "FileSplit", "SampleError"]
+__all__ = ["Split", "SourceData", "ArraySplit", "FileSplit", "SampleError", "files_identity", "file_digest"]
 
 
 class SampleError(Exception):
@@ -100,7 +100,7 @@ class FileSplit:
         return arr, int(self.labels[i]), int(i)
 
 
-def _files_identity(paths: list[str], root: str) -> str:
+def files_identity(paths: list[str], root: str) -> str:
     """Cheap identity of many files: relative path, size and mtime of each."""
     h = hashlib.sha256()
     for p in paths:
@@ -109,7 +109,8 @@ def _files_identity(paths: list[str], root: str) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -22,13 +22,13 @@ from kesi_dist.data.augment import (
     random_resized_crop_box,
     translate_offsets,
 )
-from kesi_dist.data.image_loader import ImageLoader, _Plan
+from kesi_dist.data.image_loader import AugmentPlan, ImageLoader
 from kesi_dist.errors import RunError
 
 __all__ = ["TorchLoader", "apply_plan"]
 
 
-def apply_plan(image: np.ndarray, plan: _Plan, seed: int, epoch: int, index: int) -> np.ndarray:
+def apply_plan(image: np.ndarray, plan: AugmentPlan, seed: int, epoch: int, index: int) -> np.ndarray:
     """The FFCV pipeline of `plan` for one uint8 HWC image, in numpy (the torch backend's transform)."""
     from kesi_dist.data.beton import resize_box
 
@@ -49,7 +49,7 @@ def apply_plan(image: np.ndarray, plan: _Plan, seed: int, epoch: int, index: int
 
 
 class _BetonDataset(torch.utils.data.Dataset):
-    def __init__(self, path: Path, plan: _Plan, seed: int):
+    def __init__(self, path: Path, plan: AugmentPlan, seed: int):
         from kesi_dist.data.beton import BetonFile
 
         self.file, self.plan, self.seed = BetonFile(path), plan, seed

@@ -16,8 +16,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from kesi_dist.models.base import PrunableNet
+from kesi_dist.pruning.criteria import l1_filter_norms
+from kesi_dist.pruning.schedules import align
+from kesi_dist.pruning.surgery import slice_units
 
 __all__ = ["l1_ordered", "sliced_tensors", "run_sliced", "materialise", "width_choices", "recalibrate_bn"]
 
@@ -25,9 +29,6 @@ __all__ = ["l1_ordered", "sliced_tensors", "run_sliced", "materialise", "width_c
 def l1_ordered(model: nn.Module) -> nn.Module:
     """A copy of `model` with every unit's filters permuted by descending L1 norm (its function is
     unchanged: consumers and BatchNorm channels move with them)."""
-    from kesi_dist.pruning.criteria import l1_filter_norms
-    from kesi_dist.pruning.surgery import slice_units
-
     convs = dict(model.named_modules())
     keep = {u.name: torch.argsort(l1_filter_norms(convs[u.conv].weight), descending=True, stable=True)
             for u in model.units()}
@@ -83,16 +84,12 @@ class _Stage(nn.Module):
 
 def run_sliced(model: nn.Module, x: torch.Tensor, widths: Sequence[int], stage: int | None = None) -> torch.Tensor:
     """`model` (or its stage `stage`) on `x` at the width vector `widths`, without rebuilding it."""
-    from torch.func import functional_call
-
     tensors = {f"net.{k}": v for k, v in sliced_tensors(model, widths, stage).items()}
     return functional_call(_Stage(model, stage), tensors, (x,), strict=False)
 
 
 def materialise(model: nn.Module, widths: Sequence[int]) -> nn.Module:
     """The sub-network `widths` as a plain zoo model (first `widths[i]` filters of every unit)."""
-    from kesi_dist.pruning.surgery import slice_units
-
     _check(model, widths)
     return slice_units(model, {u.name: list(range(int(k))) for u, k in zip(model.units(), widths)})
 
@@ -101,8 +98,6 @@ def width_choices(full: Sequence[int], ratios: Sequence[float], round_to: int = 
     """Per unit, the distinct widths ceil(r x C) for r in `ratios`, ascending (at least 1 channel); with
     `round_to` > 1 each rounded to the nearest multiple (`kesi_dist.pruning.align`, at most C)."""
     if round_to > 1:
-        from kesi_dist.pruning.schedules import align
-
         return [sorted({align(math.ceil(r * c - 1e-9), round_to, limit=c) for r in ratios}) for c in full]
     return [sorted({max(1, math.ceil(r * c - 1e-9)) for r in ratios}) for c in full]
 

@@ -19,6 +19,8 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from kesi_dist import storage
+from kesi_dist.runtime.trainer import run_training
+from kesi_dist.train.loop import DivergedError
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec, selection_key
 from kesi_dist.train.task_specs import ClassificationSpec, TaskSpec
 
@@ -49,8 +51,6 @@ def _trial(config: dict) -> None:
     import ray
     from ray import tune
 
-    from kesi_dist.runtime.trainer import run_training
-    from kesi_dist.train.loop import DivergedError
 
     b = Branch(**config["branch"])
     metric_key = ASHA_METRIC if b.compete else f"{b.arm}/select_acc"

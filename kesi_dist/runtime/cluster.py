@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from kesi_dist.errors import RunError, UsageError
+from kesi_dist.train.devices import cuda_problem
 
 __all__ = ["connect_ray", "disconnect_ray", "check_resources", "check_gpus", "check_shared_path", "token_source"]
 
@@ -205,8 +206,6 @@ def check_resources(num_gpus_needed: float, num_cpus_needed: float) -> None:
 
 
 def _gpu_probe(gpus: float) -> str | None:
-    from kesi_dist.train.devices import cuda_problem
-
     return cuda_problem(gpus)
 
 

@@ -15,12 +15,17 @@ process that called `run_training` (a CLI, a Tune trial), prints one line per ep
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from rich.console import Console
+
 from kesi_dist import storage
 from kesi_dist.errors import RunError, UsageError
+from kesi_dist.progress import bar
 from kesi_dist.runtime.remote import driver_queue as _driver_queue
 from kesi_dist.runtime.remote import pump as _pump
 from kesi_dist.runtime.sessions import CHECKPOINTS_KEPT, LocalSession
@@ -28,6 +33,7 @@ from kesi_dist.runtime.worker import train_worker
 from kesi_dist.train.loop import DivergedError
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 from kesi_dist.train.task_specs import ClassificationSpec, TaskSpec
+from kesi_dist.train.tensorboard import ScalarWriter
 
 __all__ = ["TrainResult", "run_training"]
 
@@ -147,11 +153,8 @@ def run_training(
         "run": {"seed": seed, "run_dir": run_uri, "max_steps_per_epoch": max_steps_per_epoch,
                 "inject_failure_at_epoch": inject_failure_at_epoch, "events": None},
     }
-    from rich.console import Console
 
-    from kesi_dist.train.tensorboard import ScalarWriter
 
-    from kesi_dist.progress import bar
 
     console = Console(stderr=True, highlight=False)
     live = contextlib.ExitStack()
@@ -221,9 +224,6 @@ def run_training(
 
 
 def _write_progress(path: str, name: str, epochs: int, history: list[dict], attempts: int) -> None:
-    import json
-    import time
-
     m = history[-1]
     keep = ("train/loss", "train/acc", "holdout/acc", "val/acc", "epoch_s", "node_id", "world_size", "time")
     doc = {"name": name, "epoch": m["epoch"] + 1, "epochs": epochs, "attempts": attempts, "updated": time.time(),

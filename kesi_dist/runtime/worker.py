@@ -28,9 +28,16 @@ from typing import Any
 import torch
 
 from kesi_dist import storage
+from kesi_dist.checkpoint import load_checkpoint, load_tensors, model_from_checkpoint, save_checkpoint
+from kesi_dist.data.loaders import make_loader
 from kesi_dist.errors import UsageError
+from kesi_dist.models import build_model
+from kesi_dist.pruning.masks import MaskConstraint
 from kesi_dist.runtime.sessions import LocalSession, RaySession
-from kesi_dist.train.loop import DivergedError
+from kesi_dist.train.devices import compute_device
+from kesi_dist.train.engines import load_engine_state, save_engine_state, wrap_model
+from kesi_dist.train.loop import DivergedError, evaluate, train_epoch
+from kesi_dist.train.optim import build_optimizer, build_scheduler, current_lr
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 from kesi_dist.train.task_specs import ClassificationSpec, WorkerEnv
 
@@ -60,8 +67,6 @@ class _FailOnce:
 
 def _device(gpus_per_worker: float, in_ray_train: bool) -> torch.device:
     """The worker's device: a GPU request without a usable CUDA device is a RunError, never the CPU."""
-    from kesi_dist.train.devices import compute_device
-
     device = compute_device(gpus_per_worker)
     if device.type == "cuda" and in_ray_train:
         import ray.train.torch
@@ -91,10 +96,6 @@ class _Worker:
         self.device = _device(self.espec.gpus_per_worker, isinstance(session, RaySession))
 
     def setup(self, stack: contextlib.ExitStack) -> None:
-        from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
-        from kesi_dist.data.loaders import make_loader
-        from kesi_dist.models import build_model
-
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(self.run["seed"])
@@ -131,11 +132,6 @@ class _Worker:
     def resume(self, stack: contextlib.ExitStack) -> int:
         """Restore the last epoch checkpoint (if any), then build optimizer, engine and scheduler;
         returns the first epoch to train."""
-        from kesi_dist.checkpoint import load_checkpoint, load_tensors
-        from kesi_dist.pruning.masks import MaskConstraint
-        from kesi_dist.train.engines import load_engine_state, wrap_model
-        from kesi_dist.train.optim import build_optimizer, build_scheduler
-
         self.resume_dir = self.session.checkpoint_dir(stack)
         state = None
         if self.resume_dir:
@@ -177,9 +173,6 @@ class _Worker:
         return start
 
     def epoch(self, epoch: int) -> dict:
-        from kesi_dist.train.loop import evaluate, train_epoch
-        from kesi_dist.train.optim import current_lr
-
         begun = time.time()
         self.session.emit({"event": "epoch_start", "epoch": epoch, "steps": self.steps_per_epoch})
         last = [time.monotonic()]
@@ -229,9 +222,6 @@ class _Worker:
         return m
 
     def save(self, epoch: int, metrics: dict) -> None:
-        from kesi_dist.checkpoint import save_checkpoint
-        from kesi_dist.train.engines import save_engine_state
-
         ckpt_dir = None
         if self.rank == 0 or self.w.engine is not None:  # under ZeRO every rank owns optimizer state
             ckpt_dir = tempfile.mkdtemp(prefix=f"epoch{epoch}-", dir=self.tmp)

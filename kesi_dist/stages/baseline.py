@@ -11,9 +11,17 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import torch
+
 from kesi_dist import storage
+from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from kesi_dist.data.loaders import make_loader
 from kesi_dist.errors import UsageError
+from kesi_dist.models import build_model
+from kesi_dist.models.weights import load_source_weights
 from kesi_dist.runs import RunContext, fmt_acc, fmt_size
+from kesi_dist.runtime import run_training
+from kesi_dist.train.loop import evaluate
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 
 __all__ = ["baseline_stage", "evaluate_snapshot", "load_weights"]
@@ -24,8 +32,6 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
     """Train `model` with `schedule` into snapshot "baseline" (or copy the checkpoint `given`, after
     checking it is that model; or start from the state dict `weights`, see the module docstring);
     returns its registry entry."""
-    from kesi_dist.runtime import run_training
-
     with ctx.stage("baseline") as st:
         if st.done:
             return ctx.manifest.snapshots["baseline"]
@@ -63,8 +69,6 @@ def baseline_stage(ctx: RunContext, *, model: ModelSpec, schedule: ScheduleSpec,
 
 def _import(ctx: RunContext, path: str, model: ModelSpec) -> None:
     """Use a given trained baseline: check it is the configured model, copy it into the run."""
-    from kesi_dist.checkpoint import load_checkpoint
-
     ck = load_checkpoint(path)
     if ck["arch"] != model.arch:
         raise UsageError(f"baseline.checkpoint {path}: holds a {ck['arch']}, but model.arch is {model.arch}")
@@ -78,11 +82,6 @@ def _import(ctx: RunContext, path: str, model: ModelSpec) -> None:
 def load_weights(weights: str, model: ModelSpec, seed: int = 0, as_is: bool = False):
     """(`model` built with `weights` loaded, the `LoadReport`); a head for other classes is initialised
     with `seed`. `as_is`: the weights must be the baseline as they are, so a replaced head is refused."""
-    import torch
-
-    from kesi_dist.models import build_model
-    from kesi_dist.models.weights import load_source_weights
-
     torch.manual_seed(seed)
     net = build_model(model.arch, model.num_classes, **model.options)
     report = load_source_weights(net, weights)
@@ -94,8 +93,6 @@ def load_weights(weights: str, model: ModelSpec, seed: int = 0, as_is: bool = Fa
 
 def _from_weights(ctx: RunContext, weights: str, model: ModelSpec, seed: int, as_is: bool) -> str:
     """The model with `weights` loaded, as snapshot file "baseline_init" (once); its path."""
-    from kesi_dist.checkpoint import save_checkpoint
-
     path = ctx.snapshot("baseline_init")
     net, report = load_weights(weights, model, seed, as_is)
     ctx.print(f"[bold]baseline[/]: {report.message}")
@@ -106,10 +103,6 @@ def _from_weights(ctx: RunContext, weights: str, model: ModelSpec, seed: int, as
 
 def evaluate_snapshot(path: str, loader: LoaderSpec, split: str = "val") -> float:
     """Accuracy of a snapshot file on `split` ("val": the test split; "holdout"), in this process, on the CPU."""
-    from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
-    from kesi_dist.data.loaders import make_loader
-    from kesi_dist.train.loop import evaluate
-
     model, _ = model_from_checkpoint(load_checkpoint(path))
     data = make_loader(loader.data_dir, split, batch_size=loader.batch_size, resolution=loader.resolution,
                        augment=loader.augment, backend=loader.backend, num_workers=loader.num_workers,

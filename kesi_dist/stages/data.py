@@ -3,6 +3,8 @@ the held-out selection split carved from its training images (`kesi_dist.data.ho
 
 from __future__ import annotations
 
+from kesi_dist.data.holdout import describe_holdout
+from kesi_dist.data.loaders import read_meta
 from kesi_dist.data.prepare import DataSpec, prepare_data
 from kesi_dist.errors import BadValue, UsageError
 from kesi_dist.runs import RunContext
@@ -13,9 +15,6 @@ __all__ = ["data_stage"]
 def data_stage(ctx: RunContext, spec: DataSpec, *, holdout: float = 0, holdout_seed: int = 0) -> tuple[str, dict]:
     """(prepared folder, its meta); prepared into `<run>/data` unless the spec names a folder. The
     manifest records the holdout (`data.holdout`): size, per-class counts and its indices' sha256."""
-    from kesi_dist.data.holdout import describe_holdout
-    from kesi_dist.data.loaders import read_meta
-
     with ctx.stage("data") as st:
         if st.done:
             return st.record["path"], read_meta(st.record["path"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from kesi_dist.runs import RunContext, fmt_acc, fmt_size
+from kesi_dist.runtime import run_training
 from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 from kesi_dist.train.task_specs import DistillationSpec
 
@@ -19,8 +20,6 @@ __all__ = ["distill_stage"]
 def distill_stage(ctx: RunContext, *, student: str, teachers: list[str], task: DistillationSpec, schedule: ScheduleSpec,
                   loader: LoaderSpec, engine: EngineSpec, seed: int, iteration: int, name: str = "student") -> dict:
     """Distil snapshot `student` with `task` into snapshot `name`; returns its registry entry."""
-    from kesi_dist.runtime import run_training
-
     with ctx.stage("distill", student=student, teachers=teachers, mode=task.source) as st:
         if st.done:
             return ctx.manifest.snapshots[name]

@@ -6,8 +6,12 @@ run asks for GPUs), not in the driver.
 
 from __future__ import annotations
 
+from kesi_dist.data.loaders import make_loader
+from kesi_dist.distill import evaluate_ensemble, load_teachers, select_teachers
 from kesi_dist.progress import bar
 from kesi_dist.runs import RunContext
+from kesi_dist.runtime import run_remote
+from kesi_dist.train.devices import compute_device
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 
 __all__ = ["ensemble_stage", "measure_ensemble"]
@@ -15,10 +19,6 @@ __all__ = ["ensemble_stage", "measure_ensemble"]
 
 def _measure(paths: list[str], loader: dict, gpus: float, split: str, events=None) -> dict:
     """Runs where the resources are: members' and ensemble accuracy on `split` (batches done to `events`)."""
-    from kesi_dist.data.loaders import make_loader
-    from kesi_dist.distill import evaluate_ensemble, load_teachers
-    from kesi_dist.train.devices import compute_device
-
     device = compute_device(gpus)
     val = make_loader(loader["data_dir"], split, batch_size=loader["batch_size"], resolution=loader["resolution"],
                       augment=loader["augment"], backend=loader["backend"], num_workers=loader["num_workers"],
@@ -39,8 +39,6 @@ def measure_ensemble(paths: list[str], loader: LoaderSpec, engine: EngineSpec, s
     """{"acc", "member_acc", "predictions" [members, samples]} of the snapshot files `paths` on `split`
     ("val": the test split, reported; "holdout": the selection split); `on_event({"done", "total"})`
     sees the batches as they are evaluated."""
-    from kesi_dist.runtime import run_remote
-
     return run_remote(_measure, paths, vars(loader), engine.gpus_per_worker, split, num_cpus=engine.cpus_per_worker,
                       num_gpus=engine.gpus_per_worker, on_event=on_event)
 
@@ -51,8 +49,6 @@ def ensemble_stage(ctx: RunContext, *, policy: str, chain: list[str], candidates
     (snapshot name -> selection accuracy, `kesi_dist.runs.select_acc`), recorded with the ensemble's
     accuracy on the test split. The diverse policy compares predictions on the holdout (the test split
     only when the run has none): nothing chosen here has seen the split that is reported."""
-    from kesi_dist.distill import select_teachers
-
     with ctx.stage("ensemble") as st:
         if st.done:
             return st.record["teachers"]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kesi_dist.checkpoint import load_tensors
 from kesi_dist.errors import BadValue, RunError
 
 __all__ = ["Wrapped", "wrap_model", "save_engine_state", "load_engine_state", "is_distributed"]
@@ -109,7 +110,6 @@ def load_engine_state(w: Wrapped, directory: str | Path, rank: int) -> None:
     if not path.is_file():
         raise RunError(f"{path}: missing from the checkpoint (was it written with another engine or "
                        "number of workers?); start without --resume")
-    from kesi_dist.checkpoint import load_tensors
 
     state = load_tensors(path)  # weights_only: an optimizer file that would run code is refused
     if w.engine is None:

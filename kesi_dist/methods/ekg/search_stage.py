@@ -20,13 +20,14 @@ from kesi_dist import storage
 from kesi_dist.budget import Budget
 from kesi_dist.checkpoint import load_checkpoint, load_tensors, model_from_checkpoint, save_checkpoint
 from kesi_dist.data.loaders import split_tensors
-from kesi_dist.methods.ekg.teacher_pick import pick_teachers
 from kesi_dist.methods.ekg.evaluator import SubnetEvaluator
 from kesi_dist.methods.ekg.search import Step, SubnetSearch, uniform_widths
+from kesi_dist.methods.ekg.teacher_pick import pick_teachers
 from kesi_dist.progress import bar
 from kesi_dist.pruning import l1_keep_indices, slice_units
 from kesi_dist.report import save_figure
 from kesi_dist.runs import RunContext, describe_snapshot, fmt_size
+from kesi_dist.runtime import ActorPool
 from kesi_dist.train.devices import compute_device
 from kesi_dist.train.spec import EngineSpec, LoaderSpec
 from kesi_dist.train.tensorboard import ScalarWriter
@@ -61,8 +62,6 @@ class SearchWorker:
 
 def search_pool(baseline: str, loader: LoaderSpec, engine: EngineSpec, batch_size: int, actors: int):
     """An `ActorPool` of `SearchWorker`s, each holding one training worker's resources."""
-    from kesi_dist.runtime import ActorPool
-
     return ActorPool(SearchWorker, num_actors=actors, args=(storage.absolute(baseline), vars(loader)),
                      kwargs=dict(batch_size=batch_size, threads=max(1, int(engine.cpus_per_worker)),
                                  gpus=engine.gpus_per_worker),

@@ -12,6 +12,7 @@ from torch import nn
 
 from kesi_dist.budget import Budget, run_budget
 from kesi_dist.errors import UsageError
+from kesi_dist.models import default_widths, model_units
 from kesi_dist.pruning import aligned_count, apply_masks, mwp_masks, pfec_prune, sparsity_target, unit_ratios
 
 __all__ = ["prune_iteration", "check_schedule", "restart_grid", "chain_widths", "resolve_prune"]
@@ -23,8 +24,6 @@ _SCALES = 400
 
 @functools.lru_cache(maxsize=8)
 def _units(arch: str):
-    from kesi_dist.models import default_widths, model_units
-
     return tuple(model_units(arch)), tuple(int(c) for c in default_widths(arch))
 
 
@@ -102,8 +101,6 @@ def prune_iteration(model: nn.Module, masks: dict | None, prune, iteration: int)
 
 def check_schedule(arch: str, prune) -> None:
     """BadValue when the schedule does not fit `arch` (ratios per stage, names in skip/layer_ratios)."""
-    from kesi_dist.models import model_units
-
     if prune.method == "pfec":
         unit_ratios(model_units(arch), list(prune.stage_ratios), prune.skip, prune.layer_ratios, prune.stream)
     else:
