@@ -116,7 +116,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from kesi_dist.latency import _ort_session
+    from kesi_dist.latency import ort_session
     from kesi_dist.latency_table import cpu_model
     from kesi_dist.models import build_model
     from kesi_dist.pruning import count_macs
@@ -143,7 +143,7 @@ def main() -> None:
                "int8_bytes": len(int8)}
         rows.append(row)
         for kind, data in (("fp32", fp32), ("int8", int8)):
-            sess = _ort_session(data, args.threads)
+            sess = ort_session(data, args.threads)
             runners.append((row, kind, lambda s=sess, v=x: s.run(None, {"input": v})))
     for _, _, fn in runners:
         for _ in range(args.warmup):

@@ -113,14 +113,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.format is None and not args.int8:
         raise UsageError("--format: required (onnx, torchscript or safetensors), or --int8 for an int8 ONNX model")
-    info = export_run(args.run, args.format or "onnx", args.out, snapshot=args.snapshot, int8=args.int8)
     if args.int8:
+        from kesi_dist.quantize import export_run_int8
+
+        if args.format not in (None, "onnx"):
+            raise UsageError(f"--int8 --format {args.format}: int8 models are written as ONNX (QDQ); use --format "
+                             "onnx or leave --format out")
+        info = export_run_int8(args.run, args.out, snapshot=args.snapshot)
         cal = info["calibration"]
         print(f"onnx int8: {info['path']}  ({info['snapshot']}: {info['fp32_bytes'] / 1024:.1f} KB fp32 -> "
               f"{info['bytes'] / 1024:.1f} KB)  calibrated ({cal['method']}) on {cal['images']} held-out images; "
               f"test top-1 {100 * info['int8_acc']:.2f}% int8 vs {100 * info['fp32_acc']:.2f}% fp32 on "
               f"{info['test_images']} images")
         return 0
+    info = export_run(args.run, args.format, args.out, snapshot=args.snapshot)
     extra = f" + {info['widths_file']}" if info.get("widths_file") else ""
     print(f"{info['format']}: {info['path']}{extra}  ({info['snapshot']}: {info['params'] / 1e6:.3f} M params, "
           f"{info['macs'] / 1e6:.1f} M MACs)  verified on {info['verified_batch']} {info['sample']}: "

@@ -10,8 +10,8 @@ Formats and what loading them needs:
   ``arch``, ``widths`` and ``num_classes``: the architecture is code, so it is rebuilt by
   ``kesi_dist.models.build_model(arch, num_classes, widths, **options)`` and then
   ``load_state_dict(safetensors.torch.load_file(path))``.
-- ``--int8`` (`export_int8`): ONNX again, int8 inside (onnxruntime static quantization, QDQ,
-  per-channel weights; `kesi_dist.quantize`), calibrated on the run's held-out images; onnxruntime alone.
+- ``--int8`` (`kesi_dist.quantize.export_run_int8`): ONNX again, int8 inside (onnxruntime static quantization, QDQ,
+  per-channel weights), calibrated on the run's held-out images; onnxruntime alone.
 
 PFEC snapshots are already physically small; MWP masks are folded into the weights (masked weights are
 exactly zero in the stored tensors, the masks themselves are not exported). The artefact is built in
@@ -34,7 +34,8 @@ from torch import nn
 from kesi_dist.storage.atomic import atomic_write, atomic_write_text
 from kesi_dist.errors import RunError, UsageError
 
-__all__ = ["FORMATS", "OPSET", "export_snapshot", "export_model", "export_run", "export_int8", "widths_path", "to_onnx"]
+__all__ = ["FORMATS", "OPSET", "export_snapshot", "export_model", "export_run", "run_snapshot", "readable", "widths_path",
+           "to_onnx"]
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 OPSET = 17
@@ -164,7 +165,7 @@ def _build_and_run(model: nn.Module, fmt: str, sample: torch.Tensor) -> tuple[by
     return data, _run_safetensors(data, model.arch, model.num_classes, list(model.widths), model.options, sample)
 
 
-def _readable(path: Path) -> None:
+def readable(path: Path) -> None:
     # A deliverable, not a private temp file: mkstemp creates 0600, give it the umask's permissions.
     umask = os.umask(0)
     os.umask(umask)
@@ -204,10 +205,10 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, *, sample: torch.T
     if fmt == "safetensors":  # the sidecar first: weights without it cannot be rebuilt
         side = widths_path(out)
         atomic_write_text(side, json.dumps(_sidecar(model, input_size, out.name), indent=1) + "\n")
-        _readable(side)
+        readable(side)
         info["widths_file"] = str(side)
     atomic_write(out, lambda f: f.write(data))
-    _readable(out)
+    readable(out)
     return info
 
 
@@ -261,36 +262,14 @@ def _validation_sample(run: str, manifest: dict, config_text: str) -> tuple[torc
     return next(iter(loader))[0], "validation images"
 
 
-def export_run(run: str, fmt: str, out: str | Path, *, snapshot: str = "student", atol: float = 1e-4,
-               int8: bool = False) -> dict:
-    """`kesi export`: export snapshot `snapshot` of run directory `run`, verified on validation images.
-
-    The sample is the first validation batch (at most 64 images) of the run's data, at the run's
-    `data.resolution` (falling back to random inputs at the
-    run's resolution, said in `info["sample"]`, when the data folder is gone).
-
-    `int8`: write the int8 ONNX model instead (`kesi export --int8`, see `export_int8`).
-
-    Returns:
-        `export_snapshot`'s dict plus "snapshot" and "sample" (what the verification ran on); with
-        `int8`, `export_int8`'s.
-
-    Raises:
-        UsageError: `run` holds no manifest, the snapshot is not in it (the message lists those that
-            are), `out` is not writable or is one of the run's own files; with `int8`, a format other
-            than onnx or a run without a held-out split.
-        RunError: unreadable manifest or checkpoint, or the verification failed (nothing written).
-    """
-    import yaml
-
+def run_snapshot(run: str, snapshot: str, out: Path, fmt: str) -> tuple[str, dict, str]:
+    """(run, its manifest, its config.yaml text) once `run` is a run holding snapshot `snapshot` and `out`
+    can be written and is none of the run's own files; UsageError or RunError (see `export_run`) otherwise."""
     from kesi_dist import storage
 
-    if int8 and fmt != "onnx":
-        raise UsageError(f"--int8 --format {fmt}: int8 models are written as ONNX (QDQ); use --format onnx or "
-                         "leave --format out")
     run = run if storage.is_uri(run) else str(run)
-    _check_not_run_file(run, Path(out), fmt)  # before _check_out creates a folder
-    _check_out(Path(out), fmt)
+    _check_not_run_file(run, out, fmt)  # before _check_out creates a folder
+    _check_out(out, fmt)
     mpath = storage.join(run, "manifest.json")
     if not storage.exists(mpath):
         raise UsageError(f"{run}: not a kesi_dist run directory (no manifest.json); pass the --output folder of `kesi run`")
@@ -305,71 +284,32 @@ def export_run(run: str, fmt: str, out: str | Path, *, snapshot: str = "student"
         names = [n for n in snaps if not n.endswith("_init")]
         raise UsageError(f"--snapshot {snapshot}: not in {mpath}{why}; available: {', '.join(names) or 'none'}")
     cpath = storage.join(run, "config.yaml")
-    config_text = storage.read_text(cpath) if storage.exists(cpath) else ""
-    if int8:
-        return export_int8(run, manifest, snapshot, config_text, Path(out))
-    sample, what = _validation_sample(run, manifest, config_text)
-    res = int(((yaml.safe_load(config_text) or {}).get("data", {}) if config_text else {}).get("resolution", 32))
-    info = export_snapshot(storage.join(run, snaps[snapshot]["checkpoint"]), fmt, out, sample=sample, atol=atol,
-                           resolution=res)
-    return {**info, "snapshot": snapshot, "sample": what}
+    return run, manifest, storage.read_text(cpath) if storage.exists(cpath) else ""
 
 
-def _int8_settings(run: str, config_text: str) -> dict:
-    """What calibration reads from the run's config.yaml, each field checked (RunError naming it)."""
-    import yaml
+def export_run(run: str, fmt: str, out: str | Path, *, snapshot: str = "student", atol: float = 1e-4) -> dict:
+    """`kesi export`: export snapshot `snapshot` of run directory `run`, verified on validation images.
 
-    from kesi_dist.quantize import CALIBRATIONS
-
-    where = f"{run}/config.yaml"
-    try:
-        cfg = yaml.safe_load(config_text) if config_text else {}
-    except yaml.YAMLError:
-        cfg = None
-    if not isinstance(cfg, dict):
-        raise RunError(f"{where}: not a mapping of sections; int8 calibration reads data.holdout and seed from it")
-    data, q = cfg.get("data") or {}, cfg.get("quantize") or {}
-    out = {"holdout": data.get("holdout", 0), "seed": cfg.get("seed", 0), "resolution": data.get("resolution", 32),
-           "augment": data.get("augment", "cifar"), "images": q.get("calibration_images", 256),
-           "calibration": q.get("calibration", "minmax")}
-    keys = {"holdout": "data.holdout", "seed": "seed", "resolution": "data.resolution", "augment": "data.augment",
-            "images": "quantize.calibration_images", "calibration": "quantize.calibration"}
-    for name, kind in (("holdout", (int, float)), ("seed", int), ("resolution", int), ("augment", str),
-                       ("images", int), ("calibration", str)):
-        if isinstance(out[name], bool) or not isinstance(out[name], kind):
-            raise RunError(f"{where}: {keys[name]}: {out[name]!r} is not a valid value; restore the run's config.yaml")
-    if out["calibration"] not in CALIBRATIONS or out["images"] < 1 or out["holdout"] < 0:
-        raise RunError(f"{where}: quantize/data settings out of range ({out}); restore the run's config.yaml")
-    return out
-
-
-def export_int8(run: str, manifest: dict, snapshot: str, config_text: str, out: Path) -> dict:
-    """`kesi export --int8`: snapshot `snapshot` of `run` as an int8 ONNX model (`kesi_dist.quantize`),
-    calibrated on the run's held-out images as its quantize stage is (the same images, the same bytes),
-    then scored with the fp32 ONNX model on every test image; written atomically only then.
+    The sample is the first validation batch (at most 64 images) of the run's data, at the run's
+    `data.resolution` (falling back to random inputs at the
+    run's resolution, said in `info["sample"]`, when the data folder is gone). `kesi export --int8` is
+    `kesi_dist.quantize.export_run_int8`.
 
     Returns:
-        {"format": "onnx-int8", "path", "snapshot", "fp32_acc", "int8_acc", "test_images", "calibration":
-        {split, images, method}, "bytes", "fp32_bytes"}.
-    """
-    from kesi_dist import storage
-    from kesi_dist.quantize import quantize_snapshot
+        `export_snapshot`'s dict plus "snapshot" and "sample" (what the verification ran on).
 
-    settings = _int8_settings(run, config_text)
-    if not settings["holdout"]:
-        raise UsageError(f"--int8: run {run} has no held-out split (data.holdout: 0), and int8 calibration reads "
-                         "held-out training images only, never the test split; export fp32 (--format onnx) instead")
-    data_dir = manifest.get("stages", {}).get("data", {}).get("path")
-    if not data_dir or not storage.exists(storage.join(data_dir, "meta.json")):
-        raise RunError(f"--int8: the run's data folder {data_dir} is gone; calibration needs its held-out images and "
-                       "scoring its test split (restore it, or `kesi data prepare` it again there)")
-    q = quantize_snapshot(storage.join(run, manifest["snapshots"][snapshot]["checkpoint"]), data_dir=data_dir,
-                          holdout=settings["holdout"], seed=settings["seed"], resolution=settings["resolution"],
-                          augment=settings["augment"], images=settings["images"], calibration=settings["calibration"])
-    atomic_write(out, lambda f: f.write(q["int8"]))
-    _readable(out)
-    cal = q["calibration"]
-    return {"format": "onnx-int8", "path": str(out), "snapshot": snapshot, "fp32_acc": q["fp32_acc"],
-            "int8_acc": q["int8_acc"], "test_images": q["test_images"], "bytes": len(q["int8"]),
-            "fp32_bytes": len(q["fp32"]),
-            "calibration": {"split": cal["split"], "images": cal["images"], "method": cal["method"]}}
+    Raises:
+        UsageError: `run` holds no manifest, the snapshot is not in it (the message lists those that
+            are), `out` is not writable or is one of the run's own files.
+        RunError: unreadable manifest or checkpoint, or the verification failed (nothing written).
+    """
+    import yaml
+
+    from kesi_dist import storage
+
+    run, manifest, config_text = run_snapshot(run, snapshot, Path(out), fmt)
+    sample, what = _validation_sample(run, manifest, config_text)
+    res = int(((yaml.safe_load(config_text) or {}).get("data", {}) if config_text else {}).get("resolution", 32))
+    info = export_snapshot(storage.join(run, manifest["snapshots"][snapshot]["checkpoint"]), fmt, out, sample=sample,
+                           atol=atol, resolution=res)
+    return {**info, "snapshot": snapshot, "sample": what}

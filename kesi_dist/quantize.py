@@ -2,6 +2,7 @@
 
     q = quantize_snapshot("runs/qs/snapshots/student.pt", data_dir="runs/qs/data", holdout=0.1, seed=0,
                           resolution=16, augment="cifar")
+    export_run_int8("runs/qs", "student.int8.onnx")                 # `kesi export runs/qs --int8 --out ...`
     q["int8"]                       # bytes of the int8 ONNX model (what `kesi export RUN --int8` writes)
     q["int8_acc"], q["fp32_acc"]    # test top-1 of the int8 and the fp32 ONNX models, every test image
     time_onnx([q["fp32"], q["int8"]], 16, batch=64, threads=2)   # interleaved onnxruntime ms
@@ -32,7 +33,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from kesi_dist.errors import UsageError
 
 __all__ = ["CALIBRATIONS", "HoldoutReader", "fp32_onnx", "quantize_onnx", "quantize_model", "quantize_snapshot", "top1",
-           "time_onnx", "DEFAULT_BATCH", "DEFAULT_THREADS"]
+           "time_onnx", "export_run_int8", "DEFAULT_BATCH", "DEFAULT_THREADS"]
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 # Latency without a latency stage in the run: `kesi latency profile`'s defaults.
@@ -99,11 +100,11 @@ def quantize_onnx(fp32: bytes, reader, *, calibration: str = "minmax") -> bytes:
 
 
 def fp32_onnx(model: torch.nn.Module, resolution: int) -> bytes:
-    from kesi_dist.export import _to_onnx
+    from kesi_dist.export import to_onnx
 
     with warnings.catch_warnings():  # the TorchScript-based exporter's deprecation notices
         warnings.simplefilter("ignore")
-        return _to_onnx(model.eval(), torch.zeros(1, 3, resolution, resolution))
+        return to_onnx(model.eval(), torch.zeros(1, 3, resolution, resolution))
 
 
 def quantize_model(model: torch.nn.Module, reader, *, resolution: int, calibration: str = "minmax"
@@ -141,11 +142,11 @@ def time_onnx(models: list[bytes], resolution: int, *, batch: int, threads: int,
               repeats: int = 30) -> list[float]:
     """Median ms of each ONNX model at `batch` and `threads` in onnxruntime, interleaved round by round
     (the latency stage's sessions and timing, `kesi_dist.latency`)."""
-    from kesi_dist.latency import _ort_session, _time
+    from kesi_dist.latency import ort_session, time_interleaved
 
     x = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).numpy()
-    sessions = [_ort_session(m, threads) for m in models]
-    return _time([lambda s=s: s.run(None, {"input": x}) for s in sessions], warmup, repeats)
+    sessions = [ort_session(m, threads) for m in models]
+    return time_interleaved([lambda s=s: s.run(None, {"input": x}) for s in sessions], warmup, repeats)
 
 
 def quantize_snapshot(checkpoint: str, *, data_dir: str | Path, holdout: float, seed: int, resolution: int,
@@ -170,3 +171,69 @@ def quantize_snapshot(checkpoint: str, *, data_dir: str | Path, holdout: float, 
     return {"fp32": fp32, "int8": int8, "fp32_acc": fp32_acc, "int8_acc": int8_acc, "test_images": total,
             "calibration": {"split": "holdout", "images": len(served), "method": calibration,
                             "positions": served}}
+
+
+def _run_settings(run: str, config_text: str) -> dict:
+    """What calibration reads from a run's config.yaml, each field checked (RunError naming it)."""
+    import yaml
+
+    from kesi_dist.errors import RunError
+
+    where = f"{run}/config.yaml"
+    try:
+        cfg = yaml.safe_load(config_text) if config_text else {}
+    except yaml.YAMLError:
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise RunError(f"{where}: not a mapping of sections; int8 calibration reads data.holdout and seed from it")
+    data, q = cfg.get("data") or {}, cfg.get("quantize") or {}
+    fields = {  # name: (config key, value, type)
+        "holdout": ("data.holdout", data.get("holdout", 0), (int, float)), "seed": ("seed", cfg.get("seed", 0), int),
+        "resolution": ("data.resolution", data.get("resolution", 32), int),
+        "augment": ("data.augment", data.get("augment", "cifar"), str),
+        "images": ("quantize.calibration_images", q.get("calibration_images", 256), int),
+        "calibration": ("quantize.calibration", q.get("calibration", "minmax"), str)}
+    for key, value, kind in fields.values():
+        bad = isinstance(value, bool) or not isinstance(value, kind) or (key == "quantize.calibration" and value
+                                                                          not in CALIBRATIONS)
+        if bad or (not isinstance(value, str) and value < 0):
+            raise RunError(f"{where}: {key}: {value!r} is not a valid value; restore the run's config.yaml")
+    return {name: value for name, (_, value, _) in fields.items()}
+
+
+def export_run_int8(run: str, out: str | Path, *, snapshot: str = "student") -> dict:
+    """`kesi export RUN --int8`: snapshot `snapshot` of run folder `run` as an int8 ONNX model, calibrated on
+    the run's held-out images as its quantize stage is (the same images, so the same bytes), scored with
+    the fp32 ONNX model on every test image, then written atomically.
+
+    Returns:
+        {"format": "onnx-int8", "path", "snapshot", "fp32_acc", "int8_acc", "test_images", "calibration":
+        {split, images, method}, "bytes", "fp32_bytes"}.
+
+    Raises:
+        UsageError: what `kesi_dist.export.run_snapshot` refuses, or a run without a held-out split.
+        RunError: the run's data folder is gone, or its config.yaml is damaged.
+    """
+    from kesi_dist import storage
+    from kesi_dist.errors import RunError
+    from kesi_dist.export import readable, run_snapshot
+    from kesi_dist.storage.atomic import atomic_write
+
+    out = Path(out)
+    run, manifest, config_text = run_snapshot(run, snapshot, out, "onnx")
+    settings = _run_settings(run, config_text)
+    if not settings["holdout"]:
+        raise UsageError(f"--int8: run {run} has no held-out split (data.holdout: 0), and int8 calibration reads "
+                         "held-out training images only, never the test split; export fp32 (--format onnx) instead")
+    data_dir = (manifest.get("stages", {}).get("data") or {}).get("path")
+    if not data_dir or not storage.exists(storage.join(data_dir, "meta.json")):
+        raise RunError(f"--int8: the run's data folder {data_dir} is gone; calibration needs its held-out images and "
+                       "scoring its test split (restore it, or `kesi data prepare` it there again)")
+    q = quantize_snapshot(storage.join(run, manifest["snapshots"][snapshot]["checkpoint"]), data_dir=data_dir,
+                          **settings)
+    atomic_write(out, lambda f: f.write(q["int8"]))
+    readable(out)
+    cal = q["calibration"]
+    return {"format": "onnx-int8", "path": str(out), "snapshot": snapshot, "fp32_acc": q["fp32_acc"],
+            "int8_acc": q["int8_acc"], "test_images": q["test_images"], "bytes": len(q["int8"]),
+            "fp32_bytes": len(q["fp32"]), "calibration": {k: cal[k] for k in ("split", "images", "method")}}
