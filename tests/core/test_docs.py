@@ -6,7 +6,7 @@
   README) parses with the real parser (`kesi_dist.cli.build_parser`, bare KEY=VALUE words as `kesi`
   takes them) and, where it names a config of the repository, that config loads with its overrides;
   every `./dev X` line names a command of the dev script (`./dev bench NAME`: a bench/NAME.py).
-- Every file path (`tests/e2e/test_s3.py`, `methods/ekg/search.py`) and dotted name
+- Every file path (`tests/core/test_docs.py`, `methods/ekg/search.py`) and dotted name
   (`kesi_dist.models.build_model`) the pages and the README give exists in the repository.
 - Nothing links outside the repository: no /work path, no ../shared.
 """
@@ -186,7 +186,7 @@ def test_every_path_and_module_the_docs_name_exists():
     bad = {str(p.relative_to(ROOT)): m for p in [*PAGES, ROOT / "README.md"]
            if (m := missing_names(p.read_text(encoding="utf-8")))}
     assert not bad, f"the docs name files or modules that do not exist (renamed?): {bad}"
-    assert missing_names("`methods/ekg/nope.py`, kesi_dist.models.nope, tests/e2e/test_s3.py, "
+    assert missing_names("`methods/ekg/nope.py`, kesi_dist.models.nope, tests/core/test_docs.py, "
                          "kesi_dist.models.build_model") == ["kesi_dist.models.nope", "methods/ekg/nope.py"]
 
 
