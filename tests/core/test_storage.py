@@ -1,6 +1,6 @@
 """Run storage on pyarrow URIs: kesi_dist.storage on file://, an in-memory mock:// filesystem and a real
 S3-compatible server on loopback (s3://, tests/s3server.py); checkpoints, manifest, run-directory rules,
-TensorBoard and loaders through URIs. A whole `kesi run` on s3://, killed and resumed: tests/e2e/test_s3.py."""
+TensorBoard and loaders through URIs. A whole `kesi run` on s3://, interrupted and resumed: tests/e2e/test_signals.py."""
 
 from __future__ import annotations
 
