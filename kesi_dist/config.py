@@ -94,7 +94,7 @@ class QuantizeCfg(Strict):
     """The optional last stage of any method's run: an int8 ONNX model of the deliverable."""
 
     enabled: bool = Field(False, description="quantize the run's deliverable to int8 at the end (onnxruntime static "
-                          "quantization, QDQ, per-channel int8 weights, uint8 activations) into <run>/int8/, "
+                          "quantization, QDQ, per-channel 7-bit int8 weights, uint8 activations) into <run>/int8/, "
                           "calibrated on held-out training images (needs data.holdout > 0), never the test split; "
                           "its test top-1 and onnxruntime latency (the latency stage's batch and threads, else batch "
                           "64, 2 threads) go next to the fp32 model's in report.md, report.json and MODEL_CARD.md")

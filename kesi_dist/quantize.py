@@ -10,11 +10,19 @@
 The snapshot is exported as `kesi export` does (ONNX, opset 17, BatchNorm folded into the convs), then
 quantized by `onnxruntime.quantization.quantize_static` in QDQ format (QuantizeLinear/DequantizeLinear
 pairs, which onnxruntime fuses into its int8 kernels when it loads the model): weights int8, symmetric,
-one scale per output channel (`per_channel=True`); activations uint8 with one scale and zero point
-per tensor (the U8S8 pair onnxruntime recommends for x86 CPUs), their ranges set by a calibrator
-(min/max by default) over held-out training images (`kesi_dist.data.holdout`): the test split is never
-read until the quantized model is scored on it. Calibration is deterministic (the same images in the
-same order, seeded by the run's seed), so the stage and `kesi export --int8` write the same bytes.
+one scale per output channel (`per_channel=True`), in 7 bits (`reduce_range=True`); activations uint8
+with one scale and zero point per tensor (the U8S8 pair onnxruntime recommends for x86 CPUs), their
+ranges set by a calibrator (min/max by default) over held-out training images (`kesi_dist.data.holdout`):
+the test split is never read until the quantized model is scored on it. Calibration is deterministic (the
+same images in the same order, seeded by the run's seed), so the stage and `kesi export --int8` write the
+same bytes.
+
+Why 7-bit weights: on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) onnxruntime's U8S8 kernels
+multiply-add pairs of uint8 x int8 products into int16 (VPMADDUBSW), which saturates when both are large;
+onnxruntime's quantization guide names `reduce_range` as the remedy. With 7-bit weights no pair sum can
+overflow, so the model computes the same on every CPU and the top-1 a run records is the one any
+machine reproduces (on the KESI quickstart's student, on this project's AVX2 machines, full 8-bit weights
+lost points of held-out top-1 that 7-bit weights did not).
 
 Pruned widths are kept as they are. onnxruntime's int8 GEMM packs the output channels in blocks and the
 reduction in groups of 4 bytes, so, as in fp32, a width that is not a multiple of the block pays for a
@@ -94,7 +102,7 @@ def quantize_onnx(fp32: bytes, reader, *, calibration: str = "minmax") -> bytes:
         Path(src).write_bytes(fp32)
         # Shape inference and onnxruntime's graph clean-up first, as onnxruntime's quantization guide advises.
         quant_pre_process(src, pre, skip_symbolic_shape=True)
-        quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
         return Path(out).read_bytes()
 
@@ -164,7 +172,9 @@ def quantize_snapshot(checkpoint: str, *, data_dir: str | Path, holdout: float, 
     from kesi_dist.checkpoint import load_checkpoint, model_from_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
-    reader = HoldoutReader(data_dir, holdout=holdout, seed=seed, resolution=resolution, augment=augment, images=images)
+    # onnxruntime's histogram calibrators (percentile, entropy) stack every batch: they need equal batches.
+    reader = HoldoutReader(data_dir, holdout=holdout, seed=seed, resolution=resolution, augment=augment, images=images,
+                           batch_size=32 if calibration == "minmax" else 1)
     fp32, int8 = quantize_model(model, reader, resolution=resolution, calibration=calibration)
     (fp32_acc, int8_acc), total = top1([fp32, int8], data_dir, resolution=resolution, augment=augment)
     served = sorted(set(reader.positions))

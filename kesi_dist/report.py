@@ -136,9 +136,9 @@ def int8_lines(report: dict, heading: str = "##") -> list[str]:
     lat, cal, size = q["latency"], q["calibration"], q["bytes"]
     drop = 100 * (q["int8_acc"] - q["fp32_acc"])
     return ["", f"{heading} INT8 (onnxruntime)", "",
-            f"`{q['file']}`: `{q['snapshot']}` quantized by onnxruntime (static, QDQ, per-channel int8 weights, uint8 "
-            f"activations), calibrated ({cal['method']}) on {cal['images']} held-out training images, never the test "
-            f"split. Top-1 on all {q['test_images']} test images, both ONNX models in onnxruntime ({drop:+.2f} "
+            f"`{q['file']}`: `{q['snapshot']}` quantized by onnxruntime (static, QDQ, per-channel 7-bit int8 weights, "
+            f"uint8 activations), calibrated ({cal['method']}) on {cal['images']} held-out training images, never the "
+            f"test split. Top-1 on all {q['test_images']} test images, both ONNX models in onnxruntime ({drop:+.2f} "
             f"points); latency at batch {lat['batch']}, {threads_text(lat['threads'])}, the two models interleaved, "
             f"measured after the run on {lat['cpu']}.", "",
             "| model | top-1 test (%) | size (KB) | latency (ms) | speed-up |", "|---|---|---|---|---|",
