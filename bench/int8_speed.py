@@ -16,12 +16,17 @@ intra-op threads in the latency stage's session (`kesi_dist.latency`), after `--
 `--repeats` interleaved rounds (each model once per round, so load drifting on a shared machine hits all
 alike); latencies are medians (and minima).
 
+With `--run`, also "weights": the student's top-1 on the run's held-out and test splits with 7-bit
+weights (what the quantize stage writes, `reduce_range`) and with full 8-bit weights, both calibrated on
+the held-out images as the stage does: what int16 saturation of the U8S8 kernels costs on this CPU.
+
 With `--align W...`, rows for a stack of three 3x3 convs (3 -> W -> W -> W) at each width W too: the
 cost of a pruned width that is not a multiple of the kernels' blocks, in fp32 and in int8.
 
 Prints {"rows": [{"name", "arch", "resolution", "macs", "fp32_ms", "int8_ms", "speedup", "fp32_min_ms",
 "int8_min_ms", "min_speedup", "fp32_bytes", "int8_bytes"}], "batch", "threads", "repeats", "onnxruntime",
-"cpu", "isa", "load_avg_1min_start/end"}.
+"cpu", "isa", "load_avg_1min_start/end", "weights" (with --run: [{"weight_bits", "holdout_top1",
+"test_top1"}] after {"fp32"})}.
 """
 
 from __future__ import annotations
@@ -67,6 +72,25 @@ def quickstart_student():
     cfg = load_config(ROOT / "configs" / "kesi" / "quickstart.yaml")
     widths = plan_schedule(cfg)["iterations"][-1]["widths"]
     return build_model(cfg.model.arch, 10, widths, **cfg.model.options()).eval(), cfg.data.resolution
+
+
+def weight_bits(run: Path, model, res: int) -> list[dict]:
+    """Top-1 of the run's student on its held-out and test splits: fp32, int8 with 7-bit and 8-bit weights."""
+    import yaml
+
+    from kesi_dist.quantize import HoldoutReader, fp32_onnx, quantize_onnx, top1
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    where = json.loads((run / "manifest.json").read_text())["stages"]["data"]["path"]
+    data = {"resolution": res, "augment": cfg["data"]["augment"]}
+    split = {"holdout": cfg["data"]["holdout"], "seed": cfg["seed"]}
+    fp32 = fp32_onnx(model, res)
+    models = [fp32] + [quantize_onnx(fp32, HoldoutReader(where, **split, **data, images=256), reduce_range=r)
+                       for r in (True, False)]
+    held, _ = top1(models, where, split="holdout", **split, **data)
+    test, _ = top1(models, where, **data)
+    return [{"weight_bits": bits, "holdout_top1": round(h, 4), "test_top1": round(t, 4)}
+            for bits, h, t in zip(("fp32", 7, 8), held, test)]
 
 
 def run_student(run: Path):
@@ -160,7 +184,8 @@ def main() -> None:
     for row in rows:
         row["speedup"] = round(row["fp32_ms"] / row["int8_ms"], 3)
         row["min_speedup"] = round(row["fp32_min_ms"] / row["int8_min_ms"], 3)
-    result = {"rows": rows, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+    weights = weight_bits(args.run, student, res) if args.run else None
+    result = {"rows": rows, "weights": weights, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
               "onnxruntime": ort.__version__, "cpu": cpu_model(), "isa": isa(),
               "load_avg_1min_start": round(load_start, 2), "load_avg_1min_end": round(os.getloadavg()[0], 2)}
     if args.json:

@@ -88,8 +88,9 @@ class HoldoutReader(CalibrationDataReader):
         self._batches = None
 
 
-def quantize_onnx(fp32: bytes, reader, *, calibration: str = "minmax") -> bytes:
-    """The int8 (QDQ, per-channel) ONNX model of `fp32`, its activation ranges calibrated on `reader`."""
+def quantize_onnx(fp32: bytes, reader, *, calibration: str = "minmax", reduce_range: bool = True) -> bytes:
+    """The int8 (QDQ, per-channel) ONNX model of `fp32`, its activation ranges calibrated on `reader`
+    (`reduce_range=False`: full 8-bit weights, see the module docstring; bench/int8_speed.py compares)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -102,7 +103,7 @@ def quantize_onnx(fp32: bytes, reader, *, calibration: str = "minmax") -> bytes:
         Path(src).write_bytes(fp32)
         # Shape inference and onnxruntime's graph clean-up first, as onnxruntime's quantization guide advises.
         quant_pre_process(src, pre, skip_symbolic_shape=True)
-        quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+        quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
         return Path(out).read_bytes()
 
@@ -129,14 +130,16 @@ def _session(data: bytes):
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
 
-def top1(models: list[bytes], data_dir: str | Path, *, resolution: int, augment: str,
-         batch_size: int = 256) -> tuple[list[float], int]:
-    """(top-1 of each ONNX model on every image of the test split, number of test images)."""
+def top1(models: list[bytes], data_dir: str | Path, *, resolution: int, augment: str, batch_size: int = 256,
+         split: str = "val", holdout: float = 0, seed: int = 0) -> tuple[list[float], int]:
+    """(top-1 of each ONNX model on every image of `split` (the test split; "holdout": the held-out one of
+    `holdout` and `seed`), number of images)."""
     from kesi_dist.data.loaders import make_loader
 
     sessions = [_session(m) for m in models]
-    loader = make_loader(data_dir, "val", batch_size=batch_size, resolution=resolution, augment=augment,
-                         backend="torch", num_workers=0, shuffle=False, drop_last=False)
+    loader = make_loader(data_dir, split, batch_size=batch_size, resolution=resolution, augment=augment,
+                         backend="torch", num_workers=0, shuffle=False, drop_last=False, holdout=holdout,
+                         holdout_seed=seed)
     correct, total = [0] * len(models), 0
     for x, y in loader:
         labels = y.numpy()
