@@ -6,13 +6,16 @@ onnxruntime. How well predictions match measured latency is a benchmark's questi
 (bench/pruned_latency.py --latency TABLE), not a unit test's.
 """
 
+import contextlib
+import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from kesi_dist.cli import main
 from kesi_dist.config import load_config
 from kesi_dist.errors import BadValue, UsageError
 from kesi_dist.latency import grid_for, profile
@@ -26,7 +29,16 @@ QUICKSTART = ROOT / "configs/kesi/quickstart.yaml"
 
 
 def _kesi(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kesi_dist.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    """`kesi ARGS` in this process (the CLI's main, as the console script calls it): its exit code, stdout
+    and stderr. A fresh `kesi` process costs seconds of imports; the real-process path of these refusals is
+    tests/e2e/test_bad_input.py::test_bad_input_real_command (slow)."""
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        torch.set_num_threads(threads)  # `latency profile --threads` sets this process's
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_align_rounds_to_the_nearest_multiple_never_to_zero_never_above_the_limit():
@@ -225,14 +237,12 @@ def test_report_and_model_card_show_predicted_and_measured_latency():
 
 
 def test_ekg_search_with_a_latency_cost_stops_on_the_cost_not_the_macs():
-    import torch
-
     from kesi_dist.methods.ekg.search import SubnetSearch
     from kesi_dist.models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet20", 4).eval()
-    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))  # one holdout batch: only which cost stops it matters
     # a cost that only counts stage 3's widths: the search must narrow stage 3 to meet it
     cost = lambda w: float(sum(w[6:]))  # noqa: E731
     search = SubnetSearch(model, x, y, target_ratio=0.5, batch_size=16, cost=cost)
