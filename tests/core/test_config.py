@@ -1,7 +1,5 @@
 """Config schema: defaults, overrides, paper configs, and one-line errors for bad input."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -106,11 +104,12 @@ def test_bad_config_is_a_one_line_error_naming_the_culprit(tmp_path, text, overr
     assert out.out == ""
 
 
-def test_missing_config_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "kesi_dist.cli", "config", str(tmp_path / "nope.yaml")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such config file"
+def test_missing_config_file(tmp_path, capsys):
+    # In-process, as the bad configs above (a fresh kesi process: test_bad_input_real_command).
+    code = main(["config", str(tmp_path / "nope.yaml")])
+    out = capsys.readouterr()
+    assert code == 2 and out.out == ""
+    assert out.err.strip() == f"error: {tmp_path / 'nope.yaml'}: no such config file"
 
 
 def test_yaml_is_read_safely(tmp_path):
