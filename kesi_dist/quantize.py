@@ -20,13 +20,14 @@ same bytes.
 Why 7-bit weights: on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) onnxruntime's U8S8 kernels
 multiply-add pairs of uint8 x int8 products into int16 (VPMADDUBSW), which saturates when both are large;
 onnxruntime's quantization guide names `reduce_range` as the remedy. With 7-bit weights no pair sum can
-overflow, so the model computes the same on every CPU and the top-1 a run records is the one any
-machine reproduces (on the KESI quickstart's student, on this project's AVX2 machines, full 8-bit weights
-lost points of held-out top-1 that 7-bit weights did not).
+saturate, so the accumulations are exact on every CPU, VNNI or not (on the KESI quickstart's student, on
+this project's AVX2 machines, full 8-bit weights lost points of held-out top-1 that 7-bit weights did not:
+bench/int8_speed.py --run).
 
-Pruned widths are kept as they are. onnxruntime's int8 GEMM packs the output channels in blocks and the
-reduction in groups of 4 bytes, so, as in fp32, a width that is not a multiple of the block pays for a
-padded one: `method.prune.round_to` (and the other methods' `round_to`) aligns widths for both.
+Pruned widths are kept as they are: quantization changes no tensor's shape, so an unaligned width stays
+unaligned in the int8 kernels too (`method.prune.round_to` and the other methods' `round_to` align widths
+before training; `bench/int8_speed.py --align` times a conv stack at aligned and unaligned widths in both
+precisions).
 """
 
 from __future__ import annotations
