@@ -1,14 +1,18 @@
-"""`kesi run` on a real multi-node Ray cluster (cluster/local-cluster.sh: a 0-CPU head plus three
+"""`kesi run` on a real multi-node Ray cluster (cluster/local-cluster.sh: a 0-CPU head plus five
 1-CPU worker nodes on loopback, token auth on), as a user runs it:
 
 - submitted with `ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml`: it succeeds,
   its branches ran on several nodes (recorded per snapshot), its log reads as progress lines;
 - a job asking for GPUs the cluster lacks ends FAILED within seconds with a one-line error;
-- a worker node is killed (SIGKILL of its whole `ray start` session) while a branch retrains, and later
-  while the student distils: the run still completes, the lost work restarts from its last epoch
-  checkpoint on a surviving node, and the manifest records the retry.
+- worker nodes are killed (SIGKILL of a whole `ray start` session) under one run three times: the
+  baseline's node mid-baseline (a Ray task, num_workers=0), a branch's node while it retrains (a Tune
+  trial), and the node of one of the soft-label pool's two actors while the pass computes; the run
+  still completes, the lost training restarts from its last epoch checkpoint on a surviving node, the
+  pass loses no unit, and the manifest records the retries;
+- a node is killed while the student distils on a Ray Train worker group (num_workers=1): the group
+  restarts from its last epoch checkpoint on a surviving node.
 
-The tests share one cluster and run in file order: the node-loss tests each kill one worker node.
+The tests share one cluster and run in file order: the node-loss tests kill four of its five workers.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ SMOKE = "configs/kesi/smoke.yaml"
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_cluster(workers=3) as c:
+    with local_cluster(workers=5) as c:
         c["env"] = client_env(**c["auth"], RAY_ADDRESS=c["state"]["dashboard_url"])
         c["nodes"] = _nodes(c["env"])
         yield c
@@ -92,7 +96,7 @@ def test_job_submit_runs_the_smoke_config_across_nodes(cluster, tmp_path):
     assert all(s.get("attempts") == 1 for s in snaps.values()), {n: s.get("attempts") for n, s in snaps.items()}
 
     # The job log reads as progress lines, without Ray's worker logs or Tune's tables.
-    assert "output " + str(out) + ": visible from all 3 other node(s)" in logs
+    assert "output " + str(out) + ": visible from all 5 other node(s)" in logs
     for text in ("baseline epoch 1/2", "prune_1", "iter1_b0 epoch", "iter1_fixed done", "val acc", "student",
                  "done: report in"):
         assert text in logs, (text, logs[-3000:])
@@ -151,58 +155,98 @@ class _Run:
         return sum(text in ln for ln in self.lines)
 
 
-def _kill_node_running(cluster: dict, actor_class: str) -> str:
-    """Find the worker node where an alive actor of `actor_class` runs and SIGKILL that whole node."""
-    r = sh(RAY, "list", "actors", "--format", "json", "--detail", "--filter", "state=ALIVE", "--limit", "1000",
+def _alive(cluster: dict, what: str, name: str, kind: str = "actors") -> list[str]:
+    """Worker nodes running an alive actor (or a running task) whose class (task) name contains `name`."""
+    state = "ALIVE" if kind == "actors" else "RUNNING"
+    r = sh(RAY, "list", kind, "--format", "json", "--detail", "--filter", f"state={state}", "--limit", "1000",
            env=cluster["env"])
-    actors = json.loads(r.stdout) if r.stdout.lstrip().startswith("[") else []
-    hosts = {a["node_id"] for a in actors if actor_class in a["class_name"]}
-    names = [cluster["nodes"][h] for h in hosts if cluster["nodes"].get(h, "head") != "head"]
-    assert len(names) == 1, (actor_class, names, [(a["class_name"], a["node_id"]) for a in actors])
-    assert kill_node(cluster["state"], names[0]), f"{names[0]}: no process to kill"
-    return next(h for h in hosts if cluster["nodes"][h] == names[0])
+    rows = json.loads(r.stdout) if r.stdout.lstrip().startswith("[") else []
+    key = "class_name" if kind == "actors" else "name"
+    hosts = sorted({row["node_id"] for row in rows if name in (row.get(key) or "")}
+                   - {n for n, node in cluster["nodes"].items() if node == "head"})
+    assert hosts, (what, rows)
+    return hosts
+
+
+def _kill(cluster: dict, node_id: str) -> str:
+    """SIGKILL a worker node's whole `ray start` session, as when a machine is lost."""
+    assert kill_node(cluster["state"], cluster["nodes"][node_id]), f"{cluster['nodes'][node_id]}: no process to kill"
+    return node_id
 
 
 TINY = ["--set", "prune.iterations=1", "--set", "tune.branches=1", "--set", "fixed_lr.enabled=false"]
 
 
 @pytest.fixture(scope="module")
-def branch_loss(cluster, tmp_path_factory):
-    """A run whose only branch loses its node after its first epoch (trained in its Tune trial)."""
-    out = tmp_path_factory.mktemp("nodeloss") / "branch"
-    run = _Run(cluster, SMOKE, "--output", str(out), *TINY, "--set", "baseline.epochs=1",
-               "--set", "retrain.epochs=4", "--set", "distill.enabled=false")
-    run.wait_for("iter1_b0 epoch 1/4", timeout=300)
-    assert not run.count("iter1_b0 epoch 4/4"), "the branch finished before the node could be killed"
-    killed = _kill_node_running(cluster, "ImplicitFunc")  # Tune's actor for a function trial
-    code = run.finish(timeout=600)
+def node_loss(cluster, tmp_path_factory):
+    """One run that loses the baseline's node, its only branch's node and a soft-label actor's node."""
+    out = tmp_path_factory.mktemp("nodeloss") / "run"
+    run = _Run(cluster, SMOKE, "--output", str(out), *TINY, "--set", "baseline.epochs=3", "--set", "retrain.epochs=4",
+               "--set", "distill.mode=cached", "--set", "distill.cache_actors=2", "--set", "distill.epochs=8")
+    killed = {}
+    # 1. The baseline's node, after its first epoch (its Ray task holds a worker's CPU).
+    run.wait_for("baseline epoch 1/3", timeout=600)
+    assert not run.count("baseline epoch 3/3"), "the baseline finished before its node could be killed"
+    killed["baseline"] = _kill(cluster, _alive(cluster, "baseline", "_train_placed", kind="tasks")[0])
+    # 2. The branch's node, after its first epoch (trained in its Tune trial: ImplicitFunc is Tune's actor).
+    run.wait_for("iter1_b0 epoch 1/4", timeout=600)
+    assert not run.count("iter1_b0 epoch 4/4"), "the branch finished before its node could be killed"
+    killed["branch"] = _kill(cluster, _alive(cluster, "branch", "ImplicitFunc")[0])
+    # 3. During the pass: the node of one of the pool's two actors, once shards are being written.
+    run.wait_for("soft_labels: 2 teachers x 8 epochs on 2 actor(s)", timeout=600)  # baseline + iter1_b0
+    deadline = time.monotonic() + 300
+    while not list((out / "soft_labels").glob("*-values.npy")):
+        assert time.monotonic() < deadline and run.proc.poll() is None, run.text[-3000:]
+        time.sleep(0.1)
+    killed["pool"] = _kill(cluster, _alive(cluster, "soft-label pool", "_Host")[0])
+    code = run.finish(timeout=900)
     return {"out": out, "run": run, "code": code, "killed": killed}
 
 
-@pytest.mark.timeout(1500)
-def test_branch_survives_losing_its_node(cluster, branch_loss):
-    run, out, killed = branch_loss["run"], branch_loss["out"], branch_loss["killed"]
-    assert branch_loss["code"] == 0, run.text[-4000:]
+@pytest.mark.timeout(2400)
+def test_baseline_branch_and_soft_label_pass_survive_losing_their_nodes(cluster, node_loss):
+    run, out, killed = node_loss["run"], node_loss["out"], node_loss["killed"]
+    assert node_loss["code"] == 0, run.text[-4000:]
+    assert "Traceback" not in run.text, run.text[-3000:]  # each loss is one line, not Tune's traceback
     m = json.loads((out / "manifest.json").read_text())
-    assert m["status"] == "complete"
-    b0 = m["snapshots"]["iter1_b0"]
-    # Restarted once, on a node that is still alive, and registered exactly once.
-    assert b0["attempts"] == 2 and b0["node_id"] != killed and cluster["nodes"][b0["node_id"]].startswith("worker")
+    assert m["status"] == "complete" and m["stages"]["soft_labels"]["status"] == "complete"
     events = [e["event"] for e in m["events"]]
+
+    # The baseline's Ray task ran twice, the second time on another node, after its last epoch checkpoint:
+    # epoch 1 was not trained twice.
+    base = m["snapshots"]["baseline"]
+    assert base["node_id"] != killed["baseline"] and base["attempts"] == 2
+    assert re.search(r"baseline: worker group restarted, resuming at epoch [23]", run.text), run.text[-3000:]
+    assert run.count("baseline epoch 1/3") == 1 and run.count("baseline epoch 3/3") == 1, run.text[-3000:]
+
+    # The branch restarted once, on a node still alive, registered exactly once, from its last epoch
+    # checkpoint: epoch 1 was not trained again, the last one ran once.
+    b0 = m["snapshots"]["iter1_b0"]
+    assert b0["attempts"] == 2 and b0["node_id"] not in killed.values()
+    assert cluster["nodes"][b0["node_id"]].startswith("worker") and (out / b0["checkpoint"]).is_file()
     assert events.count("branch iter1_b0 retried") == 1 and events.count("snapshot iter1_b0") == 1, events
-    assert list(m["snapshots"]) == ["baseline", "iter1_b0"] and (out / b0["checkpoint"]).is_file()
-    # It continued from its last epoch checkpoint: epoch 1 was not trained again, the last one ran once.
     assert run.count("iter1_b0 epoch 1/4") == 1 and run.count("iter1_b0 epoch 4/4") == 1, run.text[-3000:]
     assert run.count("iter1_b0 lost") == 1 and "restarting from its last epoch checkpoint" in run.text
-    assert "Traceback" not in run.text, run.text[-3000:]  # the loss is one line, not Tune's traceback
+
+    # The pass finished without the lost actor: every unit once (a lost actor's unit goes back to the
+    # queue), digits' 1437 training images less the held-out ones labelled once per epoch.
+    meta = json.loads((out / "soft_labels" / "meta.json").read_text())
+    units = {(s["epoch"], s["shard"]) for s in meta["shards"]}
+    assert len(units) == len(meta["shards"]) and {e for e, _ in units} == set(range(8))
+    held = m["stages"]["data"]["holdout"]
+    assert sum(s["count"] for s in meta["shards"] if s["epoch"] == 0) == held["train_size"] == 1437 - held["size"]
+    assert held["size"] > 0 and meta["holdout"]["size"] == held["size"]
+    assert m["snapshots"]["student"]["node_id"] not in killed.values()
+    assert list(m["snapshots"]) == ["baseline", "iter1_b0", "student"]
 
 
 @pytest.mark.timeout(1500)
-def test_distillation_survives_losing_its_node(cluster, branch_loss, tmp_path):
+def test_distillation_survives_losing_its_node(cluster, node_loss, tmp_path):
     """The student trains on a Ray Train worker group (num_workers=1); its node is killed mid-way."""
-    first = branch_loss["out"]
+    first = node_loss["out"]
     out = tmp_path / "distill"
-    alive = [n for n in cluster["nodes"].values() if n != "head" and n != cluster["nodes"].get(branch_loss["killed"])]
+    lost = set(node_loss["killed"].values())
+    alive = [name for n, name in cluster["nodes"].items() if name != "head" and n not in lost]
     assert len(alive) == 2, alive
     run = _Run(cluster, SMOKE, "--output", str(out), *TINY, "--set", "train.num_workers=1",
                "--set", "data.source=prepared", "--set", f"data.prepared={first / 'data'}",
@@ -210,9 +254,9 @@ def test_distillation_survives_losing_its_node(cluster, branch_loss, tmp_path):
                "--set", "retrain.epochs=1", "--set", "distill.mode=online", "--set", "distill.epochs=6")
     # Ray Train registers a reported checkpoint asynchronously: killed right after epoch 1, the group may
     # restart from scratch. After epoch 2, epoch 1's checkpoint is registered.
-    run.wait_for("distill epoch 2/6", timeout=400)
+    run.wait_for("distill epoch 2/6", timeout=600)
     assert not run.count("distill epoch 6/6"), "distillation finished before the node could be killed"
-    killed = _kill_node_running(cluster, "RayTrainWorker")
+    killed = _kill(cluster, _alive(cluster, "distillation", "RayTrainWorker")[0])
     code = run.finish(timeout=600)
     assert code == 0, run.text[-4000:]
     m = json.loads((out / "manifest.json").read_text())
