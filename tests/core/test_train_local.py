@@ -21,7 +21,12 @@ from kesi_dist.train.spec import EngineSpec, LoaderSpec, ModelSpec, ScheduleSpec
 LOCAL = EngineSpec(num_workers=0)
 
 
-def _loader(data: str) -> LoaderSpec:
+def _loader(data: str, backend: str = "ffcv") -> LoaderSpec:
+    """FFCV (the default for real data) in the slow tests; the fast ones, about what the loop does and not
+    what the loader yields, read the same .beton files with the torch backend: it yields what FFCV yields
+    (tests/core/test_data_loaders.py) and compiles no pipeline (FFCV: seconds per loader)."""
+    if backend == "torch":
+        return LoaderSpec(data, batch_size=64, resolution=16, backend="torch", num_workers=0)
     return LoaderSpec(data, batch_size=64, resolution=16, num_workers=1)
 
 
@@ -80,7 +85,7 @@ def test_local_resume_after_a_failure_continues_from_the_last_epoch(tiny_data, t
 
 
 def test_local_divergence_stops_before_writing_that_epoch(tiny_data, tmp_path):
-    kw = dict(model=ModelSpec("resnet20", num_classes=4), loader=_loader(tiny_data), engine=LOCAL,
+    kw = dict(model=ModelSpec("resnet20", num_classes=4), loader=_loader(tiny_data, "torch"), engine=LOCAL,
               storage_path=str(tmp_path / "runs"), name="d", progress=False, max_steps_per_epoch=4)
     with pytest.raises(DivergedError, match="diverged"):
         run_training(schedule=ScheduleSpec(epochs=3, lr=1e9, schedule="constant", momentum=0.9), **kw)
@@ -97,8 +102,9 @@ def test_mwp_masks_from_the_init_checkpoint_are_enforced(tiny_data, tmp_path):
     masks = mwp_masks(model, 0.6)
     apply_masks(model, masks)
     save_checkpoint(tmp_path / "pruned.pt", model, masks=masks)
-    run_training(model=ModelSpec("ignored", init_checkpoint=str(tmp_path / "pruned.pt")), loader=_loader(tiny_data),
-                 engine=LOCAL, schedule=ScheduleSpec(epochs=1, lr=0.1, optimizer="sgd", weight_decay=1e-3),
+    run_training(model=ModelSpec("ignored", init_checkpoint=str(tmp_path / "pruned.pt")),
+                 loader=_loader(tiny_data, "torch"), engine=LOCAL,
+                 schedule=ScheduleSpec(epochs=1, lr=0.1, optimizer="sgd", weight_decay=1e-3),
                  storage_path=str(tmp_path / "runs"), name="m", progress=False, max_steps_per_epoch=4,
                  final_checkpoint=str(tmp_path / "out.pt"))
     out = load_checkpoint(tmp_path / "out.pt")
@@ -111,7 +117,7 @@ def test_mwp_masks_from_the_init_checkpoint_are_enforced(tiny_data, tmp_path):
 def test_every_epoch_records_when_each_of_its_phases_ended(tiny_data, tmp_path):
     """The stamps bench/train_throughput.py splits a run's time by: the worker's start, then per epoch its
     start, the end of its training steps, of its evaluation (`time`) and of its checkpoint, in that order."""
-    result = run_training(model=ModelSpec("resnet20", num_classes=4), loader=_loader(tiny_data), engine=LOCAL,
+    result = run_training(model=ModelSpec("resnet20", num_classes=4), loader=_loader(tiny_data, "torch"), engine=LOCAL,
                           schedule=ScheduleSpec(epochs=2, lr=0.05), storage_path=str(tmp_path / "runs"), name="t",
                           progress=False, max_steps_per_epoch=2)
     stamps = [result.history[0]["worker_start_time"]]
